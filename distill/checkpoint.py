@@ -1,0 +1,239 @@
+"""Self-describing safetensors checkpoints, atomic writes, and finding a stage's parent.
+
+A checkpoint's tensors are exactly timm's state dict, so `timm.create_model(name, **args)` plus
+`load_state_dict(strict=True)` rebuilds it. Its header metadata (one JSON document under the key
+"distill") says what it is, how it was built and from which parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from distill import __version__
+from distill.errors import DistillError
+
+FORMAT = "distill-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "model-ema.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+
+    A reader never sees a half-written file: an interrupted write leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes: stored in the header, it catches corrupted weights."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write tensors + self-description atomically."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "distill_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
+        "versions": _versions(),
+        **meta,
+        "weights_sha256": weights_digest(tensors),
+    }
+    header = {"format": FORMAT, "distill": json.dumps(meta, sort_keys=True, default=str)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return Path(path)
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import timm
+
+    return {"torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__}
+
+
+@dataclass
+class Checkpoint:
+    """A distill checkpoint on disk: its path and its metadata (tensors are read on demand)."""
+
+    path: Path
+    meta: dict[str, Any]
+    _sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.path)
+        return self._sha256
+
+    @property
+    def kind(self) -> str:
+        return self.meta.get("kind", "?")
+
+    @property
+    def stage(self) -> str:
+        return self.meta.get("stage", "?")
+
+    @property
+    def model_name(self) -> str:
+        return self.meta["model"]["name"]
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        return dict(self.meta["model"]["args"])
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.meta.get("data", {})
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.data.get("classes", []))
+
+    @property
+    def img_size(self) -> int:
+        return int(self.data["img_size"])
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.stage}, {self.model_name}, {self.img_size} px, {len(self.classes)} classes)"
+
+    def lineage(self) -> dict[str, Any]:
+        """What a child records about this parent."""
+        return {"sha256": self.sha256, "path": str(Path(self.path).resolve()), "stage": self.stage,
+                "kind": self.kind, "model": self.model_name}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        try:
+            tensors = load_file(str(self.path))
+        except (SafetensorError, OSError) as error:
+            raise DistillError(f"Checkpoint {self.path} cannot be read ({error}); it is truncated or corrupted.") from None
+        expected = self.meta.get("weights_sha256")
+        if expected and weights_digest(tensors) != expected:
+            raise DistillError(f"Checkpoint {self.path} is corrupted: its weights do not match the digest in its header.")
+        return tensors
+
+
+def read_checkpoint(path: Path | str, expect_kind: str | None = None, role: str = "checkpoint") -> Checkpoint:
+    """Open a checkpoint's header, refusing anything that is not a readable distill checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise DistillError(f"The {role} {path} does not exist.")
+    if path.is_dir():
+        candidate = path / MODEL_FILE
+        if not candidate.exists():
+            raise DistillError(f"The {role} {path} is a folder without a {MODEL_FILE}.")
+        path = candidate
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        raise DistillError(f"The {role} {path} is a pickle-based file; distill reads only safetensors checkpoints it wrote.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise DistillError(f"The {role} {path} is not a readable safetensors file ({error}); "
+                           "it may be truncated or corrupted.") from None
+    if header.get("format") != FORMAT or "distill" not in header:
+        raise DistillError(f"The {role} {path} is a safetensors file but not a distill checkpoint (its header has no distill "
+                           "metadata).")
+    try:
+        meta = json.loads(header["distill"])
+    except json.JSONDecodeError:
+        raise DistillError(f"The {role} {path} has corrupted distill metadata.") from None
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise DistillError(f"The {role} {path} was written by a newer distill (format {meta.get('format_version')}); upgrade distill.")
+    for key in ("kind", "stage", "model", "data"):
+        if key not in meta:
+            raise DistillError(f"The {role} {path} lacks '{key}' in its metadata.")
+    ckpt = Checkpoint(path=path, meta=meta)
+    if expect_kind and ckpt.kind != expect_kind:
+        raise DistillError(f"The {role} {path} is a {ckpt.kind} checkpoint (from `distill {ckpt.stage}`), not a {expect_kind}.")
+    return ckpt
+
+
+def build_model(ckpt: Checkpoint, **overrides: Any) -> torch.nn.Module:
+    """Rebuild the timm model a checkpoint describes and load its weights strictly."""
+    import timm
+
+    args = {**ckpt.model_args, **overrides}
+    try:
+        model = timm.create_model(ckpt.model_name, pretrained=False, **args)
+    except Exception as error:  # an unknown name or argument from a foreign or future file
+        raise DistillError(f"timm cannot build '{ckpt.model_name}' with {args} from {ckpt.path}: {error}") from None
+    try:
+        model.load_state_dict(ckpt.state_dict(), strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise DistillError(f"The weights in {ckpt.path} do not fit {ckpt.model_name}: {first}") from None
+    return model
+
+
+def find_latest(workdir: Path, stages: tuple[str, ...]) -> Checkpoint | None:
+    """The newest finished checkpoint of one of `stages` directly under `workdir/*/`."""
+    found: list[Checkpoint] = []
+    for candidate in sorted(Path(workdir).glob(f"*/{MODEL_FILE}")):
+        try:
+            ckpt = read_checkpoint(candidate)
+        except DistillError:
+            continue
+        if ckpt.stage in stages:
+            found.append(ckpt)
+    if not found:
+        return None
+    return max(found, key=lambda c: (c.meta.get("created", ""), c.path.stat().st_mtime))
+
+
+def find_by_sha256(workdir: Path, sha256: str) -> Checkpoint | None:
+    """A checkpoint under `workdir` with this file hash (lineage survives a moved work folder)."""
+    for candidate in sorted(Path(workdir).glob(f"*/{MODEL_FILE}")):
+        try:
+            ckpt = read_checkpoint(candidate)
+        except DistillError:
+            continue
+        if ckpt.sha256 == sha256:
+            return ckpt
+    return None

@@ -1,0 +1,189 @@
+"""The `distill` command: one thin command per stage, flags generated from the stage's config."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.markup import escape
+from distill import __version__
+from distill.config import CONFIGS, StageConfig, config_fields, field_types, resolve
+from distill.errors import DistillError
+
+app = typer.Typer(
+    name="distill", rich_markup_mode="rich", no_args_is_help=True, pretty_exceptions_enable=False,
+    help="The DeiT pipeline in chained stages: [bold]teach[/] a RegNetY teacher, distil a DeiT [bold]student[/], "
+         "[bold]finetune[/] it at a higher resolution (FixRes), [bold]transfer[/] it to a new dataset. "
+         "Each stage writes one self-describing safetensors checkpoint.",
+)
+_debug = {"on": bool(os.environ.get("DISTILL_DEBUG"))}
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _console():
+    from distill.engine import console
+
+    return console
+
+
+def run_guarded(action: Callable[[], Any]) -> Any:
+    """Every failure a user can cause becomes one sentence and a non-zero exit; --debug shows the traceback."""
+    try:
+        return action()
+    except DistillError as error:
+        if _debug["on"]:
+            raise
+        if _is_main_process():
+            _console().print(f"[bold red]error:[/] {error.sentence}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        if _is_main_process():
+            _console().print("[yellow]Interrupted.[/] Run the same command again to resume from the last saved state.")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as error:  # a defect, not bad input: still one line unless --debug
+        if _debug["on"]:
+            raise
+        if _is_main_process():
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            _console().print(f"[bold red]unexpected error:[/] {type(error).__name__}: {first} "
+                             "(run with --debug for the traceback).", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        typer.echo(f"distill {__version__}")
+        raise typer.Exit()
+    _debug["on"] = _debug["on"] or debug
+
+
+def _option_for(cls: type[StageConfig], f: Any, kind: type) -> inspect.Parameter:
+    meta = f.metadata
+    flag = meta.get("flag") or ("--" + f.name.replace("_", "-"))
+    if kind is bool and "/" not in flag:
+        flag = f"{flag}/--no-{flag[2:]}"
+    default = None if f.default is dataclasses.MISSING else f.default
+    shown = None if default is None else ("on" if default is True else "off" if default is False else str(default))
+    help_text = escape(meta.get("help", ""))
+    annotation = Optional[kind]
+    option = typer.Option(None, flag, help=help_text,
+                          show_default=shown if shown is not None else False, rich_help_panel=meta.get("panel"))
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def stage_command(stage: str, runner: Callable[[StageConfig], Any], doc: str) -> None:
+    """Register `distill <stage>` with one flag per config field, plus --recipe and --debug."""
+    cls = CONFIGS[stage]
+    kinds = field_types(cls)
+    params = [inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                default=typer.Option(None, "--recipe", help=escape("TOML recipe: flat keys, or a pipeline recipe's "
+                                                     "top level plus its [" + stage + "] section. Flags override it."),
+                                                     rich_help_panel="Run"))]
+    params += [_option_for(cls, f, kinds[f.name]) for f in config_fields(cls)]
+    params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                    default=typer.Option(False, "--debug", help="Show full tracebacks.", rich_help_panel="Run")))
+
+    def command(**kwargs: Any) -> None:
+        recipe, debug = kwargs.pop("recipe"), kwargs.pop("debug")
+        _debug["on"] = _debug["on"] or debug
+
+        def action() -> None:
+            config = resolve(cls, recipe, kwargs)
+            ckpt = runner(config)
+            if _is_main_process():
+                from distill.report import print_summary
+
+                print_summary(ckpt)
+
+        run_guarded(action)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = doc
+    command.__name__ = stage
+    app.command(stage)(command)
+
+
+def _stages() -> dict[str, Callable[[StageConfig], Any]]:
+    from distill import stages
+
+    return {"teach": stages.teach, "student": stages.student, "finetune": stages.finetune, "transfer": stages.transfer}
+
+
+def _lazy(stage: str) -> Callable[[StageConfig], Any]:
+    return lambda config: _stages()[stage](config)
+
+
+stage_command("teach", _lazy("teach"),
+              "Train a teacher (RegNetY by default) with the DeiT recipe. With no arguments: a small RegNetY on the "
+              "embedded digits, in about two minutes on a laptop CPU.")
+stage_command("student", _lazy("student"),
+              "Distil a DeiT student from a teacher: --distillation none|soft|hard, --token/--no-token "
+              "(default: hard with the distillation token, the paper's best).")
+stage_command("finetune", _lazy("finetune"),
+              "FixRes fine-tune a student at --res: position embeddings resampled (bicubic), the teacher adapted to the "
+              "same resolution, distillation kept.")
+stage_command("transfer", _lazy("transfer"),
+              "Transfer a student to --dataset (cifar10, cifar100, flowers102, stanford_cars, any hub id) or --data-dir, "
+              "with new heads; --attn-only, --head-only, or --teacher to keep distilling.")
+
+
+@app.command()
+def info(checkpoint: Path = typer.Argument(..., help="A distill checkpoint (.safetensors) or its run folder."),
+         as_json: bool = typer.Option(False, "--json", help="Print the raw metadata as JSON.")) -> None:
+    """Show what a checkpoint is: model, data, lineage, distillation, metrics and the config that built it."""
+    from distill.checkpoint import read_checkpoint
+    from distill.report import info_table
+
+    def action() -> None:
+        ckpt = read_checkpoint(checkpoint)
+        if as_json:
+            typer.echo(json.dumps(ckpt.meta, indent=2, sort_keys=True))
+        else:
+            info_table(ckpt)
+
+    run_guarded(action)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A distill checkpoint (.safetensors) or its run folder."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset [default: the checkpoint's]."),
+    data_dir: Optional[Path] = typer.Option(None, help="Local image folder [default: the checkpoint's]."),
+    res: Optional[int] = typer.Option(None, help="Evaluation resolution [default: the checkpoint's]; a ViT's position "
+                                      "embeddings are resampled."),
+    crop_pct: Optional[float] = typer.Option(None, help="Test crop ratio [default: the checkpoint's]."),
+    teacher: Optional[Path] = typer.Option(None, help="Also report this teacher's accuracy and how often it disagrees."),
+    batch_size: int = typer.Option(128, help="Batch size."),
+    num_workers: int = typer.Option(2, help="Data-loading workers."),
+    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
+    per_class: bool = typer.Option(False, "--per-class", help="Print the accuracy of each class."),
+) -> None:
+    """Top-1/top-5 of any checkpoint on any dataset and resolution, per head for token students."""
+    from distill.report import evaluate_checkpoint
+
+    run_guarded(lambda: evaluate_checkpoint(checkpoint, dataset=dataset, data_dir=data_dir, res=res, crop_pct=crop_pct,
+                                            teacher=teacher, batch_size=batch_size, num_workers=num_workers,
+                                            mixed_precision=mixed_precision, per_class=per_class))
+
+
+def main() -> None:
+    app(prog_name="distill")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Typed stage configs: defaults <- TOML recipe <- command-line flags, one source of truth.
+
+Each stage has a flat dataclass. Field metadata carries the help text and the
+help panel, so the CLI, recipes and the resolved `config.toml` all come from the
+same place. Fields whose default is None are filled by the stage (usually from
+the parent checkpoint) and the resolved value is what gets recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from distill.errors import DistillError
+
+# DeiT's learning-rate rule: the value given is for a global batch of 512.
+LR_REFERENCE_BATCH = 512
+STAGES = ("teach", "student", "finetune", "transfer")
+
+
+def option(default: Any, help: str, panel: str = "Training", *, choices: tuple[str, ...] = (),
+           result: bool = True, flag: str | None = None) -> Any:
+    """A config field with its help text. `result=False` marks fields that do not change what a run
+    produces (paths, workers, logging), so changing them neither refuses a resume nor re-runs a stage."""
+    meta = {"help": help, "panel": panel, "choices": choices, "result": result, "flag": flag}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class StageConfig:
+    """Settings every stage shares: run folder, data, augmentation, optimisation, precision."""
+
+    # Run
+    workdir: Path = option(Path("runs"), "Work folder; each stage writes <workdir>/<name>/.", "Run", result=False)
+    name: str | None = option(None, "Run folder name under --workdir [default: the stage's name].", "Run", result=False)
+    seed: int = option(0, "Random seed; with it a run is reproducible, also across a resume.", "Run")
+    mixed_precision: str = option("no", "Mixed precision: no, bf16 (fast on CPUs with AMX and on recent GPUs) or fp16 (GPU only).",
+                                  "Run", choices=("no", "bf16", "fp16"))
+    save_every: int = option(0, "Also save the resumable state every N optimizer steps (0: once per epoch).", "Run", result=False)
+    num_workers: int = option(2, "Data-loading worker processes per training process.", "Run", result=False)
+    overwrite: bool = option(False, "Replace a finished or interrupted run in the same folder whose config differs.", "Run", result=False)
+    skip_corrupt: bool = option(False, "Skip unreadable images (counted and reported) instead of stopping on the first one.", "Data")
+    # Data
+    dataset: str | None = option(None, "Dataset: digits (embedded), cifar10, cifar100, flowers102, stanford_cars, imagenet-1k, "
+                                 "any Hugging Face hub id or a local copy of one [default: the parent's, else digits].", "Data")
+    data_dir: Path | None = option(None, "Local image folder: train/<class>/* and test/ (or val/)<class>/*.", "Data")
+    train_subset: int | None = option(None, "Train on a fixed class-balanced subset of this many training images.", "Data")
+    img_size: int | None = option(None, "Training and test resolution in pixels [default: the parent's, else 32].", "Data")
+    crop_pct: float | None = option(None, "Test-time crop ratio: resize to size/crop_pct, centre-crop [default: the parent's, else 0.875].", "Data")
+    interpolation: str = option("bicubic", "Resize interpolation (DeiT trains with bicubic).", "Data",
+                                choices=("bicubic", "bilinear", "nearest"))
+    norm: str | None = option(None, "Input normalisation: imagenet, inception (0.5/0.5) or dataset (measured on the training split) "
+                              "[default: the parent's, else imagenet].", "Data", choices=("imagenet", "inception", "dataset"))
+    # Augmentation (DeiT, Table 9)
+    aa: str = option("rand-m9-mstd0.5-inc1", "timm RandAugment policy, or 'none'.", "Augmentation")
+    reprob: float = option(0.25, "Random-erasing probability.", "Augmentation")
+    mixup: float = option(0.8, "Mixup alpha (0 disables).", "Augmentation")
+    cutmix: float = option(1.0, "CutMix alpha (0 disables).", "Augmentation")
+    mixup_switch_prob: float = option(0.5, "Probability of CutMix rather than Mixup when both are on.", "Augmentation")
+    smoothing: float = option(0.1, "Label smoothing of the true labels (never applied to a teacher's labels).", "Augmentation")
+    color_jitter: float = option(0.3, "Colour jitter strength (timm ignores it when RandAugment is on).", "Augmentation")
+    scale_min: float = option(0.08, "Smallest area fraction of the random-resized crop.", "Augmentation")
+    hflip: float = option(0.5, "Horizontal-flip probability.", "Augmentation")
+    repeated_aug: int = option(1, "Repeated augmentation: each image this many times per epoch, spread over processes "
+                               "(DeiT uses 3 on 8+ GPUs).", "Augmentation")
+    # Optimisation (DeiT, Table 9)
+    epochs: int = option(10, "Training epochs.", "Optimisation")
+    batch_size: int = option(64, "Batch size per process.", "Optimisation")
+    grad_accum: int = option(1, "Gradient-accumulation steps per optimizer step.", "Optimisation")
+    opt: str = option("adamw", "Optimizer (any timm name: adamw, sgd, lamb, ...).", "Optimisation")
+    lr: float = option(5e-4, "BASE learning rate for a global batch of 512; the rate used is lr x global batch / 512 "
+                       "(global batch = batch size x processes x accumulation), as in DeiT.", "Optimisation")
+    lr_scale: bool = option(True, "Scale --lr by global batch / 512 (--no-lr-scale uses --lr as given).", "Optimisation")
+    min_lr: float = option(1e-5, "Final learning rate of the cosine schedule.", "Optimisation")
+    warmup_lr: float = option(1e-6, "Learning rate at the start of the warmup.", "Optimisation")
+    warmup_epochs: float = option(5, "Linear warmup length in epochs (stepped per iteration).", "Optimisation")
+    weight_decay: float = option(0.05, "Weight decay (not applied to biases, norms and token/position embeddings).", "Optimisation")
+    momentum: float = option(0.9, "Momentum for SGD-type optimizers.", "Optimisation")
+    clip_grad: float | None = option(None, "Clip the gradient norm to this value (DeiT does not clip).", "Optimisation")
+    ema: bool = option(False, "Also keep an exponential moving average of the weights, evaluated each epoch and saved as "
+                       "model-ema.safetensors.", "Optimisation")
+    ema_decay: float = option(0.99996, "EMA decay (DeiT's value; ramped up over the first steps).", "Optimisation")
+    # Model
+    model: str = option("", "timm model name.", "Model")
+    drop_path: float = option(0.1, "Stochastic-depth rate.", "Model")
+
+    stage = "stage"
+
+    def run_name(self) -> str:
+        return self.name or self.stage
+
+    def run_dir(self) -> Path:
+        return Path(self.workdir) / self.run_name()
+
+    def global_batch(self, num_processes: int) -> int:
+        return self.batch_size * self.grad_accum * num_processes
+
+    def effective_lr(self, num_processes: int) -> float:
+        """The DeiT rule: lr = base lr x global batch / 512."""
+        if not self.lr_scale:
+            return self.lr
+        return self.lr * self.global_batch(num_processes) / LR_REFERENCE_BATCH
+
+
+@dataclass
+class DistillFields:
+    """How a student learns from its teacher (paper, section 4; defaults from the official code)."""
+
+    distillation: str | None = option(
+        "hard", "Distillation: none, soft (KL on temperature-softened outputs) or hard (teacher's argmax as a label).",
+        "Distillation", choices=("none", "soft", "hard"))
+    alpha: float | None = option(0.5, "Weight of the teacher term; the label term gets 1 - alpha (official DeiT default 0.5; "
+                                 "the paper's soft runs use 0.1).", "Distillation")
+    tau: float | None = option(1.0, "Soft-distillation temperature (official DeiT default 1.0; the paper's soft runs use 3.0).",
+                               "Distillation")
+
+
+@dataclass
+class ArchFields:
+    """Sizing of a ViT (student, or a DeiT used as a teacher); convnets ignore them."""
+
+    patch_size: int | None = option(None, "Patch size [default: 16, or img-size/8 below 128 px].", "Model")
+    embed_dim: int | None = option(None, "Embedding width [default: the model's].", "Model")
+    depth: int | None = option(None, "Number of transformer blocks [default: the model's].", "Model")
+    num_heads: int | None = option(None, "Attention heads [default: the model's].", "Model")
+
+
+@dataclass
+class TeachConfig(ArchFields, StageConfig):
+    """`distill teach`: a RegNetY teacher trained with the DeiT recipe."""
+
+    model: str = option("regnety_002", "timm model name: a RegNetY (the paper's teacher is regnety_160), any convnet, "
+                        "or a DeiT (deit_tiny, ...) sized by the flags below.", "Model")
+    init: Path | None = option(None, "Start from this teacher checkpoint (its classifier is replaced when the classes differ).", "Model")
+
+    stage = "teach"
+
+
+@dataclass
+class StudentConfig(ArchFields, DistillFields, StageConfig):
+    """`distill student`: a DeiT distilled from a teacher."""
+
+    model: str = option("deit_tiny", "DeiT size (deit_tiny, deit_small, deit_base) or a timm deit_* name.", "Model")
+    teacher: Path | None = option(None, "Teacher checkpoint [default: the newest teacher in --workdir].", "Distillation")
+    token: bool = option(True, "Add the distillation token and its head (--no-token: a plain DeiT).", "Distillation",
+                         flag="--token/--no-token")
+
+    stage = "student"
+
+
+@dataclass
+class FinetuneConfig(DistillFields, StageConfig):
+    """`distill finetune`: FixRes fine-tune at a higher resolution, still distilling (DeiT fine-tune recipe)."""
+
+    checkpoint: Path | None = option(None, "Student to fine-tune [default: the newest student in --workdir].", "Stage")
+    res: int | None = option(None, "Target resolution in pixels (a multiple of the patch size).", "Stage")
+    teacher: Path | None = option(None, "Teacher at the target resolution [default: the student's teacher, adapted by FixRes].",
+                                  "Distillation")
+    no_teacher: bool = option(False, "Fine-tune on the labels alone.", "Distillation")
+    teacher_epochs: int = option(3, "Epochs of the FixRes adaptation of the teacher (classifier and BatchNorm only).", "Distillation")
+    teacher_lr: float = option(0.02, "Base learning rate (per 512) of the teacher's FixRes adaptation (SGD, momentum 0.9, wd 1e-4).",
+                               "Distillation")
+    distillation: str | None = option(None, "none, soft or hard [default: the student's].", "Distillation",
+                                      choices=("none", "soft", "hard"))
+    alpha: float | None = option(None, "Weight of the teacher term [default: the student's].", "Distillation")
+    tau: float | None = option(None, "Soft-distillation temperature [default: the student's].", "Distillation")
+    # DeiT's 384 fine-tune: 30 epochs, lr 5e-6 per 512, weight decay 1e-8, min lr 5e-6.
+    epochs: int = option(30, "Training epochs (DeiT's fine-tune: 30).", "Optimisation")
+    lr: float = option(5e-6, "BASE learning rate per global batch of 512 (DeiT's fine-tune: 5e-6).", "Optimisation")
+    min_lr: float = option(5e-6, "Final learning rate of the cosine schedule (DeiT's fine-tune: 5e-6).", "Optimisation")
+    weight_decay: float = option(1e-8, "Weight decay (DeiT's fine-tune: 1e-8).", "Optimisation")
+
+    stage = "finetune"
+
+    def run_name(self) -> str:
+        return self.name or "finetune"
+
+
+@dataclass
+class TransferConfig(DistillFields, StageConfig):
+    """`distill transfer`: fine-tune a student on a new target (the authors' transfer settings)."""
+
+    checkpoint: Path | None = option(None, "Model to transfer [default: the newest fine-tuned student, else the newest student].",
+                                     "Stage")
+    teacher: Path | None = option(None, "A teacher trained on the target (make one with distill teach --dataset X --init CKPT).",
+                                  "Distillation")
+    attn_only: bool = option(False, "Train only the attention layers and the head(s).", "Stage")
+    head_only: bool = option(False, "Train only the head(s): a linear probe.", "Stage")
+    from_scratch: bool = option(False, "Re-initialise the model's weights (a baseline with the same architecture and budget).",
+                                "Stage")
+    distillation: str | None = option(None, "none, soft or hard [default: hard when --teacher is given, else none].",
+                                      "Distillation", choices=("none", "soft", "hard"))
+    alpha: float | None = option(None, "Weight of the teacher term [default: the parent's, else 0.5].", "Distillation")
+    tau: float | None = option(None, "Soft-distillation temperature [default: the parent's, else 1.0].", "Distillation")
+    # The authors' transfer settings (CIFAR-10, Cars): SGD lr 0.01 at batch 768, wd 1e-4,
+    # no random erasing, no stochastic depth; 0.01 x 512 / 768 is the base value here.
+    opt: str = option("sgd", "Optimizer (the authors' transfer runs: SGD).", "Optimisation")
+    lr: float = option(0.01 * 512 / 768, "BASE learning rate per global batch of 512 (authors: 0.01 at batch 768).", "Optimisation")
+    weight_decay: float = option(1e-4, "Weight decay (authors' transfer: 1e-4).", "Optimisation")
+    reprob: float = option(0.0, "Random-erasing probability (authors' transfer: none).", "Augmentation")
+    drop_path: float = option(0.0, "Stochastic-depth rate (authors' transfer: none).", "Model")
+
+    stage = "transfer"
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        target = Path(self.data_dir).name if self.data_dir else (self.dataset or "target")
+        return "transfer-" + target.replace("/", "_")
+
+
+CONFIGS: dict[str, type[StageConfig]] = {
+    "teach": TeachConfig, "student": StudentConfig, "finetune": FinetuneConfig, "transfer": TransferConfig,
+}
+
+
+def config_fields(cls: type[StageConfig]) -> list[dataclasses.Field]:
+    return [f for f in fields(cls) if f.init]
+
+
+def field_types(cls: type[StageConfig]) -> dict[str, type]:
+    """Each field's concrete type, with `X | None` unwrapped."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        out[name] = hint
+    return out
+
+
+def _coerce(f: dataclasses.Field, kind: type, value: Any, where: str) -> Any:
+    """Check one recipe value against its field's type, converting only what is unambiguous."""
+    if value is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+    elif kind is str:
+        if isinstance(value, str):
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise DistillError(f"{where}: '{f.name}' must be one of {', '.join(choices)}, not '{value}'.")
+            return value
+    names = {bool: "true or false", int: "an integer", float: "a number", Path: "a path (string)", str: "a string"}
+    raise DistillError(f"{where}: '{f.name}' should be {names.get(kind, kind.__name__)}, not {value!r}.")
+
+
+def check_keys(cls: type[StageConfig], values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Refuse unknown keys with the nearest valid one, and values of the wrong type."""
+    known = {f.name: f for f in config_fields(cls)}
+    kinds = field_types(cls)
+    checked = {}
+    for key, value in values.items():
+        if key not in known:
+            near = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(sorted(known))}."
+            raise DistillError(f"{where}: unknown key '{key}' for stage '{cls.stage}'{hint}")
+        checked[key] = _coerce(known[key], kinds[key], value, where)
+    return checked
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise DistillError(f"Recipe {path} does not exist.") from None
+    except IsADirectoryError:
+        raise DistillError(f"Recipe {path} is a folder, not a TOML file.") from None
+    except tomllib.TOMLDecodeError as error:
+        raise DistillError(f"Recipe {path} is not valid TOML: {error}.") from None
+
+
+def stage_section(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The keys a stage takes from a recipe: top-level keys (shared by all stages) plus its own section.
+
+    A flat file is a one-stage recipe; a file with [teach], [student], ... sections is a pipeline
+    recipe, and any stage command can read its own part of it.
+    """
+    sections = set(STAGES) | {"pipeline"}
+    shared = {k: v for k, v in recipe.items() if k not in sections}
+    own = recipe.get(stage, {})
+    if stage == "transfer" and own and all(isinstance(v, dict) for v in own.values()):
+        raise DistillError("This recipe has several transfer targets; run it with `distill pipeline`, "
+                           "or pass the target's values as flags.")
+    return {**shared, **own}
+
+
+def resolve(cls: type[StageConfig], recipe_path: Path | None = None, overrides: dict[str, Any] | None = None,
+            recipe_values: dict[str, Any] | None = None) -> StageConfig:
+    """defaults <- recipe <- flags given on the command line (None means 'not given')."""
+    values: dict[str, Any] = {}
+    if recipe_path is not None:
+        values.update(check_keys(cls, stage_section(read_toml(Path(recipe_path)), cls.stage), str(recipe_path)))
+    if recipe_values:
+        values.update(check_keys(cls, recipe_values, "recipe"))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    values = check_keys(cls, values, "command line") if overrides else values
+    config = cls(**values)
+    validate(config)
+    return config
+
+
+def validate(config: StageConfig) -> None:
+    """Range checks that a type cannot express, each a sentence."""
+    checks = [
+        (config.epochs >= 1, "--epochs must be at least 1."),
+        (config.batch_size >= 1, "--batch-size must be at least 1."),
+        (config.grad_accum >= 1, "--grad-accum must be at least 1."),
+        (config.lr > 0, "--lr must be positive."),
+        (config.repeated_aug >= 1, "--repeated-aug must be at least 1."),
+        (config.img_size is None or config.img_size >= 8, "--img-size must be at least 8 pixels."),
+        (config.crop_pct is None or 0 < config.crop_pct <= 1, "--crop-pct must be in (0, 1]."),
+        (0 <= config.reprob <= 1, "--reprob must be between 0 and 1."),
+        (0 <= config.smoothing < 1, "--smoothing must be in [0, 1)."),
+        (config.mixup >= 0 and config.cutmix >= 0, "--mixup and --cutmix must not be negative."),
+        (config.train_subset is None or config.train_subset > 0, "--train-subset must be positive."),
+        (config.save_every >= 0, "--save-every must not be negative."),
+        (config.num_workers >= 0, "--num-workers must not be negative."),
+        (not (config.data_dir and config.dataset not in (None, "folder")),
+         "Give either --dataset or --data-dir, not both."),
+    ]
+    for ok, sentence in checks:
+        if not ok:
+            raise DistillError(sentence)
+    for f in config_fields(type(config)):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value is not None and value not in choices:
+            raise DistillError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, not '{value}'.")
+    alpha = getattr(config, "alpha", None)
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise DistillError("--alpha must be between 0 and 1.")
+    tau = getattr(config, "tau", None)
+    if tau is not None and tau <= 0:
+        raise DistillError("--tau must be positive.")
+
+
+def to_dict(config: StageConfig, result_only: bool = False) -> dict[str, Any]:
+    """Plain values (paths as strings, None dropped): what goes into config.toml and checkpoint metadata."""
+    out = {}
+    for f in config_fields(type(config)):
+        if result_only and not f.metadata.get("result", True):
+            continue
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        out[f.name] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Human-readable 'key: old -> new' for the settings that change a run's result."""
+    keys = sorted((set(old) | set(new)) - set(ignore))
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
+
+
+def write_toml(path: Path, values: dict[str, Any]) -> None:
+    from distill.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, tomli_w.dumps(values).encode())

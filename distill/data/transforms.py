@@ -1,0 +1,75 @@
+"""Train and test preprocessing, built by timm, with one repair of timm's RandAugment."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.data import auto_augment, create_transform
+
+from distill.data.sources import ImageSource
+
+NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    "inception": (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),
+}
+
+
+def measure_norm(source: ImageSource, max_images: int = 2000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of a training split (the 'dataset' normalisation)."""
+    step = max(1, len(source) // max_images)
+    total, total_sq, count = np.zeros(3), np.zeros(3), 0
+    for i in range(0, len(source), step):
+        pixels = np.asarray(source.load(i), dtype=np.float64).reshape(-1, 3) / 255.0
+        total += pixels.sum(0)
+        total_sq += (pixels ** 2).sum(0)
+        count += len(pixels)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
+    return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
+
+
+def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, except that 0 bits gives the black image older Pillow returned.
+
+    With the DeiT policy rand-m9-mstd0.5-inc1 the sampled magnitude is clipped at 10 in about 2 % of
+    draws, and PosterizeIncreasing then asks for 0 bits (roughly one image in several hundred);
+    Pillow 13 raises on that, which stops a training run mid-epoch. With the Pillow DeiT was
+    trained with, that image came out all black.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def repair_rand_augment(transform: Callable) -> Callable:
+    """Swap the posterize op inside every timm RandAugment of a transform (see `_posterize_any_bits`)."""
+    stack = [transform]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, auto_augment.RandAugment):
+            for op in node.ops:
+                if op.aug_fn is auto_augment.posterize:
+                    op.aug_fn = _posterize_any_bits
+        stack.extend(getattr(node, "transforms", []) or [])
+    return transform
+
+
+def train_transform(img_size: int, *, mean: tuple[float, ...], std: tuple[float, ...], aa: str | None = None,
+                    reprob: float = 0.0, color_jitter: float = 0.3, scale_min: float = 0.08, hflip: float = 0.5,
+                    interpolation: str = "bicubic") -> Callable:
+    """DeiT's training augmentation: random-resized crop, flip, RandAugment, random erasing ('pixel' mode)."""
+    transform = create_transform(
+        img_size, is_training=True, scale=(scale_min, 1.0), hflip=hflip, color_jitter=color_jitter,
+        auto_augment=None if aa in (None, "", "none") else aa, interpolation=interpolation,
+        re_prob=reprob, re_mode="pixel", re_count=1, mean=mean, std=std,
+    )
+    return repair_rand_augment(transform)
+
+
+def eval_transform(img_size: int, *, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float = 0.875,
+                   interpolation: str = "bicubic") -> Callable:
+    """Test-time preprocessing: resize to img_size / crop_pct, centre-crop img_size."""
+    return create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)

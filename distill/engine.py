@@ -1,0 +1,417 @@
+"""The one training loop every stage uses (Accelerate): train, evaluate, EMA, resume, logs, checkpoints.
+
+The engine knows nothing of which stage it runs: a stage hands it a model, two datasets, a
+criterion `(inputs, outputs, targets) -> loss`, a way to read predictions, and a function that
+describes the final checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import Dataset
+
+from distill.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, atomic_write_bytes, read_checkpoint, save_checkpoint
+from distill.config import StageConfig, config_differences, to_dict, write_toml
+from distill.data.loaders import eval_loader, train_loader
+from distill.errors import DistillError
+
+console = Console(highlight=False)
+Predict = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
+
+STATE_DIR, STATE_TMP, STATE_OLD = "state", "state.tmp", "state.old"
+IDENTITY_FILE, CONFIG_FILE, METRICS_FILE = "identity.json", "config.toml", "metrics.jsonl"
+
+
+def plain_logits(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"top": model(images)}
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """A fresh Accelerator for one run (a pipeline may change precision between stages)."""
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise DistillError("fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16.")
+    AcceleratorState._reset_state(reset_partial_state=False)  # keeps the process group, forgets the precision
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def normalise(value: Any) -> Any:
+    """JSON round trip, so identities compare equal however they were built."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+@dataclass
+class Job:
+    """What a stage hands the engine."""
+
+    model: nn.Module
+    train_set: Dataset
+    eval_set: Dataset
+    criterion: nn.Module
+    num_classes: int
+    describe: Callable[[dict[str, Any]], dict[str, Any]]
+    predict: Predict = plain_logits
+    reference: nn.Module | None = None  # a teacher whose agreement with the model is measured at the end
+    use_mixup: bool = True
+    evaluate_first: bool = False  # record the accuracy before any training (epoch 0), e.g. after a resolution change
+    class_names: list[str] = field(default_factory=list)
+    extra_metrics: dict[str, Any] = field(default_factory=dict)  # e.g. accuracy before fine-tuning
+
+
+class Run:
+    """One stage's run folder: finished runs are reused, interrupted ones resumed, conflicting ones refused."""
+
+    def __init__(self, config: StageConfig, identity: dict[str, Any]):
+        self.config = config
+        self.dir = config.run_dir()
+        self.identity = normalise(identity)
+        self.accelerator = make_accelerator(config.mixed_precision)
+        self.finished: Checkpoint | None = None
+        self._check_folder()
+        set_seed(config.seed)  # the same initial weights on every process
+
+    # -- run folder -------------------------------------------------------------------------------
+    def _describe_change(self, stored: dict[str, Any]) -> str:
+        changes = config_differences(stored.get("config", {}), self.identity.get("config", {}))
+        for key in sorted(set(stored) | set(self.identity)):
+            if key != "config" and stored.get(key) != self.identity.get(key):
+                changes.append(f"{key} checkpoint changed")
+        return "; ".join(changes[:4]) or "settings changed"
+
+    def _check_folder(self) -> None:
+        model_path = self.dir / MODEL_FILE
+        identity_path = self.dir / IDENTITY_FILE
+        stored: dict[str, Any] | None = None
+        what = ""
+        if model_path.exists():
+            try:
+                ckpt = read_checkpoint(model_path)
+                stored = ckpt.meta.get("identity")
+            except DistillError:
+                ckpt = None
+            if ckpt is not None and stored == self.identity:
+                self.finished = ckpt
+                return
+            what = "a finished run"
+        elif identity_path.exists():
+            try:
+                stored = json.loads(identity_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                stored = None
+            if stored == self.identity:
+                return
+            what = "an interrupted run"
+        else:
+            return
+        if not self.config.overwrite:
+            change = self._describe_change(stored or {})
+            hint = "run the same command as before to resume it, " if what == "an interrupted run" else ""
+            raise DistillError(f"{self.dir} already holds {what} with different settings ({change}); {hint}"
+                               "pass --overwrite to replace it, or --name to write elsewhere.")
+        if self.accelerator.is_main_process:
+            for name in (MODEL_FILE, EMA_FILE, IDENTITY_FILE, METRICS_FILE, CONFIG_FILE):
+                (self.dir / name).unlink(missing_ok=True)
+            for name in (STATE_DIR, STATE_TMP, STATE_OLD):
+                shutil.rmtree(self.dir / name, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def _prepare_folder(self) -> None:
+        if self.accelerator.is_main_process:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(self.dir / IDENTITY_FILE, json.dumps(self.identity, indent=1).encode())
+                write_toml(self.dir / CONFIG_FILE, to_dict(self.config))
+            except PermissionError:
+                raise DistillError(f"The work folder {self.config.workdir} is not writable.") from None
+            except OSError as error:
+                raise DistillError(f"Cannot write to {self.dir}: {error.strerror or error}.") from None
+        self.accelerator.wait_for_everyone()
+
+    def _state_dir(self) -> Path | None:
+        """The last complete saved state (a swap interrupted between its two renames leaves state.old)."""
+        for name in (STATE_DIR, STATE_OLD):
+            candidate = self.dir / name
+            if (candidate / "progress.json").exists():
+                return candidate
+        return None
+
+    def _save_state(self, model: nn.Module, ema: ModelEmaV3 | None, progress: dict[str, int]) -> None:
+        acc = self.accelerator
+        tmp, final, old = self.dir / STATE_TMP, self.dir / STATE_DIR, self.dir / STATE_OLD
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        if acc.is_main_process:
+            if ema is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()},
+                          str(tmp / "ema.safetensors"))
+            (tmp / "progress.json").write_text(json.dumps(progress))  # written last: marks the state complete
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def _append_metrics(self, record: dict[str, Any], keep_epochs_below: int | None = None) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        path = self.dir / METRICS_FILE
+        records = _read_metrics(path)
+        if keep_epochs_below is not None:  # after a resume, drop epochs the resumed run will redo
+            records = [r for r in records if r.get("epoch", 0) < keep_epochs_below]
+        lines = [json.dumps(r, sort_keys=True) for r in records + [record]]
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+    # -- training ---------------------------------------------------------------------------------
+    def fit(self, job: Job) -> Checkpoint:
+        cfg, acc = self.config, self.accelerator
+        main = acc.is_main_process
+        self._prepare_folder()
+        world, rank = acc.num_processes, acc.process_index
+        pin = acc.device.type == "cuda"
+        train_dl = train_loader(job.train_set, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world,
+                                num_workers=cfg.num_workers, repeated_aug=cfg.repeated_aug, pin_memory=pin)
+        steps_per_epoch = len(train_dl) // cfg.grad_accum
+        if steps_per_epoch == 0:
+            raise DistillError(f"An epoch has {len(train_dl)} batches, fewer than --grad-accum {cfg.grad_accum}.")
+        batches_per_epoch = steps_per_epoch * cfg.grad_accum
+        lr = cfg.effective_lr(world)
+        model = job.model
+        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, min_lr=cfg.min_lr,
+                                           warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+                                           step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+        mixup = None
+        if job.use_mixup and (cfg.mixup > 0 or cfg.cutmix > 0):
+            if cfg.batch_size % 2:
+                raise DistillError(f"Mixup/CutMix need an even --batch-size, not {cfg.batch_size}.")
+            mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
+                          label_smoothing=cfg.smoothing, num_classes=job.num_classes)
+        model, optimizer = acc.prepare(model, optimizer)
+        test_dl = acc.prepare(eval_loader(job.eval_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                          pin_memory=pin))
+        criterion = job.criterion.to(acc.device)
+        reference = job.reference.to(acc.device) if job.reference is not None else None
+        ema = ModelEmaV3(acc.unwrap_model(model), decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+
+        progress = {"epoch": 0, "batch": 0, "step": 0}
+        state = self._state_dir()
+        if state is not None:
+            acc.load_state(str(state))
+            progress = json.loads((state / "progress.json").read_text())
+            scheduler.step_update(num_updates=progress["step"])
+            if ema is not None and (state / "ema.safetensors").exists():
+                ema.module.load_state_dict(load_file(str(state / "ema.safetensors"), device=str(acc.device)))
+            if main:
+                console.print(f"[bold]Resuming[/] {self.dir} at epoch {progress['epoch'] + 1}, "
+                              f"batch {progress['batch']} (step {progress['step']}).")
+        else:
+            set_seed(cfg.seed, device_specific=True)  # drop path and Mixup differ across processes
+        if main:
+            console.print(f"[bold]{cfg.stage}[/] -> {self.dir}  ({world} process{'es' if world > 1 else ''}, "
+                          f"{acc.device.type}, precision {cfg.mixed_precision}, global batch "
+                          f"{cfg.global_batch(world)}, lr {lr:.3g})")
+
+        step = progress["step"]
+        first_epoch = progress["epoch"]
+        if job.evaluate_first and state is None:
+            before = evaluate(model, test_dl, acc, job.predict)
+            self._append_metrics({"epoch": 0, "step": 0, **flatten(before)}, keep_epochs_below=0)
+            if main:
+                console.print(f"before training: test top-1 [bold]{before['top1']:.2f}[/]  top-5 {before['top5']:.2f}")
+        for epoch in range(first_epoch, cfg.epochs):
+            train_dl.sampler.set_epoch(epoch)
+            skip = progress["batch"] if epoch == first_epoch else 0
+            loader = acc.skip_first_batches(train_dl, skip) if skip else train_dl
+            model.train()
+            loss_sum, seen, started = torch.zeros((), device=acc.device), 0, time.perf_counter()
+            bar = _progress_bar(disable=not main)
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=batches_per_epoch, completed=skip,
+                                loss=float("nan"), lr=optimizer.param_groups[0]["lr"], ips=0.0)
+            with bar:
+                for batch_index, (images, targets) in enumerate(loader, start=skip):
+                    if batch_index >= batches_per_epoch:
+                        break
+                    images = images.to(acc.device, non_blocking=True)
+                    targets = targets.to(acc.device, non_blocking=True)
+                    labels = mixup(images, targets) if mixup is not None else (images, targets)
+                    images, targets = labels
+                    sync = (batch_index + 1) % cfg.grad_accum == 0
+                    with acc.no_sync(model) if not sync else contextlib.nullcontext():
+                        with acc.autocast():
+                            outputs = model(images)
+                            loss = criterion(images, outputs, targets)
+                        if not _all_finite(acc, loss):
+                            raise DistillError(
+                                f"The loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); stopped, and the "
+                                f"last good state in {self.dir} is kept. Try a lower --lr or --mixed-precision no.")
+                        acc.backward(loss / cfg.grad_accum)
+                    loss_sum += loss.detach()
+                    seen += images.shape[0]
+                    if sync:
+                        if cfg.clip_grad:
+                            acc.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        step += 1
+                        scheduler.step_update(num_updates=step)
+                        if ema is not None:
+                            ema.update(acc.unwrap_model(model), step=step)
+                        if cfg.save_every and step % cfg.save_every == 0 and batch_index + 1 < batches_per_epoch:
+                            self._save_state(model, ema, {"epoch": epoch, "batch": batch_index + 1, "step": step})
+                    elapsed = time.perf_counter() - started
+                    bar.update(task, advance=1, loss=loss.item(), lr=optimizer.param_groups[0]["lr"],
+                               ips=seen * world / max(elapsed, 1e-9))
+            epoch_time = time.perf_counter() - started
+            batches = max(1, batches_per_epoch - skip)
+            train_loss = acc.reduce(loss_sum, reduction="mean").item() / batches
+            record = {"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 5),
+                      "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(epoch_time, 2),
+                      "img_per_s": round(seen * world / max(epoch_time, 1e-9), 1),
+                      **flatten(evaluate(model, test_dl, acc, job.predict))}
+            if ema is not None:
+                ema_eval = evaluate(ema.module, test_dl, acc, job.predict)
+                record.update({f"ema_{k}": v for k, v in flatten(ema_eval).items()})
+            self._append_metrics(record, keep_epochs_below=epoch + 1 if epoch == first_epoch else None)
+            if main:
+                console.print(epoch_line(record, cfg.epochs), soft_wrap=True)
+            self._save_state(model, ema, {"epoch": epoch + 1, "batch": 0, "step": step})
+
+        final = evaluate(model, test_dl, acc, job.predict, reference=reference, per_class=True)
+        final.update(job.extra_metrics)
+        history = _read_metrics(self.dir / METRICS_FILE) if main else []
+        final["train_seconds"] = round(sum(r.get("epoch_time_s", 0) for r in history), 1)
+        before = next((r for r in history if r.get("epoch") == 0), None)
+        if before is not None:
+            final["before_top1"], final["before_top5"] = before["top1"], before["top5"]
+        unwrapped = acc.unwrap_model(model)
+        path = self.dir / MODEL_FILE
+        ema_final = evaluate(ema.module, test_dl, acc, job.predict, per_class=True) if ema is not None else None
+        if main:
+            meta = {**job.describe(final), "identity": self.identity, "config": to_dict(cfg),
+                    "metrics": final, "lr_effective": lr, "processes": world}
+            if ema is not None:
+                save_checkpoint(self.dir / EMA_FILE, ema.module.state_dict(),
+                                {**meta, "metrics": ema_final, "ema": True, "identity": {**self.identity, "ema": True}})
+            save_checkpoint(path, unwrapped.state_dict(), meta)
+        acc.wait_for_everyone()
+        acc.end_training()
+        acc.free_memory()
+        return read_checkpoint(path)
+
+
+def _all_finite(acc: Accelerator, loss: torch.Tensor) -> bool:
+    """Finite on every process (one process stopping alone would leave the others waiting)."""
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    if acc.num_processes > 1:
+        flag = acc.reduce(flag, reduction="sum") / acc.num_processes
+    return bool(flag.item() == 1.0)
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _progress_bar(disable: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True, disable=disable,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, acc: Accelerator, predict: Predict = plain_logits,
+             reference: nn.Module | None = None, per_class: bool = False) -> dict[str, Any]:
+    """Top-1/top-5 and loss per head, each test image counted exactly once across processes.
+
+    With a `reference` (a teacher), also its accuracy and how often each head disagrees with it.
+    """
+    net = acc.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    headline = None
+    for images, labels in loader:
+        images, labels = images.to(acc.device), labels.to(acc.device)
+        with acc.autocast():
+            scores = predict(net, images)
+            if reference is not None:
+                scores["teacher"] = reference(images)
+        headline = headline or next(iter(scores))
+        num_classes = scores[headline].shape[1]
+        record = {"label": labels, "loss": F.cross_entropy(scores[headline].float(), labels, reduction="none")}
+        for name, value in scores.items():
+            top = value.float().topk(min(5, value.shape[1]), dim=1).indices
+            record[f"{name}/pred"] = top[:, 0]
+            record[f"{name}/top5"] = (top == labels[:, None]).any(dim=1).float()  # gloo gathers no bools
+        record = acc.gather_for_metrics(record)
+        for key, value in record.items():
+            parts.setdefault(key, []).append(value.cpu())
+    net.train(was_training)
+    merged = {k: torch.cat(v) for k, v in parts.items()}
+    labels = merged["label"]
+    heads = [k.split("/")[0] for k in merged if k.endswith("/pred")]
+    result: dict[str, Any] = {"samples": int(labels.numel()), "loss": round(merged["loss"].mean().item(), 5)}
+    per_head = {}
+    for name in heads:
+        correct = merged[f"{name}/pred"] == labels
+        per_head[name] = {"top1": round(correct.float().mean().item() * 100, 3),
+                          "top5": round(merged[f"{name}/top5"].float().mean().item() * 100, 3)}
+    result.update(top1=per_head[headline]["top1"], top5=per_head[headline]["top5"], head=headline)
+    if len(heads) > 1:
+        result["heads"] = per_head
+    if reference is not None:
+        teacher_pred = merged["teacher/pred"]
+        result["disagreement"] = {name: round((merged[f"{name}/pred"] != teacher_pred).float().mean().item(), 4)
+                                  for name in heads if name != "teacher"}
+    if per_class:
+        correct = (merged[f"{headline}/pred"] == labels).float()
+        result["per_class_top1"] = [round(correct[labels == c].mean().item() * 100, 2) if (labels == c).any() else None
+                                    for c in range(num_classes)]
+    return result
+
+
+def flatten(metrics: dict[str, Any]) -> dict[str, Any]:
+    """One level of keys for metrics.jsonl: top1, top5, loss, cls_top1, dist_top1, ..."""
+    out = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+    for name, values in metrics.get("heads", {}).items():
+        for key, value in values.items():
+            out[f"{name}_{key}"] = value
+    for name, value in metrics.get("disagreement", {}).items():
+        out[f"{name}_disagreement"] = value
+    out["test_loss"] = out.pop("loss", None)
+    return out
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    heads = [h for h in ("cls", "dist") if f"{h}_top1" in record]
+    extra = "  ".join(f"{h} {record[f'{h}_top1']:.2f}" for h in heads)
+    ema = f"  ema {record['ema_top1']:.2f}" if "ema_top1" in record else ""
+    return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
+            f"test top-1 [bold]{record['top1']:.2f}[/]  top-5 {record['top5']:.2f}  loss {record['test_loss']:.4f}"
+            f"{('  ' + extra) if extra else ''}{ema}  ({record['epoch_time_s']:.1f} s, {record['img_per_s']:.0f} img/s)")

@@ -1,0 +1,118 @@
+"""Students: DeiT models (with or without the distillation token), resolution changes, head outputs."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from distill.errors import DistillError
+
+DEIT_SIZES = ("deit_tiny", "deit_small", "deit_base")
+
+
+def student_model_name(model: str, token: bool) -> str:
+    """timm's name for a DeiT of this size, with or without the distillation token.
+
+    Accepts a short size (deit_tiny) or any timm deit_* name; the token choice wins over the name.
+    """
+    base = re.sub(r"_distilled", "", model)
+    if base in DEIT_SIZES:
+        base = f"{base}_patch16_224"
+    match = re.fullmatch(r"(deit_(?:tiny|small|base))(_patch\d+_\d+)", base)
+    if match is None:
+        if token:
+            raise DistillError(f"The distillation token needs a DeiT model (deit_tiny, deit_small, deit_base); got '{model}'.")
+        if not timm.is_model(model):
+            raise DistillError(f"timm has no model named '{model}'.")
+        return model
+    name = f"{match.group(1)}_distilled{match.group(2)}" if token else base
+    if not timm.is_model(name):
+        raise DistillError(f"timm has no model named '{name}'.")
+    return name
+
+
+def default_patch_size(img_size: int) -> int:
+    """16 as in DeiT; below 128 px, img_size / 8 so that a small image still makes 64 patches."""
+    return 16 if img_size >= 128 else max(1, img_size // 8)
+
+
+def build_student(name: str, num_classes: int, img_size: int, *, patch_size: int | None = None,
+                  embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
+                  drop_path: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
+    """A randomly initialised DeiT and the constructor arguments that rebuild it."""
+    patch_size = patch_size or default_patch_size(img_size)
+    if img_size % patch_size:
+        raise DistillError(f"Resolution {img_size} is not a multiple of the patch size {patch_size}.")
+    args: dict[str, Any] = {"num_classes": num_classes, "img_size": img_size, "patch_size": patch_size}
+    for key, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
+        if value is not None:
+            args[key] = value
+    try:
+        model = timm.create_model(name, pretrained=False, drop_path_rate=drop_path, **args)
+    except AssertionError as error:  # timm asserts, e.g., that the width divides into the heads
+        detail = str(error) or "the embedding width must be divisible by the number of heads"
+        raise DistillError(f"Cannot build {name} with {args}: {detail}.") from None
+    return model, args
+
+
+def has_dist_token(model: nn.Module) -> bool:
+    return getattr(model, "dist_token", None) is not None
+
+
+def set_distilled_training(model: nn.Module, enabled: bool) -> None:
+    """Token models return (class logits, distillation logits) while training."""
+    if has_dist_token(model):
+        model.set_distilled_training(enabled)
+
+
+def patch_size_of(model: nn.Module) -> int:
+    return int(model.patch_embed.patch_size[0])
+
+
+def resize(model: nn.Module, img_size: int) -> None:
+    """Change a ViT's input resolution in place; the patch part of the position embeddings is
+    resampled on its 2-D grid with bicubic interpolation (timm), the class/distillation token
+    embeddings are kept as they are."""
+    patch = patch_size_of(model)
+    if img_size % patch:
+        raise DistillError(f"Resolution {img_size} is not a multiple of the patch size {patch}; "
+                           f"try {max(patch, img_size // patch * patch)} or {(img_size // patch + 1) * patch}.")
+    model.set_input_size(img_size=(img_size, img_size))
+
+
+def named_outputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scores per head for evaluation; the first entry is the headline prediction.
+
+    A token model reports its class head, its distillation head and their fusion. The fusion is the
+    paper's: the two softmax outputs added (here averaged, as log-probabilities); timm's own forward
+    averages the logits instead, which can rank classes differently.
+    """
+    if not has_dist_token(model):
+        return {"top": model(images)}
+    tokens = model.forward_features(images)
+    cls_logits = model.head(tokens[:, 0])
+    dist_logits = model.head_dist(tokens[:, 1])
+    fused = ((cls_logits.float().softmax(-1) + dist_logits.float().softmax(-1)) / 2).clamp_min(1e-12).log()
+    return {"fused": fused, "cls": cls_logits, "dist": dist_logits}
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    heads = model.get_classifier()
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    ids = {id(p) for head in heads for p in head.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def attention_parameter_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if re.search(r"^blocks\.\d+\.attn\.", n)]
+
+
+def train_only(model: nn.Module, names: list[str]) -> None:
+    """Freeze every parameter not named."""
+    keep = set(names)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in keep)
