@@ -196,7 +196,7 @@ def read_checkpoint(path: Path | str, expect_kind: str | None = None, role: str 
 
 
 def build_model(ckpt: Checkpoint, **overrides: Any) -> torch.nn.Module:
-    """Rebuild the timm model a checkpoint describes and load its weights strictly."""
+    """Rebuild the timm model a checkpoint describes and load its weights strictly (returned in eval mode)."""
     import timm
 
     args = {**ckpt.model_args, **overrides}
@@ -209,7 +209,7 @@ def build_model(ckpt: Checkpoint, **overrides: Any) -> torch.nn.Module:
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0]
         raise DistillError(f"The weights in {ckpt.path} do not fit {ckpt.model_name}: {first}") from None
-    return model
+    return model.eval()
 
 
 def find_latest(workdir: Path, stages: tuple[str, ...]) -> Checkpoint | None:

@@ -61,14 +61,18 @@ def run_guarded(action: Callable[[], Any]) -> Any:
         raise typer.Exit(1) from None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"distill {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_print_version,
+                                 is_eager=True),
 ) -> None:
-    if version:
-        typer.echo(f"distill {__version__}")
-        raise typer.Exit()
     _debug["on"] = _debug["on"] or debug
 
 

@@ -247,7 +247,7 @@ class Run:
             loader = acc.skip_first_batches(train_dl, skip) if skip else train_dl
             model.train()
             loss_sum, seen, started = torch.zeros((), device=acc.device), 0, time.perf_counter()
-            bar = _progress_bar(disable=not main)
+            bar = _progress_bar(disable=not (main and console.is_terminal))
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=batches_per_epoch, completed=skip,
                                 loss=float("nan"), lr=optimizer.param_groups[0]["lr"], ips=0.0)
             with bar:

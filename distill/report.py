@@ -23,13 +23,14 @@ def metrics_table(metrics: dict[str, Any], title: str) -> Table:
     table.add_column("head")
     table.add_column("top-1", justify="right")
     table.add_column("top-5", justify="right")
-    table.add_column("disagrees with teacher", justify="right")
-    heads = metrics.get("heads") or {metrics.get("head", "top"): {"top1": metrics.get("top1"), "top5": metrics.get("top5")}}
     disagreement = metrics.get("disagreement", {})
+    if disagreement:
+        table.add_column("disagrees with teacher", justify="right")
+    heads = metrics.get("heads") or {metrics.get("head", "top"): {"top1": metrics.get("top1"), "top5": metrics.get("top5")}}
     for name, values in heads.items():
         rate = disagreement.get(name)
-        table.add_row(HEAD_NAMES.get(name, name), _pct(values.get("top1")), _pct(values.get("top5")),
-                      "-" if rate is None else f"{rate:.3f}")
+        cells = [HEAD_NAMES.get(name, name), _pct(values.get("top1")), _pct(values.get("top5"))]
+        table.add_row(*cells, *(["-" if rate is None else f"{rate:.3f}"] if disagreement else []))
     return table
 
 
@@ -121,10 +122,12 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None, data_dir: Path | Non
 
     ckpt = read_checkpoint(path)
     acc = make_accelerator(mixed_precision)
+    classes = None
     if dataset is None and data_dir is None:
         dataset = ckpt.data.get("dataset")
         data_dir = Path(ckpt.data["data_dir"]) if ckpt.data.get("data_dir") else None
-    data = open_dataset(None if data_dir else dataset, data_dir)
+        classes = ckpt.classes if ckpt.data.get("kept_classes") else None
+    data = open_dataset(None if data_dir else dataset, data_dir, classes=classes)
     if data.classes != ckpt.classes:
         raise DistillError(f"{ckpt.path} was trained on other classes than {dataset or data_dir} "
                            f"({len(ckpt.classes)} vs {len(data.classes)}).")

@@ -37,6 +37,8 @@ def inherit_data(cfg: StageConfig, parent: Checkpoint | None, *, dataset: bool =
     if dataset and cfg.dataset is None and cfg.data_dir is None and data:
         updates["dataset"] = data.get("dataset")
         updates["data_dir"] = Path(data["data_dir"]) if data.get("data_dir") else None
+        if cfg.classes is None and data.get("kept_classes"):
+            updates["classes"] = ",".join(data["classes"])
     if (updates.get("dataset", cfg.dataset) is None) and (updates.get("data_dir", cfg.data_dir) is None):
         updates["dataset"] = "digits"
     if cfg.img_size is None:
@@ -50,7 +52,7 @@ def inherit_data(cfg: StageConfig, parent: Checkpoint | None, *, dataset: bool =
 
 def load_data(cfg: StageConfig) -> DataSplits:
     return open_dataset(None if cfg.data_dir else cfg.dataset, cfg.data_dir, skip_corrupt=cfg.skip_corrupt,
-                        train_subset=cfg.train_subset)
+                        train_subset=cfg.train_subset, classes=cfg.class_list())
 
 
 def resolve_norm(cfg: StageConfig, data: DataSplits) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -248,7 +250,7 @@ def adapt_teacher(teacher: Checkpoint, cfg: FinetuneConfig) -> Checkpoint:
     fixres_cfg = TeachConfig(
         workdir=cfg.workdir, name=f"teach-fixres-{cfg.res}", seed=cfg.seed, mixed_precision=cfg.mixed_precision,
         save_every=cfg.save_every, num_workers=cfg.num_workers, overwrite=cfg.overwrite, skip_corrupt=cfg.skip_corrupt,
-        dataset=cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset, img_size=cfg.res,
+        dataset=cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset, classes=cfg.classes, img_size=cfg.res,
         crop_pct=teacher.data.get("crop_pct"), interpolation=cfg.interpolation, norm=teacher.data.get("norm"),
         aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, hflip=0.0, epochs=cfg.teacher_epochs,
         batch_size=cfg.batch_size, opt="sgd", lr=cfg.teacher_lr, min_lr=0.0, warmup_epochs=0,

@@ -103,9 +103,12 @@ def train_loader(dataset: Transformed, *, batch_size: int, seed: int, rank: int,
     if len(sampler) < batch_size:
         raise DistillError(f"The training split gives {len(sampler)} images per process, fewer than one batch of {batch_size}; "
                            "lower --batch-size.")
+    # A private generator: creating a loader iterator then draws no number from the global RNG, which
+    # drop path and Mixup use, so a resumed run's random stream matches an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
 def eval_loader(dataset: Transformed, *, batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator())

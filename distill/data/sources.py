@@ -60,14 +60,16 @@ class ImageSource(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return self.load(index), self.targets[index]
 
-    def subset(self, indices: Sequence[int]) -> "ImageSource":
-        return SubsetSource(self, list(indices))
+    def subset(self, indices: Sequence[int], relabel: dict[int, int] | None = None) -> "ImageSource":
+        return SubsetSource(self, list(indices), relabel)
 
 
 class SubsetSource(ImageSource):
-    def __init__(self, parent: ImageSource, indices: list[int]):
+    """Some of a source's images, optionally with their labels renumbered."""
+
+    def __init__(self, parent: ImageSource, indices: list[int], relabel: dict[int, int] | None = None):
         self.parent, self.indices = parent, indices
-        self.targets = [parent.targets[i] for i in indices]
+        self.targets = [parent.targets[i] if relabel is None else relabel[parent.targets[i]] for i in indices]
 
     def load(self, index: int) -> Image.Image:
         return self.parent.load(self.indices[index])
@@ -306,8 +308,27 @@ def balanced_subset(source: ImageSource, size: int, num_classes: int) -> ImageSo
     return source.subset(sorted(chosen))
 
 
+def keep_classes(splits: DataSplits, names: list[str]) -> DataSplits:
+    """Restrict both splits to some classes, renumbered in the dataset's own order."""
+    unknown = [n for n in names if n not in splits.classes]
+    if unknown:
+        raise DistillError(f"Class '{unknown[0]}' is not in this dataset (its classes: {', '.join(splits.classes[:12])}"
+                           f"{' ...' if len(splits.classes) > 12 else ''}).")
+    kept = [i for i, c in enumerate(splits.classes) if c in set(names)]
+    relabel = {old: new for new, old in enumerate(kept)}
+
+    def restrict(source: ImageSource) -> ImageSource:
+        return source.subset([i for i, t in enumerate(source.targets) if t in relabel], relabel)
+
+    splits = DataSplits(restrict(splits.train), restrict(splits.test), [splits.classes[i] for i in kept],
+                        {**splits.info, "kept_classes": len(kept)})
+    if len(splits.test) == 0:
+        raise DistillError("The test split has no images of the chosen classes.")
+    return splits
+
+
 def open_dataset(dataset: str | None, data_dir: Path | None, *, skip_corrupt: bool = False,
-                 train_subset: int | None = None) -> DataSplits:
+                 train_subset: int | None = None, classes: list[str] | None = None) -> DataSplits:
     """The one entry point every stage uses."""
     if data_dir is not None:
         splits = load_folder(Path(data_dir))
@@ -315,6 +336,8 @@ def open_dataset(dataset: str | None, data_dir: Path | None, *, skip_corrupt: bo
         splits = load_digits()
     else:
         splits = load_hub(dataset)
+    if classes:
+        splits = keep_classes(splits, classes)
     if skip_corrupt:
         splits.train, bad_train = drop_unreadable(splits.train)
         splits.test, bad_test = drop_unreadable(splits.test)

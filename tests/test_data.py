@@ -1,0 +1,103 @@
+"""Data sources: the embedded digits, image folders, Hugging Face datasets (local copies), and their errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import invoke, make_image_folder
+from distill.data import open_dataset
+from distill.data.sources import load_hub
+from distill.errors import DistillError
+
+
+def test_digits_is_embedded_with_a_fixed_split():
+    splits = open_dataset("digits", None)
+    assert (len(splits.train), len(splits.test)) == (1437, 360)
+    assert splits.classes == [str(d) for d in range(10)]
+    image, label = splits.train[0]
+    assert image.mode == "RGB" and image.size == (32, 32) and 0 <= label < 10
+    again = open_dataset(None, None)
+    assert again.test.targets == splits.test.targets  # the same split every time
+
+
+def test_image_folder(folder):
+    splits = open_dataset(None, folder)
+    assert splits.classes == ["circle", "square", "star"]
+    assert (len(splits.train), len(splits.test)) == (36, 12)
+    image, label = splits.test[5]
+    assert image.size == (16, 16) and splits.classes[label] == "square"
+
+
+def test_class_filter_and_balanced_subset(folder):
+    splits = open_dataset(None, folder, classes=["star", "circle"], train_subset=10)
+    assert splits.classes == ["circle", "star"]  # the dataset's own order
+    assert len(splits.train) == 10 and sorted(set(splits.train.targets)) == [0, 1]
+    assert abs(splits.train.targets.count(0) - splits.train.targets.count(1)) <= 1
+    with pytest.raises(DistillError, match="Class 'moon' is not in this dataset"):
+        open_dataset(None, folder, classes=["moon"])
+
+
+def test_folder_errors_are_sentences(tmp_path, folder):
+    with pytest.raises(DistillError, match="does not exist"):
+        open_dataset(None, tmp_path / "missing")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "test").mkdir(parents=True)
+    with pytest.raises(DistillError, match="training split .* is empty"):
+        open_dataset(None, tmp_path / "empty")
+    (folder / "test" / "triangle").mkdir()
+    Image.new("RGB", (16, 16)).save(folder / "test" / "triangle" / "t.png")
+    with pytest.raises(DistillError, match="classes the training split lacks: triangle"):
+        open_dataset(None, folder)
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+    root = make_image_folder(tmp_path / "data", ["a", "b"])
+    bad = root / "train" / "a" / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    splits = open_dataset(None, root)
+    index = [str(p) for p in splits.train.files].index(str(bad))
+    with pytest.raises(DistillError, match="broken.png"):
+        splits.train.load(index)
+    skipped = open_dataset(None, root, skip_corrupt=True)
+    assert skipped.info["skipped_corrupt"] == 1 and len(skipped.train) == len(splits.train) - 1
+
+
+def _hub_copy(tmp_path, as_parquet: bool):
+    """A dataset in the hub's own layout (parquet shards with Image and ClassLabel features), on disk."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=["cat", "dog", "emu"])})
+
+    def split(n):
+        images = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
+        return datasets.Dataset.from_dict({"img": images, "fine_label": [i % 3 for i in range(n)]}, features=features)
+
+    root = tmp_path / "local-hub-copy"
+    if as_parquet:
+        (root / "data").mkdir(parents=True)
+        split(9).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+        split(6).to_parquet(str(root / "data" / "test-00000-of-00001.parquet"))
+    else:
+        datasets.DatasetDict({"train": split(9), "test": split(6)}).save_to_disk(str(root))
+    return root
+
+
+@pytest.mark.parametrize("as_parquet", [True, False], ids=["hub-layout", "save_to_disk"])
+def test_hub_dataset_from_a_local_copy(tmp_path, as_parquet):
+    root = _hub_copy(tmp_path, as_parquet)
+    splits = load_hub(str(root))
+    assert splits.classes == ["cat", "dog", "emu"]
+    assert (len(splits.train), len(splits.test)) == (9, 6)
+    image, label = splits.train[4]
+    assert image.mode == "RGB" and label == 1
+    assert splits.info["columns"] == ["img", "fine_label"]
+
+
+def test_unreachable_hub_is_one_sentence_and_exit_2():
+    result = invoke("teach", "--dataset", "nobody/no-such-dataset-here", "--epochs", "1")
+    assert result.exit_code == 2
+    assert "Cannot reach the Hugging Face hub" in result.output and "--data-dir" in result.output
+    assert "Traceback" not in result.output

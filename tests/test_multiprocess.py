@@ -1,0 +1,37 @@
+"""Several processes (torchrun, gloo on CPU): each test image counted once, one process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY, make_image_folder
+from distill.checkpoint import read_checkpoint
+
+
+def test_two_processes_train_count_each_test_image_once_and_write_once(tmp_path):
+    if shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")):
+        pytest.skip("torchrun is not installed")
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=5)  # 15 test images: uneven shards
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc_per_node", "2", "-m", "distill", "teach", "--data-dir", str(data),
+               "--workdir", str(tmp_path / "runs"), *TINY, "--epochs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "runs" / "teach"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]  # one writer: no duplicated lines
+    assert all(line["samples"] == 15 for line in lines)
+    ckpt = read_checkpoint(run / "model.safetensors")
+    assert ckpt.meta["processes"] == 2 and ckpt.meta["metrics"]["samples"] == 15
+    assert ckpt.meta["lr_effective"] == pytest.approx(ckpt.meta["config"]["lr"] * 8 * 2 / 512)
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in (run / "state").iterdir() if p.name.startswith("random_states")) == \
+        ["random_states_0.pkl", "random_states_1.pkl"]
+    assert result.stdout.count("epoch   2/2") == 1  # only the main process prints

@@ -1,0 +1,77 @@
+"""`distill student`: every distillation variant end to end, metadata, strict reload, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, TINY_VIT, invoke, make_image_folder
+from distill.checkpoint import read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory):
+    """A tiny teacher on a tiny real-image folder, trained once for this module."""
+    root = tmp_path_factory.mktemp("student")
+    data = make_image_folder(root / "data", ["circle", "square", "star"])
+    result = invoke("teach", "--data-dir", data, "--workdir", root / "runs", *TINY)
+    assert result.exit_code == 0, result.output
+    return root, data
+
+
+@pytest.mark.parametrize("variant", [["--distillation", "none", "--no-token"], ["--distillation", "soft", "--no-token"],
+                                     ["--distillation", "hard", "--no-token"], ["--distillation", "hard", "--token"]],
+                         ids=["none", "soft", "hard", "hard+token"])
+def test_each_variant_trains_and_says_what_it_is(taught, variant):
+    root, _ = taught
+    name = "student-" + "-".join(variant).replace("--", "")
+    result = invoke("student", "--workdir", root / "runs", "--name", name, *TINY, *TINY_VIT, *variant,
+                    "--alpha", "0.5", "--tau", "2.0")
+    assert result.exit_code == 0, result.output
+    ckpt = read_checkpoint(root / "runs" / name / "model.safetensors")
+    teacher = read_checkpoint(root / "runs" / "teach" / "model.safetensors")
+    kind, token = variant[1], variant[2] == "--token"
+    assert ckpt.meta["distillation"] == {"kind": kind, "alpha": 0.5, "tau": 2.0, "token": token}
+    assert ckpt.meta["parent"]["sha256"] == teacher.sha256 and ckpt.meta["teacher"]["sha256"] == teacher.sha256
+    assert ckpt.classes == teacher.classes and ckpt.meta["data"]["data_dir"] == teacher.meta["data"]["data_dir"]
+    assert ckpt.model_name == ("deit_tiny_distilled_patch16_224" if token else "deit_tiny_patch16_224")
+    metrics = ckpt.meta["metrics"]
+    assert "teacher" in metrics["heads"] and set(metrics["disagreement"]) >= ({"fused", "cls", "dist"} if token else {"top"})
+    # timm alone rebuilds it, strictly
+    model = timm.create_model(ckpt.model_name, **ckpt.model_args)
+    model.load_state_dict(load_file(ckpt.path), strict=True)
+    model.eval()
+    out = model(torch.zeros(2, 3, 16, 16))
+    assert out.shape == (2, 3)
+
+
+def test_newest_teacher_is_found_and_student_inherits_its_data(taught):
+    root, _ = taught
+    result = invoke("student", "--workdir", root / "runs", "--name", "auto", *TINY, *TINY_VIT)
+    assert result.exit_code == 0, result.output
+    ckpt = read_checkpoint(root / "runs" / "auto")
+    assert ckpt.meta["distillation"]["kind"] == "hard" and ckpt.meta["distillation"]["token"] is True
+    assert "class + distillation" in result.output and "disagrees with teacher" in result.output
+
+
+def test_teacher_with_other_classes_is_refused_before_training(taught, tmp_path):
+    root, _ = taught
+    other = make_image_folder(tmp_path / "other", ["circle", "square", "moon"])
+    result = invoke("student", "--workdir", root / "runs", "--name", "mismatch", "--data-dir", other, *TINY, *TINY_VIT)
+    assert result.exit_code == 2
+    assert "trained on other classes" in result.output and "moon" in result.output
+    assert not (root / "runs" / "mismatch" / "model.safetensors").exists()
+
+
+def test_a_student_is_not_a_teacher(taught):
+    root, _ = taught
+    invoke("student", "--workdir", root / "runs", "--name", "s1", *TINY, *TINY_VIT, "--distillation", "none")
+    result = invoke("student", "--workdir", root / "runs", "--name", "s2", "--teacher", root / "runs" / "s1", *TINY)
+    assert result.exit_code == 2 and "is a student checkpoint" in result.output and "not a teacher" in result.output
+
+
+def test_no_teacher_anywhere_is_a_sentence(tmp_path, folder):
+    result = invoke("student", "--workdir", tmp_path / "empty", "--data-dir", folder, *TINY, *TINY_VIT)
+    assert result.exit_code == 2 and "No teacher found" in result.output

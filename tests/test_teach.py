@@ -1,0 +1,80 @@
+"""`distill teach` end to end: run folder, checkpoint, reuse of finished runs, precision, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, invoke, run_cli
+from distill.checkpoint import build_model, read_checkpoint
+
+
+def test_tiny_teach_end_to_end(folder):
+    result = invoke("teach", "--data-dir", folder, *TINY, "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    run = folder.parent / "runs" / "teach"
+    assert {"model.safetensors", "config.toml", "metrics.jsonl", "state", "identity.json"} <= {p.name for p in run.iterdir()}
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert all({"top1", "top5", "test_loss", "train_loss", "lr", "img_per_s"} <= set(line) for line in lines)
+    ckpt = read_checkpoint(run / "model.safetensors")
+    meta = ckpt.meta
+    assert (ckpt.kind, ckpt.stage, ckpt.model_name) == ("teacher", "teach", "regnety_002")
+    assert ckpt.classes == ["circle", "square", "star"] and ckpt.img_size == 16
+    assert meta["parent"] is None and meta["config"]["epochs"] == 2 and meta["data"]["crop_pct"] == 0.875
+    assert meta["metrics"]["samples"] == 12 and 0 <= meta["metrics"]["top1"] <= 100
+    assert meta["data"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    model = build_model(ckpt)
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 3)
+    assert "test top-1" in result.output or "top-1" in result.output
+
+
+def test_finished_run_is_reused_and_a_changed_one_refused(folder):
+    assert invoke("teach", "--data-dir", folder, *TINY).exit_code == 0
+    path = folder.parent / "runs" / "teach" / "model.safetensors"
+    written = path.stat().st_mtime_ns
+    again = invoke("teach", "--data-dir", folder, *TINY, "--num-workers", "1")  # workers do not change the result
+    assert again.exit_code == 0 and "already finished" in again.output
+    assert path.stat().st_mtime_ns == written
+    changed = invoke("teach", "--data-dir", folder, *TINY, "--lr", "0.01")
+    assert changed.exit_code == 2 and "different settings (lr: 0.032 -> 0.01)" in changed.output
+    assert path.stat().st_mtime_ns == written
+    assert invoke("teach", "--data-dir", folder, *TINY, "--lr", "0.01", "--overwrite").exit_code == 0
+    assert read_checkpoint(path).meta["config"]["lr"] == 0.01
+
+
+def test_bf16_autocast_runs_on_cpu(folder):
+    from distill.engine import make_accelerator
+
+    acc = make_accelerator("bf16")
+    layer = torch.nn.Linear(8, 8)
+    with acc.autocast():
+        assert layer(torch.randn(2, 8)).dtype == torch.bfloat16  # the matmuls run in bf16 on the CPU
+    result = invoke("teach", "--data-dir", folder, *TINY, "--mixed-precision", "bf16")
+    assert result.exit_code == 0, result.output
+    ckpt = read_checkpoint(folder.parent / "runs" / "teach")
+    assert ckpt.meta["config"]["mixed_precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for k, v in ckpt.state_dict().items() if v.is_floating_point())
+
+
+def test_fp16_without_gpu_is_refused(folder):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = invoke("teach", "--data-dir", folder, *TINY, "--mixed-precision", "fp16")
+    assert result.exit_code == 2 and "fp16 mixed precision needs a GPU" in result.output
+
+
+def test_one_epoch_on_the_embedded_digits():
+    result = invoke("teach", "--epochs", "1", "--num-workers", "0")
+    assert result.exit_code == 0, result.output
+    ckpt = read_checkpoint("runs/teach/model.safetensors")
+    assert ckpt.meta["data"]["dataset"] == "digits" and ckpt.meta["metrics"]["samples"] == 360
+
+
+def test_module_entry_point_and_help():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("distill ")
+    helped = run_cli("student", "--help", env={"COLUMNS": "250"})
+    assert helped.returncode == 0 and "global batch / 512" in helped.stdout and "--no-token" in helped.stdout
