@@ -43,7 +43,7 @@ def run_guarded(action: Callable[[], Any]) -> Any:
         if _debug["on"]:
             raise
         if _is_main_process():
-            _console().print(f"[bold red]error:[/] {error.sentence}", soft_wrap=True)
+            _console().print(f"[bold red]error:[/] {escape(error.sentence)}", soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         if _is_main_process():
@@ -56,7 +56,7 @@ def run_guarded(action: Callable[[], Any]) -> Any:
             raise
         if _is_main_process():
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            _console().print(f"[bold red]unexpected error:[/] {type(error).__name__}: {first} "
+            _console().print(f"[bold red]unexpected error:[/] {type(error).__name__}: {escape(first)} "
                              "(run with --debug for the traceback).", soft_wrap=True)
         raise typer.Exit(1) from None
 
@@ -144,6 +144,38 @@ stage_command("finetune", _lazy("finetune"),
 stage_command("transfer", _lazy("transfer"),
               "Transfer a student to --dataset (cifar10, cifar100, flowers102, stanford_cars, any hub id) or --data-dir, "
               "with new heads; --attn-only, --head-only, or --teacher to keep distilling.")
+
+
+@app.command()
+def pipeline(
+    recipe: Optional[str] = typer.Argument(None, help="A recipe file, or the name of a shipped one (quickstart, "
+                                           "cifar10-cpu, deit-ti, deit-s, deit-b) [default: quickstart]."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run just this stage (its parent must exist)."),
+    start: Optional[str] = typer.Option(None, "--from", help="Start at this stage; earlier outputs are taken as they are."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, be reused or resumed, and why."),
+    workdir: Optional[Path] = typer.Option(None, help="Work folder [default: the recipe's]."),
+    mixed_precision: Optional[str] = typer.Option(None, help="Override every stage's precision: no, bf16 or fp16."),
+    num_workers: Optional[int] = typer.Option(None, help="Override every stage's data-loading workers."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
+) -> None:
+    """Run every stage of a recipe, each feeding the next; finished stages are reused, interrupted ones resumed."""
+    _debug["on"] = _debug["on"] or debug
+
+    def action() -> None:
+        from distill import pipeline as pipe
+
+        path = pipe.find_recipe(recipe)
+        steps = pipe.select(pipe.build_steps(path, {"workdir": workdir, "mixed_precision": mixed_precision,
+                                                    "num_workers": num_workers}), only, start)
+        if dry_run:
+            if _is_main_process():
+                pipe.print_plan(pipe.plan(steps))
+            return
+        results = pipe.run(steps)
+        if _is_main_process():
+            _console().print(pipe.summary_table(results))
+
+    run_guarded(action)
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -51,7 +52,10 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DistillError("fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16.")
     AcceleratorState._reset_state(reset_partial_state=False)  # keeps the process group, forgets the precision
-    return Accelerator(mixed_precision=mixed_precision)
+    # Several processes without CUDA (torchrun on a CPU): accelerate joins them over gloo only when told
+    # it runs on the CPU; a single process keeps accelerate's own device choice (CUDA, MPS, XPU, CPU).
+    several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes)
 
 
 def normalise(value: Any) -> Any:
@@ -77,6 +81,53 @@ class Job:
     extra_metrics: dict[str, Any] = field(default_factory=dict)  # e.g. accuracy before fine-tuning
 
 
+@dataclass
+class FolderStatus:
+    """What a run folder holds, compared with the run about to start."""
+
+    state: str  # empty | finished | interrupted | changed-finished | changed-interrupted
+    detail: str = ""
+    checkpoint: Checkpoint | None = None
+    progress: dict[str, int] | None = None
+
+
+def describe_change(stored: dict[str, Any], identity: dict[str, Any]) -> str:
+    changes = config_differences(stored.get("config", {}), identity.get("config", {}))
+    for key in sorted(set(stored) | set(identity)):
+        if key != "config" and stored.get(key) != identity.get(key):
+            changes.append(f"{key} checkpoint changed" if key in ("parent", "teacher") else f"{key} changed")
+    return "; ".join(changes[:4]) or "settings changed"
+
+
+def folder_status(run_dir: Path, identity: dict[str, Any]) -> FolderStatus:
+    """Is this run already done, half done, or done differently? (read-only)"""
+    identity = normalise(identity)
+    model_path, identity_path = run_dir / MODEL_FILE, run_dir / IDENTITY_FILE
+    if model_path.exists():
+        try:
+            ckpt = read_checkpoint(model_path)
+            stored = ckpt.meta.get("identity") or {}
+        except DistillError:
+            ckpt, stored = None, {}
+        if ckpt is not None and stored == identity:
+            return FolderStatus("finished", checkpoint=ckpt)
+        return FolderStatus("changed-finished", describe_change(stored, identity))
+    if identity_path.exists():
+        try:
+            stored = json.loads(identity_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            stored = {}
+        if stored != identity:
+            return FolderStatus("changed-interrupted", describe_change(stored, identity))
+        progress = None
+        for name in (STATE_DIR, STATE_OLD):
+            if (run_dir / name / "progress.json").exists():
+                progress = json.loads((run_dir / name / "progress.json").read_text())
+                break
+        return FolderStatus("interrupted", checkpoint=None, progress=progress)
+    return FolderStatus("empty")
+
+
 class Run:
     """One stage's run folder: finished runs are reused, interrupted ones resumed, conflicting ones refused."""
 
@@ -87,45 +138,27 @@ class Run:
         self.accelerator = make_accelerator(config.mixed_precision)
         self.finished: Checkpoint | None = None
         self._check_folder()
+        if self.finished is None and self.accelerator.is_main_process:
+            try:  # fail before any data is loaded, not after
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except PermissionError:
+                raise DistillError(f"The work folder {config.workdir} is not writable.") from None
+            except OSError as error:
+                raise DistillError(f"Cannot write to {self.dir}: {error.strerror or error}.") from None
         set_seed(config.seed)  # the same initial weights on every process
 
     # -- run folder -------------------------------------------------------------------------------
-    def _describe_change(self, stored: dict[str, Any]) -> str:
-        changes = config_differences(stored.get("config", {}), self.identity.get("config", {}))
-        for key in sorted(set(stored) | set(self.identity)):
-            if key != "config" and stored.get(key) != self.identity.get(key):
-                changes.append(f"{key} checkpoint changed")
-        return "; ".join(changes[:4]) or "settings changed"
-
     def _check_folder(self) -> None:
-        model_path = self.dir / MODEL_FILE
-        identity_path = self.dir / IDENTITY_FILE
-        stored: dict[str, Any] | None = None
-        what = ""
-        if model_path.exists():
-            try:
-                ckpt = read_checkpoint(model_path)
-                stored = ckpt.meta.get("identity")
-            except DistillError:
-                ckpt = None
-            if ckpt is not None and stored == self.identity:
-                self.finished = ckpt
-                return
-            what = "a finished run"
-        elif identity_path.exists():
-            try:
-                stored = json.loads(identity_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                stored = None
-            if stored == self.identity:
-                return
-            what = "an interrupted run"
-        else:
+        status = folder_status(self.dir, self.identity)
+        if status.state == "finished":
+            self.finished = status.checkpoint
+            return
+        if status.state not in ("changed-finished", "changed-interrupted"):
             return
         if not self.config.overwrite:
-            change = self._describe_change(stored or {})
-            hint = "run the same command as before to resume it, " if what == "an interrupted run" else ""
-            raise DistillError(f"{self.dir} already holds {what} with different settings ({change}); {hint}"
+            what = "a finished run" if status.state == "changed-finished" else "an interrupted run"
+            hint = "run the same command as before to resume it, " if status.state == "changed-interrupted" else ""
+            raise DistillError(f"{self.dir} already holds {what} with different settings ({status.detail}); {hint}"
                                "pass --overwrite to replace it, or --name to write elsewhere.")
         if self.accelerator.is_main_process:
             for name in (MODEL_FILE, EMA_FILE, IDENTITY_FILE, METRICS_FILE, CONFIG_FILE):

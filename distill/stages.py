@@ -8,6 +8,7 @@ config it records, so its checkpoint says exactly how it was made.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 from distill.checkpoint import Checkpoint, build_model, find_by_sha256, find_latest, read_checkpoint
 from distill.config import FinetuneConfig, StageConfig, StudentConfig, TeachConfig, TransferConfig, to_dict
 from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
-from distill.engine import Job, Run, console, plain_logits
+from distill.engine import Job, Run, console, folder_status
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
 from distill.students import (attention_parameter_names, build_student, has_dist_token, head_parameter_names,
@@ -34,9 +35,13 @@ def inherit_data(cfg: StageConfig, parent: Checkpoint | None, *, dataset: bool =
     """Fill the data settings the user left open from the parent checkpoint, else the defaults."""
     data = parent.data if parent else {}
     updates: dict[str, Any] = {}
-    if dataset and cfg.dataset is None and cfg.data_dir is None and data:
-        updates["dataset"] = data.get("dataset")
-        updates["data_dir"] = Path(data["data_dir"]) if data.get("data_dir") else None
+    given = cfg.dataset is not None or cfg.data_dir is not None
+    same_source = not given or (cfg.data_dir is None and cfg.dataset == data.get("dataset")) or (
+        cfg.data_dir is not None and str(Path(cfg.data_dir).resolve()) == data.get("data_dir"))
+    if dataset and data and same_source:
+        if not given:
+            updates["dataset"] = data.get("dataset")
+            updates["data_dir"] = Path(data["data_dir"]) if data.get("data_dir") else None
         if cfg.classes is None and data.get("kept_classes"):
             updates["classes"] = ",".join(data["classes"])
     if (updates.get("dataset", cfg.dataset) is None) and (updates.get("data_dir", cfg.data_dir) is None):
@@ -122,13 +127,42 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def report_finished(run: Run) -> Checkpoint:
-    ckpt = run.finished
-    if run.accelerator.is_main_process:
-        console.print(f"[bold]{run.config.stage}[/]: {ckpt.path} is already finished with these settings "
-                      f"(top-1 {ckpt.meta.get('metrics', {}).get('top1', float('nan')):.2f}); nothing to do "
-                      "(--overwrite retrains).")
-    return ckpt
+@dataclass
+class PlanItem:
+    """What a stage would do, for `distill pipeline --dry-run`."""
+
+    stage: str
+    run_dir: Path
+    action: str  # run | reuse | resume | re-run
+    why: str
+
+
+Plan = list[PlanItem]
+
+
+def start(cfg: StageConfig, identity: dict[str, Any], plan: Plan | None, stage: str) -> tuple[Run | None, Checkpoint | None]:
+    """Open the run folder: (run, None) to train, (run, checkpoint) when already finished, or, when only
+    planning, (None, checkpoint-if-finished) after noting what would happen."""
+    if plan is not None:
+        status = folder_status(cfg.run_dir(), identity)
+        action, why = {
+            "finished": ("reuse", "finished with the same settings and parent"),
+            "interrupted": ("resume", f"interrupted at epoch {(status.progress or {}).get('epoch', 0) + 1}"
+                            if status.progress else "started, nothing saved yet"),
+            "empty": ("run", "no run yet"),
+            "changed-finished": ("re-run", f"changed: {status.detail}"),
+            "changed-interrupted": ("re-run", f"changed: {status.detail}"),
+        }[status.state]
+        plan.append(PlanItem(stage, cfg.run_dir(), action, why))
+        return None, status.checkpoint
+    run = Run(cfg, identity)
+    if run.finished is not None:
+        ckpt = run.finished
+        if run.accelerator.is_main_process:
+            console.print(f"[bold]{stage}[/]: {ckpt.path} is already finished with these settings (top-1 "
+                          f"{ckpt.meta.get('metrics', {}).get('top1', float('nan')):.2f}); reusing it.")
+        return run, ckpt
+    return run, None
 
 
 def _latest(workdir: Path, stages: tuple[str, ...], what: str, hint: str) -> Checkpoint:
@@ -139,17 +173,17 @@ def _latest(workdir: Path, stages: tuple[str, ...], what: str, hint: str) -> Che
 
 
 # -- stage 1: teacher -------------------------------------------------------------------------------
-def teach(cfg: TeachConfig, fixres: bool = False) -> Checkpoint:
+def teach(cfg: TeachConfig, fixres: bool = False, plan: Plan | None = None) -> Checkpoint | None:
     """Train a teacher (from scratch, or from --init); with fixres=True, adapt one to a new resolution."""
     init = read_teacher(cfg.init, role="--init checkpoint") if cfg.init else None
     if init is not None:
         cfg = dataclasses.replace(cfg, model=init.model_name)
     cfg = inherit_data(cfg, init, img_size=not fixres)
-    identity = {"stage": "teach-fixres" if fixres else "teach", "config": to_dict(cfg, result_only=True),
-                "parent": init.sha256 if init else None}
-    run = Run(cfg, identity)
-    if run.finished:
-        return report_finished(run)
+    stage = "teach-fixres" if fixres else "teach"
+    identity = {"stage": stage, "config": to_dict(cfg, result_only=True), "parent": init.sha256 if init else None}
+    run, done = start(cfg, identity, plan, stage)
+    if run is None or done is not None:
+        return done
     data = load_data(cfg)
     mean, std = resolve_norm(cfg, data)
     if init is not None:
@@ -173,7 +207,6 @@ def teach(cfg: TeachConfig, fixres: bool = False) -> Checkpoint:
     trainable = freeze_for_fixres(model) if fixres else None
     train_set, test_set = datasets_for(cfg, data, mean, std, augment=not fixres)
     use_mixup = not fixres
-    stage = "teach-fixres" if fixres else "teach"
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "teacher", "stage": stage, "model": {"name": cfg.model, "args": args},
@@ -188,7 +221,7 @@ def teach(cfg: TeachConfig, fixres: bool = False) -> Checkpoint:
 
 
 # -- stage 2: student -------------------------------------------------------------------------------
-def student(cfg: StudentConfig) -> Checkpoint:
+def student(cfg: StudentConfig, plan: Plan | None = None) -> Checkpoint | None:
     """Distil a DeiT from a teacher: none, soft, hard, with or without the distillation token."""
     if cfg.teacher is not None:
         teacher = read_teacher(cfg.teacher)
@@ -200,9 +233,9 @@ def student(cfg: StudentConfig) -> Checkpoint:
     cfg = inherit_data(cfg, teacher)
     identity = {"stage": "student", "config": to_dict(cfg, result_only=True),
                 "parent": teacher.sha256 if teacher else None}
-    run = Run(cfg, identity)
-    if run.finished:
-        return report_finished(run)
+    run, done = start(cfg, identity, plan, "student")
+    if run is None or done is not None:
+        return done
     data = load_data(cfg)
     if teacher is not None:
         check_classes(teacher, data.classes, f"the dataset {cfg.dataset or cfg.data_dir}")
@@ -244,7 +277,7 @@ def locate_teacher(record: dict[str, Any] | None, workdir: Path) -> Checkpoint |
     return find_by_sha256(workdir, record.get("sha256", ""))
 
 
-def adapt_teacher(teacher: Checkpoint, cfg: FinetuneConfig) -> Checkpoint:
+def adapt_teacher(teacher: Checkpoint, cfg: FinetuneConfig, plan: Plan | None = None) -> Checkpoint | None:
     """FixRes: the teacher at the target resolution, by fine-tuning its classifier and BatchNorm layers on
     test-time preprocessing (SGD, momentum 0.9, weight decay 1e-4). Saved as its own reusable run."""
     fixres_cfg = TeachConfig(
@@ -256,10 +289,10 @@ def adapt_teacher(teacher: Checkpoint, cfg: FinetuneConfig) -> Checkpoint:
         batch_size=cfg.batch_size, opt="sgd", lr=cfg.teacher_lr, min_lr=0.0, warmup_epochs=0,
         weight_decay=1e-4, momentum=0.9, drop_path=0.0, model=teacher.model_name, init=teacher.path,
     )
-    return teach(fixres_cfg, fixres=True)
+    return teach(fixres_cfg, fixres=True, plan=plan)
 
 
-def finetune(cfg: FinetuneConfig) -> Checkpoint:
+def finetune(cfg: FinetuneConfig, plan: Plan | None = None) -> Checkpoint | None:
     """Fine-tune a student at a higher resolution while it keeps learning from a teacher at that resolution."""
     parent = read_checkpoint(cfg.checkpoint, expect_kind="student", role="checkpoint") if cfg.checkpoint else \
         _latest(cfg.workdir, ("student",), "student", "train one with `distill student` or pass --checkpoint CKPT.")
@@ -285,14 +318,17 @@ def finetune(cfg: FinetuneConfig) -> Checkpoint:
             if original is None:
                 raise DistillError(f"The teacher of {parent.path} is no longer where it was trained; pass --teacher CKPT "
                                    "or --no-teacher.")
-            teacher = adapt_teacher(original, cfg)
+            teacher = adapt_teacher(original, cfg, plan)
+            if teacher is None:  # planning, and the adapted teacher does not exist yet
+                plan.append(PlanItem("finetune", cfg.run_dir(), "run", "after its FixRes teacher"))
+                return None
         check_classes(teacher, parent.classes, f"the student {parent.path}")
     cfg = dataclasses.replace(cfg, distillation=kind, alpha=alpha, tau=tau)
     identity = {"stage": "finetune", "config": to_dict(cfg, result_only=True), "parent": parent.sha256,
                 "teacher": teacher.sha256 if teacher else None}
-    run = Run(cfg, identity)
-    if run.finished:
-        return report_finished(run)
+    run, done = start(cfg, identity, plan, "finetune")
+    if run is None or done is not None:
+        return done
     data = load_data(cfg)
     if data.classes != parent.classes:
         raise DistillError(f"The student {parent.path} was trained on other classes than {cfg.dataset or cfg.data_dir}.")
@@ -320,7 +356,7 @@ def finetune(cfg: FinetuneConfig) -> Checkpoint:
 
 
 # -- stage 4: transfer ------------------------------------------------------------------------------
-def transfer(cfg: TransferConfig) -> Checkpoint:
+def transfer(cfg: TransferConfig, plan: Plan | None = None) -> Checkpoint | None:
     """Fine-tune a student on a new target: new head(s), optionally attention-only or head-only, optionally
     still distilling from a teacher trained on the target."""
     if cfg.dataset is None and cfg.data_dir is None:
@@ -346,9 +382,9 @@ def transfer(cfg: TransferConfig) -> Checkpoint:
     cfg = dataclasses.replace(cfg, distillation=kind, alpha=alpha, tau=tau)
     identity = {"stage": "transfer", "config": to_dict(cfg, result_only=True), "parent": parent.sha256,
                 "teacher": teacher.sha256 if teacher else None}
-    run = Run(cfg, identity)
-    if run.finished:
-        return report_finished(run)
+    run, done = start(cfg, identity, plan, "transfer")
+    if run is None or done is not None:
+        return done
     data = load_data(cfg)
     if teacher is not None:
         check_classes(teacher, data.classes, f"the target {cfg.dataset or cfg.data_dir}")

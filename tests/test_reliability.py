@@ -1,0 +1,161 @@
+"""Resume after SIGKILL, nothing half-written, NaN stops, and every bad input as one sentence."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, TINY_VIT, invoke, make_image_folder, run_cli
+from distill.checkpoint import read_checkpoint
+
+PACKAGE = Path(__file__).resolve().parents[1] / "distill"
+
+
+def _teach_args(data, workdir, workers):
+    return ["teach", "--data-dir", data, "--workdir", workdir, "--img-size", "32", "--batch-size", "4",
+            "--epochs", "2", "--warmup-epochs", "0.5", "--save-every", "1", "--num-workers", str(workers),
+            "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25"]
+
+
+def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=40, test=4, size=32)
+    reference = invoke(*_teach_args(data, tmp_path / "straight", 0))
+    assert reference.exit_code == 0, reference.output
+
+    command = [sys.executable, "-m", "distill", *map(str, _teach_args(data, tmp_path / "killed", 2))]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = tmp_path / "killed" / "teach" / "state" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if json.loads(progress.read_text())["step"] >= 12:  # mid-way through the first of two epochs
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "teach" / "model.safetensors").exists()
+
+    resumed = invoke(*_teach_args(data, tmp_path / "killed", 2))
+    assert resumed.exit_code == 0, resumed.output
+    assert "Resuming" in resumed.output
+    straight = read_checkpoint(tmp_path / "straight" / "teach").state_dict()
+    after_kill = read_checkpoint(tmp_path / "killed" / "teach").state_dict()
+    assert straight.keys() == after_kill.keys()
+    for key in straight:
+        assert torch.equal(straight[key], after_kill[key]), key
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "killed" / "teach" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+WRITER = """
+import sys, torch
+from distill.checkpoint import save_checkpoint
+meta = {"kind": "teacher", "stage": "teach", "model": {"name": "x", "args": {}}, "data": {"classes": ["a"], "img_size": 8}}
+versions = [{"w": torch.full((256, 1024), float(v))} for v in range(2)]
+save_checkpoint(sys.argv[1], versions[1], {**meta, "version": 1})
+print("ready", flush=True)
+i = 0
+while True:
+    save_checkpoint(sys.argv[1], versions[i % 2], {**meta, "version": i % 2})
+    i += 1
+"""
+
+
+def test_killing_a_checkpoint_write_never_leaves_a_half_written_file(tmp_path):
+    target = tmp_path / "model.safetensors"
+    for attempt in range(3):
+        process = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(0.05 + 0.037 * attempt)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        ckpt = read_checkpoint(target)
+        weights = ckpt.state_dict()["w"]
+        assert torch.all(weights == ckpt.meta["version"])
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "model.safetensors"]
+    assert all(name.endswith(".tmp") for name in leftovers)  # a killed writer may leave its own temporary, never a bad target
+
+
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(folder):
+    result = invoke("teach", "--data-dir", folder, *TINY, "--epochs", "2", "--opt", "sgd", "--lr", "1e30",
+                    "--no-lr-scale", "--save-every", "1", "--drop-path", "0")
+    assert result.exit_code == 2
+    match = re.search(r"The loss became (nan|inf) at step (\d+) \(epoch 1\)", result.output)
+    assert match, result.output
+    state = folder.parent / "runs" / "teach" / "state" / "progress.json"
+    assert json.loads(state.read_text())["step"] == int(match.group(2)) - 1
+    assert not (folder.parent / "runs" / "teach" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_is_named_and_can_be_skipped(tmp_path, workers):
+    data = make_image_folder(tmp_path / "data", ["a", "b"])
+    (data / "train" / "b" / "zz_broken.png").write_bytes(b"\x89PNG this is not an image")
+    result = invoke("teach", "--data-dir", data, *TINY, "--num-workers", str(workers))
+    assert result.exit_code == 2 and "zz_broken.png" in result.output and "--skip-corrupt" in result.output
+    assert "Traceback" not in result.output
+    skipped = invoke("teach", "--data-dir", data, *TINY, "--skip-corrupt", "--name", "skipping")
+    assert skipped.exit_code == 0, skipped.output
+    assert read_checkpoint(tmp_path / "runs" / "skipping").meta["data"]["skipped_corrupt"] == 1
+
+
+def test_bad_inputs_are_one_sentence_and_a_non_zero_exit(tmp_path, folder):
+    assert invoke("teach", "--data-dir", folder, "--workdir", tmp_path / "runs", *TINY).exit_code == 0
+    teacher = tmp_path / "runs" / "teach" / "model.safetensors"
+    (tmp_path / "truncated.safetensors").write_bytes(teacher.read_bytes()[:1000])
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "test").mkdir()
+    (tmp_path / "recipe.toml").write_text("epoch = 3\n")
+    (tmp_path / "typed.toml").write_text('[teach]\nbatch_size = "big"\n')
+    (tmp_path / "a-file").write_text("")
+    cases = [
+        (["info", tmp_path / "missing.safetensors"], "does not exist"),
+        (["info", tmp_path / "truncated.safetensors"], "truncated or corrupted"),
+        (["info", tmp_path / "foreign.safetensors"], "not a distill checkpoint"),
+        (["student", "--teacher", tmp_path / "truncated.safetensors", *TINY], "truncated or corrupted"),
+        (["finetune", "--checkpoint", teacher, "--res", "32"], "is a teacher checkpoint"),
+        (["teach", "--data-dir", empty, *TINY, "--name", "empty"], "is empty"),
+        (["teach", "--recipe", tmp_path / "recipe.toml"], "did you mean 'epochs'"),
+        (["teach", "--recipe", tmp_path / "typed.toml"], "'batch_size' should be an integer"),
+        (["teach", "--data-dir", folder, "--workdir", tmp_path / "a-file" / "runs", *TINY], "Cannot write to"),
+        (["student", "--data-dir", folder, "--workdir", tmp_path / "runs", "--name", "bad", *TINY, "--embed-dim", "33",
+          "--num-heads", "2", "--patch-size", "4", "--depth", "1"], "Cannot build"),
+        (["teach", "--model", "regnety_9999", "--data-dir", folder, *TINY, "--name", "m"], "timm has no model"),
+    ]
+    for args, expected in cases:
+        result = invoke(*args)
+        assert result.exit_code != 0, (args, result.output)
+        assert expected in result.output, (args, result.output)
+        assert "Traceback" not in result.output, (args, result.output)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    quiet = run_cli("info", tmp_path / "missing.safetensors")
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stdout + quiet.stderr
+    loud = run_cli("--debug", "info", tmp_path / "missing.safetensors")
+    assert loud.returncode != 0 and "Traceback" in loud.stderr and "DistillError" in loud.stderr
+
+
+def test_no_pickle_and_no_remote_code_in_the_package():
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import pickle|from pickle|import dill|import cloudpickle)", text, re.M), path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+        assert "trust_remote_code=True" not in text, path
