@@ -39,7 +39,7 @@ def test_finished_run_is_reused_and_a_changed_one_refused(folder):
     assert again.exit_code == 0 and "already finished" in again.output
     assert path.stat().st_mtime_ns == written
     changed = invoke("teach", "--data-dir", folder, *TINY, "--lr", "0.01")
-    assert changed.exit_code == 2 and "different settings (lr: 0.032 -> 0.01)" in changed.output
+    assert changed.exit_code == 2 and "different settings (lr: 0.016 -> 0.01)" in changed.output
     assert path.stat().st_mtime_ns == written
     assert invoke("teach", "--data-dir", folder, *TINY, "--lr", "0.01", "--overwrite").exit_code == 0
     assert read_checkpoint(path).meta["config"]["lr"] == 0.01
