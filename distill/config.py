@@ -52,6 +52,8 @@ class StageConfig:
                                   "Run", choices=("no", "bf16", "fp16"))
     save_every: int = option(0, "Also save the resumable state every N optimizer steps (0: once per epoch).", "Run", result=False)
     num_workers: int = option(2, "Data-loading worker processes per training process.", "Run", result=False)
+    eval_every: int = option(1, "Evaluate on the test split every N epochs (and always after the last).", "Run",
+                             result=False)
     overwrite: bool = option(False, "Replace a finished or interrupted run in the same folder whose config differs.", "Run", result=False)
     skip_corrupt: bool = option(False, "Skip unreadable images (counted and reported) instead of stopping on the first one.", "Data")
     # Data
@@ -152,7 +154,8 @@ class TeachConfig(ArchFields, StageConfig):
 
     model: str = option("regnety_002", "timm model name: a RegNetY (the paper's teacher is regnety_160), any convnet, "
                         "or a DeiT (deit_tiny, ...) sized by the flags below.", "Model")
-    init: Path | None = option(None, "Start from this teacher checkpoint (its classifier is replaced when the classes differ).", "Model")
+    init: Path | None = option(None, "Start from this teacher checkpoint (its classifier is replaced when the classes differ).",
+                               "Model", result=False)  # the file's sha256, not its path, identifies the run
 
     stage = "teach"
 
@@ -162,7 +165,8 @@ class StudentConfig(ArchFields, DistillFields, StageConfig):
     """`distill student`: a DeiT distilled from a teacher."""
 
     model: str = option("deit_tiny", "DeiT size (deit_tiny, deit_small, deit_base) or a timm deit_* name.", "Model")
-    teacher: Path | None = option(None, "Teacher checkpoint [default: the newest teacher in --workdir].", "Distillation")
+    teacher: Path | None = option(None, "Teacher checkpoint [default: the newest teacher in --workdir].", "Distillation",
+                                  result=False)
     token: bool = option(True, "Add the distillation token and its head (--no-token: a plain DeiT).", "Distillation",
                          flag="--token/--no-token")
 
@@ -173,10 +177,11 @@ class StudentConfig(ArchFields, DistillFields, StageConfig):
 class FinetuneConfig(DistillFields, StageConfig):
     """`distill finetune`: FixRes fine-tune at a higher resolution, still distilling (DeiT fine-tune recipe)."""
 
-    checkpoint: Path | None = option(None, "Student to fine-tune [default: the newest student in --workdir].", "Stage")
+    checkpoint: Path | None = option(None, "Student to fine-tune [default: the newest student in --workdir].", "Stage",
+                                     result=False)
     res: int | None = option(None, "Target resolution in pixels (a multiple of the patch size).", "Stage")
     teacher: Path | None = option(None, "Teacher at the target resolution [default: the student's teacher, adapted by FixRes].",
-                                  "Distillation")
+                                  "Distillation", result=False)
     no_teacher: bool = option(False, "Fine-tune on the labels alone.", "Distillation")
     teacher_epochs: int = option(3, "Epochs of the FixRes adaptation of the teacher (classifier and BatchNorm only).",
                                  "Distillation")
@@ -186,13 +191,16 @@ class FinetuneConfig(DistillFields, StageConfig):
                                       choices=("none", "soft", "hard"))
     alpha: float | None = option(None, "Weight of the teacher term [default: the student's].", "Distillation")
     tau: float | None = option(None, "Soft-distillation temperature [default: the student's].", "Distillation")
-    # DeiT's 384 fine-tune: 30 epochs, lr 5e-6 per 512, weight decay 1e-8, min lr 5e-6. Short-run defaults
-    # keep DeiT's ratio of fine-tune to training rate (1/100 there, 1/20 here for a 5-epoch run).
-    epochs: int = option(5, "Training epochs (DeiT's fine-tune: 30).", "Optimisation")
-    lr: float = option(8e-4, "BASE learning rate per global batch of 512: 5e-5 at batch 32 (DeiT's fine-tune: 5e-6).",
-                       "Optimisation")
-    min_lr: float = option(1e-6, "Final learning rate of the cosine schedule (DeiT's fine-tune: 5e-6).", "Optimisation")
+    # DeiT's 384 fine-tune (paper, section 6): 30 epochs, lr 5e-6 per 512, weight decay 1e-8, min lr 5e-6,
+    # otherwise the training recipe. These are the defaults; at a small batch they move a model very little,
+    # so CPU recipes (quickstart.toml) set short-run values.
+    epochs: int = option(30, "Training epochs (DeiT's fine-tune: 30).", "Optimisation")
+    lr: float = option(5e-6, "BASE learning rate per global batch of 512 (DeiT's fine-tune: 5e-6; the quickstart uses 8e-4 "
+                       "for a 5-epoch run at batch 32).", "Optimisation")
+    min_lr: float = option(5e-6, "Final learning rate of the cosine schedule (DeiT's fine-tune: 5e-6).", "Optimisation")
     weight_decay: float = option(1e-8, "Weight decay (DeiT's fine-tune: 1e-8).", "Optimisation")
+    warmup_epochs: float = option(5, "Linear warmup length in epochs (DeiT's fine-tune keeps the training recipe's 5).",
+                                  "Optimisation")
 
     stage = "finetune"
 
@@ -205,9 +213,9 @@ class TransferConfig(DistillFields, StageConfig):
     """`distill transfer`: fine-tune a student on a new target (the authors' transfer settings)."""
 
     checkpoint: Path | None = option(None, "Model to transfer [default: the newest fine-tuned student, else the newest student].",
-                                     "Stage")
+                                     "Stage", result=False)
     teacher: Path | None = option(None, "A teacher trained on the target (make one with distill teach --dataset X --init CKPT).",
-                                  "Distillation")
+                                  "Distillation", result=False)
     attn_only: bool = option(False, "Train only the attention layers and the head(s).", "Stage")
     head_only: bool = option(False, "Train only the head(s): a linear probe.", "Stage")
     from_scratch: bool = option(False, "Re-initialise the model's weights (a baseline with the same architecture and budget).",
@@ -380,10 +388,27 @@ def validate(config: StageConfig) -> None:
         (config.mixup >= 0 and config.cutmix >= 0, "--mixup and --cutmix must not be negative."),
         (config.train_subset is None or config.train_subset > 0, "--train-subset must be positive."),
         (config.save_every >= 0, "--save-every must not be negative."),
+        (config.eval_every >= 1, "--eval-every must be at least 1."),
         (config.num_workers >= 0, "--num-workers must not be negative."),
         (not (config.data_dir and config.dataset not in (None, "folder")),
          "Give either --dataset or --data-dir, not both."),
+        (config.min_lr >= 0 and config.warmup_lr >= 0, "--min-lr and --warmup-lr must not be negative."),
+        (config.warmup_epochs >= 0, "--warmup-epochs must not be negative."),
+        (0 <= config.hflip <= 1 and 0 <= config.mixup_switch_prob <= 1,
+         "--hflip and --mixup-switch-prob are probabilities, between 0 and 1."),
+        (0 < config.scale_min <= 1, "--scale-min must be in (0, 1]."),
+        (config.clip_grad is None or config.clip_grad > 0, "--clip-grad must be positive."),
+        (0 < config.ema_decay < 1, "--ema-decay must be between 0 and 1."),
+        (config.weight_decay >= 0, "--weight-decay must not be negative."),
+        (not ((config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2),
+         f"Mixup/CutMix need an even --batch-size, not {config.batch_size} (or pass --mixup 0 --cutmix 0)."),
     ]
+    for name in ("res", "teacher_epochs"):
+        value = getattr(config, name, None)
+        if value is not None and value < 1:
+            checks.append((False, f"--{name.replace('_', '-')} must be at least 1."))
+    if getattr(config, "teacher_lr", 1.0) <= 0:
+        checks.append((False, "--teacher-lr must be positive."))
     for ok, sentence in checks:
         if not ok:
             raise DistillError(sentence)
@@ -392,6 +417,11 @@ def validate(config: StageConfig) -> None:
         value = getattr(config, f.name)
         if choices and value is not None and value not in choices:
             raise DistillError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, not '{value}'.")
+    from timm.optim import list_optimizers
+
+    if config.opt.lower() not in list_optimizers():
+        near = difflib.get_close_matches(config.opt.lower(), list_optimizers(), n=3)
+        raise DistillError(f"timm has no optimizer '{config.opt}'" + (f"; did you mean {', '.join(near)}?" if near else "."))
     alpha = getattr(config, "alpha", None)
     if alpha is not None and not 0 <= alpha <= 1:
         raise DistillError("--alpha must be between 0 and 1.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from distill.checkpoint import Checkpoint, build_model, read_checkpoint
@@ -18,8 +19,14 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def metrics_table(metrics: dict[str, Any], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
+def print_metrics(metrics: dict[str, Any], title: str) -> None:
+    """A heading line (it may be long: paths) and a table of heads."""
+    console.print(f"[bold]{escape(title)}[/]", soft_wrap=True)
+    console.print(metrics_table(metrics))
+
+
+def metrics_table(metrics: dict[str, Any]) -> Table:
+    table = Table()
     table.add_column("head")
     table.add_column("top-1", justify="right")
     table.add_column("top-5", justify="right")
@@ -38,16 +45,15 @@ def print_summary(ckpt: Checkpoint) -> None:
     meta = ckpt.meta
     metrics = meta.get("metrics", {})
     params = meta.get("params")
-    console.print(metrics_table(metrics, f"{ckpt.stage}: {ckpt.model_name} at {ckpt.img_size} px"
-                                          f"{f', {params / 1e6:.2f}M params' if params else ''} "
-                                          f"({metrics.get('samples', '?')} test images)"))
+    print_metrics(metrics, f"{ckpt.stage}: {ckpt.model_name} at {ckpt.img_size} px"
+                           f"{f', {params / 1e6:.2f}M params' if params else ''} ({metrics.get('samples', '?')} test images)")
     if "before_top1" in metrics:
         console.print(f"parent at {metrics.get('parent_img_size')} px: top-1 {_pct(metrics.get('parent_top1'))};  "
                       f"at {ckpt.img_size} px before fine-tuning: {_pct(metrics.get('before_top1'))};  "
                       f"after: {_pct(metrics.get('top1'))}")
     if ckpt.stage == "transfer" and metrics.get("per_class_top1"):
         console.print(per_class_table(ckpt.classes, metrics["per_class_top1"]))
-    console.print(f"checkpoint: {ckpt.path}")
+    console.print(f"checkpoint: {escape(str(ckpt.path))}", soft_wrap=True)
 
 
 def per_class_table(classes: list[str], accuracies: list[float | None]) -> Table:
@@ -148,8 +154,8 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None, data_dir: Path | Non
     predict = named_outputs if ckpt.kind == "student" else plain_logits
     metrics = evaluate(model, loader, acc, predict, reference=reference, per_class=per_class)
     if acc.is_main_process:
-        console.print(metrics_table(metrics, f"{ckpt.path}: {ckpt.model_name} at {img_size} px on "
-                                             f"{dataset or data_dir} ({metrics['samples']} test images)"))
+        print_metrics(metrics, f"{ckpt.path}: {ckpt.model_name} at {img_size} px on {dataset or data_dir} "
+                               f"({metrics['samples']} test images)")
         if reference is not None:
             console.print(f"teacher {teacher}: top-1 {_pct(metrics['heads']['teacher']['top1'])}")
         if per_class:

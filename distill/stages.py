@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from torch import nn
 
 from distill.checkpoint import Checkpoint, build_model, find_by_sha256, find_latest, read_checkpoint
-from distill.config import FinetuneConfig, StageConfig, StudentConfig, TeachConfig, TransferConfig, to_dict
+from distill.config import FinetuneConfig, StageConfig, StudentConfig, TeachConfig, TransferConfig, to_dict, validate
 from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
 from distill.engine import Job, Run, console, folder_status
 from distill.errors import DistillError
@@ -78,9 +77,13 @@ def datasets_for(cfg: StageConfig, data: DataSplits, mean: tuple[float, ...], st
                  augment: bool = True) -> tuple[Transformed, Transformed]:
     test_tf = eval_transform(cfg.img_size, mean=mean, std=std, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
     if augment:
-        train_tf = train_transform(cfg.img_size, mean=mean, std=std, aa=cfg.aa, reprob=cfg.reprob,
-                                   color_jitter=cfg.color_jitter, scale_min=cfg.scale_min, hflip=cfg.hflip,
-                                   interpolation=cfg.interpolation)
+        try:
+            train_tf = train_transform(cfg.img_size, mean=mean, std=std, aa=cfg.aa, reprob=cfg.reprob,
+                                       color_jitter=cfg.color_jitter, scale_min=cfg.scale_min, hflip=cfg.hflip,
+                                       interpolation=cfg.interpolation)
+        except (AssertionError, ValueError, KeyError) as error:  # timm's parser of the RandAugment string
+            raise DistillError(f"timm cannot read the augmentation policy --aa {cfg.aa} ({error or 'bad format'}); "
+                               "use e.g. rand-m9-mstd0.5-inc1, or none.") from None
     else:  # FixRes: train with the test-time preprocessing
         train_tf = test_tf
     return Transformed(data.train, train_tf), Transformed(data.test, test_tf)
@@ -165,6 +168,25 @@ def start(cfg: StageConfig, identity: dict[str, Any], plan: Plan | None, stage: 
     return run, None
 
 
+def open_run(cfg: StageConfig, stage: str, plan: Plan | None, parent: Checkpoint | None,
+             teacher: Checkpoint | None = None) -> tuple[Run | None, Checkpoint | None]:
+    """A stage's identity is its resolved config plus the hashes of its parent and teacher."""
+    identity = {"stage": stage, "config": to_dict(cfg, result_only=True), "parent": parent.sha256 if parent else None,
+                "teacher": teacher.sha256 if teacher else None}
+    return start(cfg, identity, plan, stage)
+
+
+def load_with_norm(run: Run, teacher: Checkpoint | None, where: str) -> tuple[DataSplits, tuple, tuple]:
+    """The stage's data (refused when the teacher knows other classes) and its normalisation."""
+    cfg = run.config
+    with run.accelerator.main_process_first():  # a hub dataset is downloaded and cached once
+        data = load_data(cfg)
+    if teacher is not None:
+        check_classes(teacher, data.classes, where)
+    mean, std = resolve_norm(cfg, data)
+    return data, mean, std
+
+
 def _latest(workdir: Path, stages: tuple[str, ...], what: str, hint: str) -> Checkpoint:
     found = find_latest(workdir, stages)
     if found is None:
@@ -180,12 +202,10 @@ def teach(cfg: TeachConfig, fixres: bool = False, plan: Plan | None = None) -> C
         cfg = dataclasses.replace(cfg, model=init.model_name)
     cfg = inherit_data(cfg, init, img_size=not fixres)
     stage = "teach-fixres" if fixres else "teach"
-    identity = {"stage": stage, "config": to_dict(cfg, result_only=True), "parent": init.sha256 if init else None}
-    run, done = start(cfg, identity, plan, stage)
+    run, done = open_run(cfg, stage, plan, init)
     if run is None or done is not None:
         return done
-    data = load_data(cfg)
-    mean, std = resolve_norm(cfg, data)
+    data, mean, std = load_with_norm(run, None, "")
     if init is not None:
         model = build_model(init, drop_path_rate=cfg.drop_path)
         args = init.model_args
@@ -223,23 +243,18 @@ def teach(cfg: TeachConfig, fixres: bool = False, plan: Plan | None = None) -> C
 # -- stage 2: student -------------------------------------------------------------------------------
 def student(cfg: StudentConfig, plan: Plan | None = None) -> Checkpoint | None:
     """Distil a DeiT from a teacher: none, soft, hard, with or without the distillation token."""
-    if cfg.teacher is not None:
+    if cfg.teacher is not None:  # with --distillation none, a given teacher is only measured against
         teacher = read_teacher(cfg.teacher)
     elif cfg.distillation != "none":
         teacher = read_teacher(_latest(cfg.workdir, ("teach",), "teacher",
                                        "train one with `distill teach` or pass --teacher CKPT.").path)
     else:
-        teacher = find_latest(cfg.workdir, ("teach",))
+        teacher = None
     cfg = inherit_data(cfg, teacher)
-    identity = {"stage": "student", "config": to_dict(cfg, result_only=True),
-                "parent": teacher.sha256 if teacher else None}
-    run, done = start(cfg, identity, plan, "student")
+    run, done = open_run(cfg, "student", plan, teacher, teacher)
     if run is None or done is not None:
         return done
-    data = load_data(cfg)
-    if teacher is not None:
-        check_classes(teacher, data.classes, f"the dataset {cfg.dataset or cfg.data_dir}")
-    mean, std = resolve_norm(cfg, data)
+    data, mean, std = load_with_norm(run, teacher, f"the dataset {cfg.dataset or cfg.data_dir}")
     name = student_model_name(cfg.model, cfg.token)
     model, args = build_student(name, len(data.classes), cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                                 depth=cfg.depth, num_heads=cfg.num_heads, drop_path=cfg.drop_path)
@@ -281,14 +296,17 @@ def adapt_teacher(teacher: Checkpoint, cfg: FinetuneConfig, plan: Plan | None = 
     """FixRes: the teacher at the target resolution, by fine-tuning its classifier and BatchNorm layers on
     test-time preprocessing (SGD, momentum 0.9, weight decay 1e-4). Saved as its own reusable run."""
     fixres_cfg = TeachConfig(
-        workdir=cfg.workdir, name=f"teach-fixres-{cfg.res}", seed=cfg.seed, mixed_precision=cfg.mixed_precision,
-        save_every=cfg.save_every, num_workers=cfg.num_workers, overwrite=cfg.overwrite, skip_corrupt=cfg.skip_corrupt,
+        workdir=cfg.workdir, name=f"teach-fixres-{cfg.res}-{teacher.sha256[:8]}", seed=cfg.seed,
+        mixed_precision=cfg.mixed_precision,
+        save_every=cfg.save_every, num_workers=cfg.num_workers, eval_every=cfg.eval_every, overwrite=cfg.overwrite,
+        skip_corrupt=cfg.skip_corrupt,
         dataset=cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset, classes=cfg.classes, img_size=cfg.res,
         crop_pct=teacher.data.get("crop_pct"), interpolation=cfg.interpolation, norm=teacher.data.get("norm"),
         aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, hflip=0.0, epochs=cfg.teacher_epochs,
         batch_size=cfg.batch_size, opt="sgd", lr=cfg.teacher_lr, min_lr=0.0, warmup_epochs=0,
         weight_decay=1e-4, momentum=0.9, drop_path=0.0, model=teacher.model_name, init=teacher.path,
     )
+    validate(fixres_cfg)
     return teach(fixres_cfg, fixres=True, plan=plan)
 
 
@@ -299,7 +317,7 @@ def finetune(cfg: FinetuneConfig, plan: Plan | None = None) -> Checkpoint | None
     if cfg.res is None:
         raise DistillError("Give the target resolution with --res (e.g. --res 384).")
     if cfg.img_size not in (None, cfg.res):
-        raise DistillError("finetune trains at --res; leave --img-size unset.")
+        raise DistillError(f"finetune trains at --res ({cfg.res} px); leave --img-size unset (it is {cfg.img_size}).")
     cfg = inherit_data(dataclasses.replace(cfg, img_size=cfg.res), parent)
     patch = int(parent.model_args.get("patch_size", 16))
     if cfg.res % patch:
@@ -324,15 +342,12 @@ def finetune(cfg: FinetuneConfig, plan: Plan | None = None) -> Checkpoint | None
                 return None
         check_classes(teacher, parent.classes, f"the student {parent.path}")
     cfg = dataclasses.replace(cfg, distillation=kind, alpha=alpha, tau=tau)
-    identity = {"stage": "finetune", "config": to_dict(cfg, result_only=True), "parent": parent.sha256,
-                "teacher": teacher.sha256 if teacher else None}
-    run, done = start(cfg, identity, plan, "finetune")
+    run, done = open_run(cfg, "finetune", plan, parent, teacher)
     if run is None or done is not None:
         return done
-    data = load_data(cfg)
+    data, mean, std = load_with_norm(run, teacher, f"the dataset {cfg.dataset or cfg.data_dir}")
     if data.classes != parent.classes:
         raise DistillError(f"The student {parent.path} was trained on other classes than {cfg.dataset or cfg.data_dir}.")
-    mean, std = resolve_norm(cfg, data)
     model = build_model(parent, drop_path_rate=cfg.drop_path)
     resize(model, cfg.res)
     args = {**parent.model_args, "img_size": cfg.res}
@@ -380,15 +395,10 @@ def transfer(cfg: TransferConfig, plan: Plan | None = None) -> Checkpoint | None
     alpha = cfg.alpha if cfg.alpha is not None else inherited.get("alpha", 0.5)
     tau = cfg.tau if cfg.tau is not None else inherited.get("tau", 1.0)
     cfg = dataclasses.replace(cfg, distillation=kind, alpha=alpha, tau=tau)
-    identity = {"stage": "transfer", "config": to_dict(cfg, result_only=True), "parent": parent.sha256,
-                "teacher": teacher.sha256 if teacher else None}
-    run, done = start(cfg, identity, plan, "transfer")
+    run, done = open_run(cfg, "transfer", plan, parent, teacher)
     if run is None or done is not None:
         return done
-    data = load_data(cfg)
-    if teacher is not None:
-        check_classes(teacher, data.classes, f"the target {cfg.dataset or cfg.data_dir}")
-    mean, std = resolve_norm(cfg, data)
+    data, mean, std = load_with_norm(run, teacher, f"the target {cfg.dataset or cfg.data_dir}")
     if cfg.from_scratch:
         model = timm.create_model(parent.model_name, pretrained=False, drop_path_rate=cfg.drop_path, **parent.model_args)
     else:

@@ -65,7 +65,9 @@ def test_finetune_with_the_automatic_fixres_teacher(trained):
     assert result.exit_code == 0, result.output
     student = read_checkpoint(runs / "student")
     original = read_checkpoint(runs / "teach")
-    fixres = read_checkpoint(runs / "teach-fixres-24")
+    fixres_dir = next(runs.glob("teach-fixres-24-*"))  # named by resolution and the teacher's sha256
+    assert fixres_dir.name == f"teach-fixres-24-{original.sha256[:8]}"
+    fixres = read_checkpoint(fixres_dir)
     tuned = read_checkpoint(runs / "finetune")
     # the adapted teacher: its own checkpoint, at 24 px, child of the original teacher
     assert (fixres.kind, fixres.stage, fixres.img_size) == ("teacher", "teach-fixres", 24)
@@ -84,7 +86,7 @@ def test_finetune_with_the_automatic_fixres_teacher(trained):
     assert {"before_top1", "parent_top1", "top1"} <= set(metrics) and metrics["parent_img_size"] == 16
     assert "before fine-tuning" in result.output
     # a second fine-tune reuses the adapted teacher
-    stamp = (runs / "teach-fixres-24" / "model.safetensors").stat().st_mtime_ns
+    stamp = (fixres_dir / "model.safetensors").stat().st_mtime_ns
     again = invoke("finetune", "--workdir", runs, "--res", "24", "--epochs", "1", "--teacher-epochs", "1",
                    "--batch-size", "8", "--num-workers", "0", "--warmup-epochs", "0", "--name", "finetune-b", "--no-teacher")
     assert again.exit_code == 0, again.output
@@ -92,10 +94,10 @@ def test_finetune_with_the_automatic_fixres_teacher(trained):
     third = invoke("finetune", "--workdir", runs, "--res", "24", "--epochs", "2", "--teacher-epochs", "1",
                    "--batch-size", "8", "--num-workers", "0", "--warmup-epochs", "0", "--name", "finetune-c")
     assert third.exit_code == 0, third.output
-    assert (runs / "teach-fixres-24" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (fixres_dir / "model.safetensors").stat().st_mtime_ns == stamp
     # any checkpoint evaluates at any resolution
     evaluated = invoke("evaluate", runs / "student", "--res", "24", "--num-workers", "0",
-                       "--teacher", runs / "teach-fixres-24")
+                       "--teacher", fixres_dir)
     assert evaluated.exit_code == 0, evaluated.output
     assert "distillation head" in evaluated.output and "teacher" in evaluated.output
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, TINY_VIT, invoke, make_image_folder, run_cli
+from conftest import TINY, invoke, make_image_folder, run_cli
 from distill.checkpoint import read_checkpoint
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distill"
@@ -137,6 +137,10 @@ def test_bad_inputs_are_one_sentence_and_a_non_zero_exit(tmp_path, folder):
         (["student", "--data-dir", folder, "--workdir", tmp_path / "runs", "--name", "bad", *TINY, "--embed-dim", "33",
           "--num-heads", "2", "--patch-size", "4", "--depth", "1"], "Cannot build"),
         (["teach", "--model", "regnety_9999", "--data-dir", folder, *TINY, "--name", "m"], "timm has no model"),
+        (["teach", "--data-dir", folder, *TINY, "--name", "o", "--opt", "adamww"], "no optimizer 'adamww'; did you mean"),
+        (["teach", "--data-dir", folder, *TINY, "--name", "a", "--aa", "rand-x9"], "cannot read the augmentation policy"),
+        (["teach", "--data-dir", folder, *TINY, "--name", "b", "--batch-size", "7"], "need an even --batch-size"),
+        (["finetune", "--checkpoint", teacher, "--res", "0"], "--res must be at least 1"),
     ]
     for args, expected in cases:
         result = invoke(*args)
@@ -159,3 +163,35 @@ def test_no_pickle_and_no_remote_code_in_the_package():
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
         assert "trust_remote_code=True" not in text, path
+
+
+def test_a_run_started_with_other_settings_and_nothing_saved_starts_over(folder):
+    run = folder.parent / "runs" / "teach"
+    run.mkdir(parents=True)
+    (run / "identity.json").write_text('{"config": {"lr": 1.0}}')
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "top1": 1.0}\n')
+    result = invoke("teach", "--data-dir", folder, *TINY)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resuming_on_another_number_of_processes_is_refused(folder):
+    assert invoke("teach", "--data-dir", folder, *TINY, "--epochs", "2").exit_code == 0
+    run = folder.parent / "runs" / "teach"
+    (run / "model.safetensors").unlink()  # as if killed after the last state was saved
+    progress = json.loads((run / "state" / "progress.json").read_text())
+    assert progress["processes"] == 1
+    (run / "state" / "progress.json").write_text(json.dumps({**progress, "processes": 2}))
+    result = invoke("teach", "--data-dir", folder, *TINY, "--epochs", "2")
+    assert result.exit_code == 2 and "saved by a run on 2 process(es)" in result.output
+
+
+def test_outputs_get_the_usual_file_permissions(folder):
+    old = os.umask(0o022)
+    try:
+        assert invoke("teach", "--data-dir", folder, *TINY).exit_code == 0
+    finally:
+        os.umask(old)
+    run = folder.parent / "runs" / "teach"
+    for name in ("model.safetensors", "config.toml", "metrics.jsonl"):
+        assert (run / name).stat().st_mode & 0o777 == 0o644, name

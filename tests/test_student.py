@@ -28,7 +28,7 @@ def test_each_variant_trains_and_says_what_it_is(taught, variant):
     root, _ = taught
     name = "student-" + "-".join(variant).replace("--", "")
     result = invoke("student", "--workdir", root / "runs", "--name", name, *TINY, *TINY_VIT, *variant,
-                    "--alpha", "0.5", "--tau", "2.0")
+                    "--alpha", "0.5", "--tau", "2.0", "--teacher", root / "runs" / "teach")
     assert result.exit_code == 0, result.output
     ckpt = read_checkpoint(root / "runs" / name / "model.safetensors")
     teacher = read_checkpoint(root / "runs" / "teach" / "model.safetensors")
@@ -65,9 +65,19 @@ def test_teacher_with_other_classes_is_refused_before_training(taught, tmp_path)
     assert not (root / "runs" / "mismatch" / "model.safetensors").exists()
 
 
+def test_no_distillation_without_a_teacher_stands_alone(taught):
+    root, data = taught
+    result = invoke("student", "--workdir", root / "runs", "--name", "alone", "--data-dir", data, *TINY, *TINY_VIT,
+                    "--distillation", "none", "--no-token")
+    assert result.exit_code == 0, result.output
+    ckpt = read_checkpoint(root / "runs" / "alone")
+    assert ckpt.meta["parent"] is None and ckpt.meta["teacher"] is None and "disagreement" not in ckpt.meta["metrics"]
+
+
 def test_a_student_is_not_a_teacher(taught):
     root, _ = taught
-    invoke("student", "--workdir", root / "runs", "--name", "s1", *TINY, *TINY_VIT, "--distillation", "none")
+    invoke("student", "--workdir", root / "runs", "--name", "s1", *TINY, *TINY_VIT, "--distillation", "none",
+           "--teacher", root / "runs" / "teach")
     result = invoke("student", "--workdir", root / "runs", "--name", "s2", "--teacher", root / "runs" / "s1", *TINY)
     assert result.exit_code == 2 and "is a student checkpoint" in result.output and "not a teacher" in result.output
 

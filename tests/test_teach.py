@@ -78,3 +78,20 @@ def test_module_entry_point_and_help():
     assert result.returncode == 0 and result.stdout.startswith("distill ")
     helped = run_cli("student", "--help", env={"COLUMNS": "250"})
     assert helped.returncode == 0 and "global batch / 512" in helped.stdout and "--no-token" in helped.stdout
+
+
+def test_gradient_accumulation_and_ema(folder):
+    result = invoke("teach", "--data-dir", folder, *TINY, "--batch-size", "4", "--grad-accum", "3", "--ema",
+                    "--ema-decay", "0.9")
+    assert result.exit_code == 0, result.output
+    run = folder.parent / "runs" / "teach"
+    ckpt = read_checkpoint(run)
+    line = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["step"] == 3  # 36 images / batch 4 = 9 micro-batches = 3 optimizer steps
+    assert ckpt.meta["lr_effective"] == pytest.approx(ckpt.meta["config"]["lr"] * 4 * 3 / 512)
+    assert "ema_top1" in line
+    ema = read_checkpoint(run / "model-ema.safetensors")
+    assert ema.meta["ema"] is True and ema.meta["metrics"]["samples"] == 12
+    weights, averaged = ckpt.state_dict(), ema.state_dict()
+    assert weights.keys() == averaged.keys()
+    assert any(not torch.equal(weights[k], averaged[k]) for k in weights if weights[k].is_floating_point())
