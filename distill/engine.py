@@ -7,7 +7,6 @@ describes the final checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
