@@ -76,7 +76,7 @@ def _root(
     _debug["on"] = _debug["on"] or debug
 
 
-def _option_for(cls: type[StageConfig], f: Any, kind: type) -> inspect.Parameter:
+def _option_for(f: Any, kind: type) -> inspect.Parameter:
     meta = f.metadata
     flag = meta.get("flag") or ("--" + f.name.replace("_", "-"))
     if kind is bool and "/" not in flag:
@@ -98,7 +98,7 @@ def stage_command(stage: str, runner: Callable[[StageConfig], Any], doc: str) ->
                                 default=typer.Option(None, "--recipe", help=escape("TOML recipe: flat keys, or a pipeline recipe's "
                                                      "top level plus its [" + stage + "] section. Flags override it."),
                                                      rich_help_panel="Run"))]
-    params += [_option_for(cls, f, kinds[f.name]) for f in config_fields(cls)]
+    params += [_option_for(f, kinds[f.name]) for f in config_fields(cls)]
     params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                                     default=typer.Option(False, "--debug", help="Show full tracebacks.", rich_help_panel="Run")))
 
