@@ -85,7 +85,8 @@ def one_seed(seed: int, cifar: Path, flowers: Path, workdir: Path, budget: dict[
 
     # The paper's best variant (and distill's default) is fine-tuned: chosen in advance, not by test accuracy.
     base = workdir / f"seed{seed}" / "student-hard+token" / "model.safetensors"
-    tuned, took = timed(stages.finetune, FinetuneConfig, **{**common, "train_subset": budget["finetune_subset"]},
+    at_res = {k: v for k, v in common.items() if k != "img_size"}  # finetune trains at --res
+    tuned, took = timed(stages.finetune, FinetuneConfig, **{**at_res, "train_subset": budget["finetune_subset"]},
                         name="finetune", checkpoint=base, res=budget["res"], epochs=budget["finetune_epochs"],
                         teacher_epochs=budget["teacher_fixres_epochs"])
     out["finetune"] = _summary(tuned)

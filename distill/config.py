@@ -347,10 +347,13 @@ def stage_section(recipe: dict[str, Any], stage: str, target: str | None = None)
     if stage != "transfer":
         return {**shared, **recipe.get(stage, {})}
     targets = transfer_targets(recipe)
-    if target is None and len(targets) > 1:
-        raise DistillError(f"This recipe has several transfer targets ({', '.join(targets)}); run it with "
-                           "`distill pipeline`, or pass the target's values as flags.")
-    own = targets.get(target if target is not None else next(iter(targets), ""), {})
+    if target in targets:
+        own = targets[target]
+    elif len(targets) > 1:
+        raise DistillError(f"This recipe has several transfer targets ({', '.join(targets)}); pick one with "
+                           "--dataset NAME, or run them all with `distill pipeline`.")
+    else:
+        own = next(iter(targets.values()), {})
     return {**shared, **own}
 
 
@@ -361,7 +364,9 @@ def resolve(cls: type[StageConfig], recipe_path: Path | None = None, overrides: 
     if recipe_path is not None:
         recipe = read_toml(Path(recipe_path))
         check_recipe(recipe, str(recipe_path))
-        values.update(check_keys(cls, stage_section(recipe, cls.stage), str(recipe_path)))
+        # A transfer recipe with several [transfer.NAME] targets: --dataset NAME picks one.
+        target = (overrides or {}).get("dataset") if cls.stage == "transfer" else None
+        values.update(check_keys(cls, stage_section(recipe, cls.stage, target), str(recipe_path)))
     if recipe_values:
         values.update(check_keys(cls, recipe_values, "recipe"))
     for key, value in (overrides or {}).items():

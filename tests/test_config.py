@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from distill.config import StudentConfig, TeachConfig, resolve, to_dict
+from distill.config import StudentConfig, TeachConfig, TransferConfig, resolve, to_dict
 from distill.errors import DistillError
 
 
@@ -53,3 +55,11 @@ def test_resolved_config_is_plain_values():
     values = to_dict(TeachConfig())
     assert values["workdir"] == "runs" and "name" not in values  # None is left out
     assert "workdir" not in to_dict(TeachConfig(), result_only=True)
+
+
+def test_dataset_picks_a_transfer_target_of_a_recipe():
+    recipe = Path(__file__).resolve().parent.parent / "distill" / "recipes" / "deit-b.toml"
+    cfg = resolve(TransferConfig, recipe, {"dataset": "cifar100"})
+    assert (cfg.dataset, cfg.opt, cfg.epochs, cfg.reprob, cfg.drop_path) == ("cifar100", "sgd", 1000, 0.0, 0.0)
+    with pytest.raises(DistillError, match="several transfer targets .*--dataset NAME"):
+        resolve(TransferConfig, recipe, {})
