@@ -253,8 +253,11 @@ class Run:
             optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         except (ValueError, AssertionError, KeyError) as error:
             raise DistillError(f"timm cannot make the optimizer '{cfg.opt}': {error}.") from None
-        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, min_lr=cfg.min_lr,
-                                           warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+        # --warmup-lr and --min-lr are absolute (as in DeiT's code) while the peak follows the lr rule; at a
+        # small batch the paper's fine-tune lr (5e-6 per 512) falls below them, and the schedule would then
+        # rise instead of fall. Capping them at the peak keeps every rate at or below it.
+        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, min_lr=min(cfg.min_lr, lr),
+                                           warmup_lr=min(cfg.warmup_lr, lr), warmup_epochs=cfg.warmup_epochs,
                                            step_on_epochs=False, updates_per_epoch=steps_per_epoch)
         return optimizer, scheduler
 

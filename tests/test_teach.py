@@ -95,3 +95,14 @@ def test_gradient_accumulation_and_ema(folder):
     weights, averaged = ckpt.state_dict(), ema.state_dict()
     assert weights.keys() == averaged.keys()
     assert any(not torch.equal(weights[k], averaged[k]) for k in weights if weights[k].is_floating_point())
+
+
+def test_schedule_never_rises_above_the_scaled_peak(folder):
+    # At a small batch the lr rule puts the peak (1e-5 x 4 / 512) below --warmup-lr and --min-lr.
+    result = invoke("teach", "--data-dir", folder, *TINY, "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "4",
+                    "--lr", "1e-5", "--warmup-lr", "1e-3", "--min-lr", "1e-4", "--name", "low-lr")
+    assert result.exit_code == 0, result.output
+    run = folder.parent / "runs" / "low-lr"
+    peak = read_checkpoint(run).meta["lr_effective"]
+    rates = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rates) == 3 and all(rate <= peak * (1 + 1e-9) for rate in rates)
