@@ -264,9 +264,7 @@ class Run:
     def _mixup(self, job: Job) -> Mixup | None:
         cfg = self.config
         if not (job.use_mixup and (cfg.mixup > 0 or cfg.cutmix > 0)):
-            return None
-        if cfg.batch_size % 2:
-            raise DistillError(f"Mixup/CutMix need an even --batch-size, not {cfg.batch_size}.")
+            return None  # an odd --batch-size with Mixup/CutMix is refused by config.validate
         return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
                      label_smoothing=cfg.smoothing, num_classes=job.num_classes)
 
