@@ -137,7 +137,7 @@ class Checkpoint:
 
     @property
     def classes(self) -> list[str]:
-        return list(self.data.get("classes", []))
+        return list(self.data.get("classes") or [])
 
     @property
     def img_size(self) -> int:
@@ -215,28 +215,17 @@ def build_model(ckpt: Checkpoint, **overrides: Any) -> torch.nn.Module:
     return model.eval()
 
 
-def find_latest(workdir: Path, stages: tuple[str, ...]) -> Checkpoint | None:
-    """The newest finished checkpoint of one of `stages` directly under `workdir/*/`."""
+def stage_checkpoints(workdir: Path) -> list[Checkpoint]:
+    """Every readable distill checkpoint directly under `workdir/*/`, oldest first."""
     found: list[Checkpoint] = []
     for candidate in sorted(Path(workdir).glob(f"*/{MODEL_FILE}")):
         try:
-            ckpt = read_checkpoint(candidate)
+            found.append(read_checkpoint(candidate))
         except DistillError:
             continue
-        if ckpt.stage in stages:
-            found.append(ckpt)
-    if not found:
-        return None
-    return max(found, key=lambda c: (c.meta.get("created", ""), c.path.stat().st_mtime))
+    return sorted(found, key=lambda c: c.meta.get("created", ""))
 
 
 def find_by_sha256(workdir: Path, sha256: str) -> Checkpoint | None:
     """A checkpoint under `workdir` with this file hash (lineage survives a moved work folder)."""
-    for candidate in sorted(Path(workdir).glob(f"*/{MODEL_FILE}")):
-        try:
-            ckpt = read_checkpoint(candidate)
-        except DistillError:
-            continue
-        if ckpt.sha256 == sha256:
-            return ckpt
-    return None
+    return next((c for c in stage_checkpoints(workdir) if c.sha256 == sha256), None)

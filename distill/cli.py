@@ -156,6 +156,9 @@ def pipeline(
     workdir: Optional[Path] = typer.Option(None, help="Work folder [default: the recipe's]."),
     mixed_precision: Optional[str] = typer.Option(None, help="Override every stage's precision: no, bf16 or fp16."),
     num_workers: Optional[int] = typer.Option(None, help="Override every stage's data-loading workers."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe value: KEY=VALUE for every stage "
+                                             "that has KEY, STAGE.KEY=VALUE for one stage, transfer.TARGET.KEY=VALUE for "
+                                             "one transfer target (repeatable; VALUE is read as TOML)."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
     """Run every stage of a recipe, each feeding the next; finished stages are reused, interrupted ones resumed."""
@@ -165,8 +168,8 @@ def pipeline(
         from distill import pipeline as pipe
 
         path = pipe.find_recipe(recipe)
-        steps = pipe.select(pipe.build_steps(path, {"workdir": workdir, "mixed_precision": mixed_precision,
-                                                    "num_workers": num_workers}), only, start)
+        overrides = {"workdir": workdir, "mixed_precision": mixed_precision, "num_workers": num_workers}
+        steps = pipe.select(pipe.build_steps(path, overrides, sets), only, start)
         if dry_run:
             if _is_main_process():
                 pipe.print_plan(pipe.plan(steps))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import types
 import typing
@@ -24,6 +25,26 @@ from distill.errors import DistillError
 # DeiT's learning-rate rule: the value given is for a global batch of 512.
 LR_REFERENCE_BATCH = 512
 STAGES = ("teach", "student", "finetune", "transfer")
+
+# --profile: the regularisation a run gets by default. DeiT's Table 9 is what the paper measured, on ImageNet
+# for 300 epochs (384M images seen); on every small run measured here it costs accuracy (flowers12: 7 points at 15
+# epochs, 12 at 100; docs/results.md). `auto` gives DeiT's from 10M images seen (ImageNet-1k for 8 epochs,
+# CIFAR for 200), light augmentation below: a boundary chosen between the two, not measured at it.
+LONG_RUN_IMAGES = 10_000_000
+PROFILES: dict[str, dict[str, Any]] = {
+    "deit": {"aa": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25, "scale_min": 0.08,
+             "warmup_epochs": 5.0},
+    "short": {"aa": "none", "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "scale_min": 0.5, "warmup_epochs": 1.0},
+}
+
+
+@dataclass(frozen=True)
+class ReferenceRate:
+    """A recipe's own learning rate at its own global batch: what `--lr auto` starts from."""
+
+    rate: float
+    batch: int
+    source: str
 
 
 def option(default: Any, help: str, panel: str = "Training", *, choices: tuple[str, ...] = (),
@@ -70,14 +91,21 @@ class StageConfig:
     norm: str | None = option(None, "Input normalisation: imagenet, inception (0.5/0.5) or dataset (measured on the training split) "
                               "[default: the parent's, else imagenet].", "Data", choices=("imagenet", "inception", "dataset"))
     # Augmentation (DeiT, Table 9)
-    aa: str = option("none", "timm RandAugment policy, or none (DeiT: rand-m9-mstd0.5-inc1).", "Augmentation")
-    reprob: float = option(0.25, "Random-erasing probability.", "Augmentation")
-    mixup: float = option(0.8, "Mixup alpha (0 disables).", "Augmentation")
-    cutmix: float = option(1.0, "CutMix alpha (0 disables).", "Augmentation")
+    profile: str = option("auto", "Default regularisation: deit (Table 9: RandAugment rand-m9-mstd0.5-inc1, Mixup 0.8, "
+                          "CutMix 1.0, erasing 0.25, crop scale from 0.08, 5 warmup epochs), short (none of them, crop scale "
+                          "from 0.5, 1 warmup epoch: better on every small run measured), or auto: deit when the run sees "
+                          f"{LONG_RUN_IMAGES // 1_000_000}M training images or more (epochs x training set), short below. "
+                          "Each flag given overrides its own value.", "Augmentation", choices=("auto", "deit", "short"))
+    aa: str | None = option(None, "timm RandAugment policy, or none [default: by --profile; DeiT: rand-m9-mstd0.5-inc1].",
+                            "Augmentation")
+    reprob: float | None = option(None, "Random-erasing probability [default: by --profile; DeiT: 0.25].", "Augmentation")
+    mixup: float | None = option(None, "Mixup alpha, 0 disables [default: by --profile; DeiT: 0.8].", "Augmentation")
+    cutmix: float | None = option(None, "CutMix alpha, 0 disables [default: by --profile; DeiT: 1.0].", "Augmentation")
     mixup_switch_prob: float = option(0.5, "Probability of CutMix rather than Mixup when both are on.", "Augmentation")
     smoothing: float = option(0.1, "Label smoothing of the true labels (never applied to a teacher's labels).", "Augmentation")
     color_jitter: float = option(0.3, "Colour jitter strength (timm ignores it when RandAugment is on).", "Augmentation")
-    scale_min: float = option(0.5, "Smallest area fraction of the random-resized crop (DeiT: 0.08).", "Augmentation")
+    scale_min: float | None = option(None, "Smallest area fraction of the random-resized crop [default: by --profile; "
+                                     "DeiT: 0.08].", "Augmentation")
     hflip: float = option(0.5, "Horizontal-flip probability.", "Augmentation")
     repeated_aug: int = option(1, "Repeated augmentation: each image this many times per epoch, spread over processes "
                                "(DeiT uses 3 on 8+ GPUs).", "Augmentation")
@@ -86,25 +114,32 @@ class StageConfig:
     batch_size: int = option(32, "Batch size per process (DeiT: 64 per GPU).", "Optimisation")
     grad_accum: int = option(1, "Gradient-accumulation steps per optimizer step.", "Optimisation")
     opt: str = option("adamw", "Optimizer (any timm name: adamw, sgd, lamb, ...).", "Optimisation")
-    lr: float = option(1.6e-2, "BASE learning rate for a global batch of 512: the rate used is lr x global batch / 512 "
-                       "(global batch = batch size x processes x accumulation), the DeiT rule. The default gives 1e-3 at "
-                       "batch 32, DeiT's own rate at its batch of 1024, which suits short runs; DeiT's base: 5e-4.",
-                       "Optimisation")
+    lr: float | None = option(None, "BASE learning rate per global batch of 512: the rate used is lr x global batch / 512 "
+                              "(global batch = batch size x processes x accumulation), DeiT's rule. Default: auto, the "
+                              "stage's reference rate at the reference's own global batch (here DeiT's 1e-3 at 1024, i.e. "
+                              "5e-4 per 512), scaled linearly above that batch and held below it, where the linear rule "
+                              "would shrink it to nothing (3.1e-5 at batch 32). The run's first line prints the rate used.",
+                              "Optimisation")
     lr_scale: bool = option(True, "Scale --lr by global batch / 512 (--no-lr-scale uses --lr as given).", "Optimisation")
     min_lr: float = option(1e-5, "Final learning rate of the cosine schedule.", "Optimisation")
     warmup_lr: float = option(1e-6, "Learning rate at the start of the warmup.", "Optimisation")
-    warmup_epochs: float = option(1, "Linear warmup length in epochs, stepped per iteration (DeiT: 5).", "Optimisation")
+    warmup_epochs: float | None = option(None, "Linear warmup length in epochs, stepped per iteration [default: by "
+                                         "--profile; DeiT: 5].", "Optimisation")
     weight_decay: float = option(0.05, "Weight decay (not applied to biases, norms and token/position embeddings).", "Optimisation")
     momentum: float = option(0.9, "Momentum for SGD-type optimizers.", "Optimisation")
     clip_grad: float | None = option(None, "Clip the gradient norm to this value (DeiT does not clip).", "Optimisation")
     ema: bool = option(False, "Also keep an exponential moving average of the weights, evaluated each epoch and saved as "
                        "model-ema.safetensors.", "Optimisation")
-    ema_decay: float = option(0.99996, "EMA decay (DeiT's value; ramped up over the first steps).", "Optimisation")
+    ema_decay: float = option(0.99996, "EMA decay, used from the first step as DeiT does (DeiT's value: 0.99996).",
+                              "Optimisation")
+    ema_warmup: bool = option(False, "Ramp the EMA decay up as 1 - (1 + step)^(-2/3) (timm's warmup; it reaches 0.99996 only "
+                              "after about 4M steps) instead of DeiT's fixed decay.", "Optimisation")
     # Model
     model: str = option("", "timm model name.", "Model")
     drop_path: float = option(0.1, "Stochastic-depth rate.", "Model")
 
     stage = "stage"
+    reference_lr = ReferenceRate(1e-3, 1024, "DeiT's 5e-4 per 512, at its global batch of 1024")
 
     def run_name(self) -> str:
         return self.name or self.stage
@@ -185,24 +220,28 @@ class FinetuneConfig(DistillFields, StageConfig):
     no_teacher: bool = option(False, "Fine-tune on the labels alone.", "Distillation")
     teacher_epochs: int = option(3, "Epochs of the FixRes adaptation of the teacher (classifier and BatchNorm only).",
                                  "Distillation")
-    teacher_lr: float = option(0.8, "Base learning rate (per 512) of the teacher's FixRes adaptation (SGD, momentum 0.9, "
-                               "wd 1e-4); 0.05 at batch 32.", "Distillation")
+    teacher_lr: float | None = option(None, "Base learning rate (per 512) of the teacher's FixRes adaptation (SGD, momentum "
+                                      "0.9, wd 1e-4) [default: auto, FixRes's 4e-3 at its global batch of 256, held below "
+                                      "it].", "Distillation")
+    teacher_bn: str = option("last", "BatchNorm layers the FixRes adaptation re-estimates and trains beside the classifier: "
+                             "last (the one before the global pooling, as FixRes does) or all.", "Distillation",
+                             choices=("last", "all"))
     distillation: str | None = option(None, "none, soft or hard [default: the student's].", "Distillation",
                                       choices=("none", "soft", "hard"))
     alpha: float | None = option(None, "Weight of the teacher term [default: the student's].", "Distillation")
     tau: float | None = option(None, "Soft-distillation temperature [default: the student's].", "Distillation")
     # DeiT's 384 fine-tune (paper, section 6): 30 epochs, lr 5e-6 per 512, weight decay 1e-8, min lr 5e-6,
-    # otherwise the training recipe. These are the defaults; at a small batch they move a model very little,
-    # so CPU recipes (quickstart.toml) set short-run values.
+    # otherwise the training recipe.
     epochs: int = option(30, "Training epochs (DeiT's fine-tune: 30).", "Optimisation")
-    lr: float = option(5e-6, "BASE learning rate per global batch of 512 (DeiT's fine-tune: 5e-6; the quickstart uses 8e-4 "
-                       "for a 5-epoch run at batch 32).", "Optimisation")
-    min_lr: float = option(5e-6, "Final learning rate of the cosine schedule (DeiT's fine-tune: 5e-6).", "Optimisation")
+    lr: float | None = option(None, "BASE learning rate per global batch of 512 [default: auto, DeiT's fine-tune rate 1e-5 "
+                              "at its global batch of 1024 (5e-6 per 512), scaled linearly above it and held below it].",
+                              "Optimisation")
+    min_lr: float = option(5e-6, "Final learning rate of the cosine schedule, at most the peak (DeiT's fine-tune: 5e-6).",
+                           "Optimisation")
     weight_decay: float = option(1e-8, "Weight decay (DeiT's fine-tune: 1e-8).", "Optimisation")
-    warmup_epochs: float = option(5, "Linear warmup length in epochs (DeiT's fine-tune keeps the training recipe's 5).",
-                                  "Optimisation")
 
     stage = "finetune"
+    reference_lr = ReferenceRate(1e-5, 1024, "DeiT's fine-tune, 5e-6 per 512, at its global batch of 1024")
 
     def run_name(self) -> str:
         return self.name or "finetune"
@@ -227,19 +266,31 @@ class TransferConfig(DistillFields, StageConfig):
     # The authors' transfer settings (CIFAR-10, Cars): SGD lr 0.01 at batch 768, wd 1e-4,
     # no random erasing, no stochastic depth; 0.01 x 512 / 768 is the base value here.
     opt: str = option("sgd", "Optimizer (the authors' transfer runs: SGD).", "Optimisation")
-    lr: float = option(0.16, "BASE learning rate per global batch of 512: 0.01 at batch 32, the authors' rate (they used "
-                       "0.01 at batch 768, a base of 0.0067).", "Optimisation")
+    lr: float | None = option(None, "BASE learning rate per global batch of 512 [default: auto, the authors' SGD rate 0.01 at "
+                              "their global batch of 768, scaled linearly above it and held below it].", "Optimisation")
     weight_decay: float = option(1e-4, "Weight decay (authors' transfer: 1e-4).", "Optimisation")
     reprob: float = option(0.0, "Random-erasing probability (authors' transfer: none).", "Augmentation")
     drop_path: float = option(0.0, "Stochastic-depth rate (authors' transfer: none).", "Model")
 
     stage = "transfer"
+    reference_lr = ReferenceRate(0.01, 768, "the authors' transfer, SGD 0.01 at their global batch of 768")
 
     def run_name(self) -> str:
         if self.name:
             return self.name
         target = Path(self.data_dir).name if self.data_dir else (self.dataset or "target")
         return "transfer-" + target.replace("/", "_")
+
+
+@dataclass
+class FixResConfig(TeachConfig):
+    """The FixRes adaptation of a teacher to a new resolution (made by `distill finetune`, no command of its own)."""
+
+    bn: str = option("last", "BatchNorm layers re-estimated and trained beside the classifier: last or all.", "Model",
+                     choices=("last", "all"))
+
+    stage = "teach-fixres"
+    reference_lr = ReferenceRate(4e-3, 256, "FixRes's SGD 8e-3 per 512, at its global batch of 256")
 
 
 CONFIGS: dict[str, type[StageConfig]] = {
@@ -338,14 +389,28 @@ def transfer_targets(recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {"": dict(section)}
 
 
+# Top-level keys a stage does not take from the shared part of a pipeline recipe: a fine-tune trains at its
+# --res and a transfer keeps its parent's resolution, unless their own section says otherwise.
+NOT_SHARED = {"finetune": {"img_size"}, "transfer": {"img_size"}}
+
+
+def layer(lower: dict[str, Any], higher: dict[str, Any]) -> dict[str, Any]:
+    """`higher` over `lower`; a data source given above replaces the other kind of source given below."""
+    merged = {**lower, **{k: v for k, v in higher.items() if v is not None}}
+    for given, other in (("data_dir", "dataset"), ("dataset", "data_dir")):
+        if higher.get(given) is not None and higher.get(other) is None:
+            merged.pop(other, None)
+    return merged
+
+
 def stage_section(recipe: dict[str, Any], stage: str, target: str | None = None) -> dict[str, Any]:
     """The keys a stage takes from a recipe: the top-level keys it knows (shared by all stages) plus its
     own section. A flat file is a one-stage recipe; a file with [teach], [student], ... sections is a
     pipeline recipe, and any stage command can read its own part of it."""
-    known = {f.name for f in config_fields(CONFIGS[stage])}
+    known = {f.name for f in config_fields(CONFIGS[stage])} - NOT_SHARED.get(stage, set())
     shared = {k: v for k, v in recipe.items() if not isinstance(v, dict) and k in known}
     if stage != "transfer":
-        return {**shared, **recipe.get(stage, {})}
+        return layer(shared, recipe.get(stage, {}))
     targets = transfer_targets(recipe)
     if target in targets:
         own = targets[target]
@@ -354,7 +419,7 @@ def stage_section(recipe: dict[str, Any], stage: str, target: str | None = None)
                            "--dataset NAME, or run them all with `distill pipeline`.")
     else:
         own = next(iter(targets.values()), {})
-    return {**shared, **own}
+    return layer(shared, own)
 
 
 def resolve(cls: type[StageConfig], recipe_path: Path | None = None, overrides: dict[str, Any] | None = None,
@@ -368,10 +433,8 @@ def resolve(cls: type[StageConfig], recipe_path: Path | None = None, overrides: 
         target = (overrides or {}).get("dataset") if cls.stage == "transfer" else None
         values.update(check_keys(cls, stage_section(recipe, cls.stage, target), str(recipe_path)))
     if recipe_values:
-        values.update(check_keys(cls, recipe_values, "recipe"))
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            values[key] = value
+        values = layer(values, check_keys(cls, recipe_values, "recipe"))
+    values = layer(values, overrides or {})
     values = check_keys(cls, values, "command line") if overrides else values
     config = cls(**values)
     validate(config)
@@ -384,13 +447,13 @@ def validate(config: StageConfig) -> None:
         (config.epochs >= 1, "--epochs must be at least 1."),
         (config.batch_size >= 1, "--batch-size must be at least 1."),
         (config.grad_accum >= 1, "--grad-accum must be at least 1."),
-        (config.lr > 0, "--lr must be positive."),
+        (config.lr is None or config.lr > 0, "--lr must be positive."),
         (config.repeated_aug >= 1, "--repeated-aug must be at least 1."),
         (config.img_size is None or config.img_size >= 8, "--img-size must be at least 8 pixels."),
         (config.crop_pct is None or 0 < config.crop_pct <= 1, "--crop-pct must be in (0, 1]."),
-        (0 <= config.reprob <= 1, "--reprob must be between 0 and 1."),
+        (config.reprob is None or 0 <= config.reprob <= 1, "--reprob must be between 0 and 1."),
         (0 <= config.smoothing < 1, "--smoothing must be in [0, 1)."),
-        (config.mixup >= 0 and config.cutmix >= 0, "--mixup and --cutmix must not be negative."),
+        ((config.mixup or 0) >= 0 and (config.cutmix or 0) >= 0, "--mixup and --cutmix must not be negative."),
         (config.train_subset is None or config.train_subset > 0, "--train-subset must be positive."),
         (config.save_every >= 0, "--save-every must not be negative."),
         (config.eval_every >= 1, "--eval-every must be at least 1."),
@@ -398,21 +461,21 @@ def validate(config: StageConfig) -> None:
         (not (config.data_dir and config.dataset not in (None, "folder")),
          "Give either --dataset or --data-dir, not both."),
         (config.min_lr >= 0 and config.warmup_lr >= 0, "--min-lr and --warmup-lr must not be negative."),
-        (config.warmup_epochs >= 0, "--warmup-epochs must not be negative."),
+        (config.warmup_epochs is None or config.warmup_epochs >= 0, "--warmup-epochs must not be negative."),
         (0 <= config.hflip <= 1 and 0 <= config.mixup_switch_prob <= 1,
          "--hflip and --mixup-switch-prob are probabilities, between 0 and 1."),
-        (0 < config.scale_min <= 1, "--scale-min must be in (0, 1]."),
+        (config.scale_min is None or 0 < config.scale_min <= 1, "--scale-min must be in (0, 1]."),
         (config.clip_grad is None or config.clip_grad > 0, "--clip-grad must be positive."),
         (0 < config.ema_decay < 1, "--ema-decay must be between 0 and 1."),
         (config.weight_decay >= 0, "--weight-decay must not be negative."),
-        (not ((config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2),
+        (not (((config.mixup or 0) > 0 or (config.cutmix or 0) > 0) and config.batch_size % 2),
          f"Mixup/CutMix need an even --batch-size, not {config.batch_size} (or pass --mixup 0 --cutmix 0)."),
     ]
     for name in ("res", "teacher_epochs"):
         value = getattr(config, name, None)
         if value is not None and value < 1:
             checks.append((False, f"--{name.replace('_', '-')} must be at least 1."))
-    if getattr(config, "teacher_lr", 1.0) <= 0:
+    if getattr(config, "teacher_lr", None) is not None and config.teacher_lr <= 0:
         checks.append((False, "--teacher-lr must be positive."))
     for ok, sentence in checks:
         if not ok:
@@ -433,6 +496,54 @@ def validate(config: StageConfig) -> None:
     tau = getattr(config, "tau", None)
     if tau is not None and tau <= 0:
         raise DistillError("--tau must be positive.")
+
+
+def processes() -> int:
+    """How many training processes this run has: torchrun and accelerate launch say so before any is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def auto_rate(reference: ReferenceRate, global_batch: int) -> float:
+    """The reference rate at the reference's own batch, scaled linearly above that batch and held below it.
+
+    The linear rule (Goyal et al.; DeiT) is how the paper's recipes grow with the batch. Below the reference
+    batch it would shrink an Adam rate toward nothing (DeiT's 5e-4 per 512 is 3.1e-5 at batch 32), and short
+    runs at such rates barely learn (measured in docs/results.md); so it never scales down.
+    """
+    return reference.rate * max(1.0, global_batch / reference.batch)
+
+
+def resolve_auto(config: StageConfig, world: int | None = None, train_size: int | None = None
+                 ) -> tuple[StageConfig, list[str]]:
+    """Fill the values left to `auto` (learning rate, regularisation profile) for this run, and say what was chosen.
+
+    A function of the config, the number of processes and the training-set size (counted without decoding),
+    so a dry run resolves exactly what the run will.
+    """
+    world = world or processes()
+    updates: dict[str, Any] = {}
+    notes: list[str] = []
+    batch = config.global_batch(world)
+    if config.lr is None:
+        reference = config.reference_lr
+        rate = auto_rate(reference, batch)
+        updates["lr"] = rate * LR_REFERENCE_BATCH / batch if config.lr_scale else rate
+        how = "scaled linearly above" if batch > reference.batch else "held at and below"
+        notes.append(f"lr {rate:.3g} at global batch {batch} (auto: {reference.source}; {how} that batch)")
+    profile, why = config.profile, "--profile"
+    if profile == "auto":
+        seen = config.epochs * train_size if train_size else None
+        profile = "deit" if seen is not None and seen >= LONG_RUN_IMAGES else "short"
+        why = (f"{config.epochs} epoch(s) x {train_size:,} images {'>=' if profile == 'deit' else '<'} "
+               f"{LONG_RUN_IMAGES // 1_000_000}M" if seen is not None else "training-set size unknown before loading")
+    chosen = {key: value for key, value in PROFILES[profile].items() if getattr(config, key, 0) is None}
+    updates.update(chosen)
+    if chosen:
+        notes.append(f"{profile} profile ({why}): " + ", ".join(f"{key.replace('_', '-')} {value:g}" if isinstance(value, float)
+                                                                  else f"{key} {value}" for key, value in chosen.items()))
+    resolved = dataclasses.replace(config, **updates)
+    validate(resolved)
+    return resolved, notes
 
 
 def to_dict(config: StageConfig, result_only: bool = False) -> dict[str, Any]:

@@ -78,6 +78,7 @@ class Job:
     evaluate_first: bool = False  # record the accuracy before any training (epoch 0), e.g. after a resolution change
     class_names: list[str] = field(default_factory=list)
     extra_metrics: dict[str, Any] = field(default_factory=dict)  # e.g. accuracy before fine-tuning
+    notes: list[str] = field(default_factory=list)  # the values `auto` chose, printed on the run's first line
 
 
 @dataclass
@@ -306,8 +307,13 @@ class Run:
                                           pin_memory=pin))
         criterion = job.criterion.to(acc.device)
         reference = job.reference.to(acc.device) if job.reference is not None else None
-        ema = ModelEmaV3(acc.unwrap_model(model), decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+        ema = make_ema(acc.unwrap_model(model), cfg) if cfg.ema else None
 
+        if main:
+            console.print(f"[bold]{cfg.stage}[/] -> {self.dir}  ({world} process{'es' if world > 1 else ''}, "
+                          f"{acc.device.type}, precision {cfg.mixed_precision}, global batch "
+                          f"{cfg.global_batch(world)}, lr {lr:.3g})" + "".join(f"\n  {note}" for note in job.notes),
+                          soft_wrap=True)
         progress = self._resume((optimizer, scheduler), ema)
         if progress is None:
             progress = {"epoch": 0, "batch": 0, "step": 0, "processes": world}
@@ -316,11 +322,8 @@ class Run:
                 before = evaluate(model, test_dl, acc, job.predict)
                 self._append_metrics({"epoch": 0, "step": 0, **flatten(before)}, keep_epochs_below=0)
                 if main:
-                    console.print(f"before training: test top-1 [bold]{before['top1']:.2f}[/]  top-5 {before['top5']:.2f}")
-        if main:
-            console.print(f"[bold]{cfg.stage}[/] -> {self.dir}  ({world} process{'es' if world > 1 else ''}, "
-                          f"{acc.device.type}, precision {cfg.mixed_precision}, global batch "
-                          f"{cfg.global_batch(world)}, lr {lr:.3g})")
+                    console.print(f"before training, at {cfg.img_size} px: test top-1 [bold]{before['top1']:.2f}[/]  "
+                                  f"top-5 {before['top5']:.2f}")
 
         steps = _Steps(model, optimizer, scheduler, criterion, mixup, ema, train_dl, steps_per_epoch * cfg.grad_accum)
         final: dict[str, Any] | None = None
@@ -346,7 +349,11 @@ class Run:
         if final is None:  # resumed after the last epoch had been saved
             final = evaluate(model, test_dl, acc, job.predict, reference=reference, per_class=True)
         ema_final = evaluate(ema.module, test_dl, acc, job.predict, per_class=True) if ema is not None else None
-        path = self._write_checkpoints(job, acc.unwrap_model(model), ema, final, ema_final, lr)
+        ema_record = None
+        if ema is not None:  # the decay the last update used, as timm computes it
+            ema_record = {"decay": cfg.ema_decay, "warmup": cfg.ema_warmup, "step": progress["step"],
+                          "last_decay": ema.get_decay(ema_step(cfg, progress["step"]))}
+        path = self._write_checkpoints(job, acc.unwrap_model(model), ema, final, ema_final, lr, ema_record)
         acc.wait_for_everyone()
         acc.end_training()
         acc.free_memory()
@@ -389,7 +396,7 @@ class Run:
                     progress["step"] += 1
                     steps.scheduler.step_update(num_updates=progress["step"])
                     if steps.ema is not None:
-                        steps.ema.update(acc.unwrap_model(steps.model), step=progress["step"])
+                        steps.ema.update(acc.unwrap_model(steps.model), step=ema_step(cfg, progress["step"]))
                     if cfg.save_every and progress["step"] % cfg.save_every == 0 and batch_index + 1 < steps.batches:
                         self._save_state(steps.model, steps.ema, {**progress, "epoch": epoch, "batch": batch_index + 1})
                 bar.update(task, advance=1, loss=loss.item(), lr=steps.optimizer.param_groups[0]["lr"],
@@ -401,7 +408,7 @@ class Run:
                 "img_per_s": round(seen * world / max(seconds, 1e-9), 1)}
 
     def _write_checkpoints(self, job: Job, model: nn.Module, ema: ModelEmaV3 | None, final: dict[str, Any],
-                           ema_final: dict[str, Any] | None, lr: float) -> Path:
+                           ema_final: dict[str, Any] | None, lr: float, ema_record: dict[str, Any] | None) -> Path:
         path = self.dir / MODEL_FILE
 
         def write() -> None:
@@ -415,7 +422,7 @@ class Run:
                     "metrics": final, "lr_effective": lr, "processes": self.accelerator.num_processes}
             if ema is not None:
                 save_checkpoint(self.dir / EMA_FILE, ema.module.state_dict(),
-                                {**meta, "metrics": ema_final, "ema": True, "identity": {**self.identity, "ema": True}})
+                                {**meta, "metrics": ema_final, "ema": ema_record, "identity": {**self.identity, "ema": True}})
             save_checkpoint(path, model.state_dict(), meta)
 
         self._on_main(write)
@@ -434,6 +441,17 @@ class _Steps:
     ema: ModelEmaV3 | None
     loader: Any
     batches: int  # micro-batches per epoch: a whole number of optimizer steps
+
+
+def make_ema(model: nn.Module, cfg: StageConfig) -> ModelEmaV3:
+    """timm's EMA of the weights: DeiT's fixed decay by default, timm's decay warmup with --ema-warmup."""
+    return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+
+
+def ema_step(cfg: StageConfig, step: int) -> int | None:
+    """The step handed to the EMA: none with a fixed decay (timm then uses the decay as given from the first
+    update on, as DeiT's ModelEma does), the optimizer step with the warmup."""
+    return step if cfg.ema_warmup else None
 
 
 def _all_finite(acc: Accelerator, loss: torch.Tensor) -> bool:

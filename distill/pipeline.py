@@ -2,22 +2,27 @@
 
 A stage whose output exists with the same resolved config and the same parent is reused; one that
 was interrupted resumes; one whose config or parent changed runs again, and so does everything
-downstream of it (their parent's sha256 changes).
+downstream of it (their parent's sha256 changes). A dry run plans every stage exactly as the run
+would, with the outputs not written yet stood in by their expected headers.
 """
 
 from __future__ import annotations
 
+import difflib
 import time
+import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from distill import stages
 from distill.checkpoint import MODEL_FILE, Checkpoint
-from distill.config import CONFIGS, StageConfig, check_keys, check_recipe, read_toml, resolve, stage_section, transfer_targets
+from distill.config import (CONFIGS, NOT_SHARED, STAGES, StageConfig, check_keys, check_recipe, config_fields, layer, read_toml,
+                            resolve, stage_section, transfer_targets)
 from distill.engine import console
 from distill.errors import DistillError
 
@@ -41,27 +46,70 @@ def find_recipe(name: str | Path | None) -> Path:
     shipped = resources.files("distill") / "recipes" / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
     if shipped.is_file():
         return Path(str(shipped))
-    available = sorted(p.name.removesuffix(".toml") for p in (resources.files("distill") / "recipes").iterdir()
-                       if p.name.endswith(".toml"))
-    raise DistillError(f"Recipe {name} does not exist (shipped recipes: {', '.join(available)}).")
+    raise DistillError(f"Recipe {name} does not exist (shipped recipes: {', '.join(shipped_recipes())}).")
 
 
-def build_steps(recipe_path: Path, overrides: dict[str, Any] | None = None) -> list[Step]:
-    """Every stage the recipe names, in pipeline order, each reading its parent from the step before."""
+def shipped_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in (resources.files("distill") / "recipes").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def parse_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """`--set KEY=VALUE` (every stage that has KEY), `--set STAGE.KEY=VALUE`, `--set transfer.TARGET.KEY=VALUE`.
+
+    Values are read as TOML (1, 0.5, true, "text"); anything else is taken as a string (a path).
+    """
+    scoped: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise DistillError(f"--set takes KEY=VALUE or STAGE.KEY=VALUE, not '{item}'.")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        *scope, name = key.strip().split(".")
+        if scope and scope[0] not in STAGES:
+            near = difflib.get_close_matches(scope[0], list(STAGES), n=1)
+            raise DistillError(f"--set {item}: no stage '{scope[0]}'" + (f"; did you mean '{near[0]}'?" if near else "."))
+        if len(scope) > 2 or (len(scope) == 2 and scope[0] != "transfer"):
+            raise DistillError(f"--set {item}: only transfer has named targets (transfer.NAME.KEY=VALUE).")
+        scoped.setdefault(".".join(scope), {})[name] = value
+    every_key = {f.name for cls in CONFIGS.values() for f in config_fields(cls)}
+    for scope, values in scoped.items():
+        known = every_key if not scope else {f.name for f in config_fields(CONFIGS[scope.split(".")[0]])}
+        for name in values:
+            if name not in known:
+                near = difflib.get_close_matches(name, sorted(known), n=1)
+                raise DistillError(f"--set: {'no stage takes' if not scope else f'stage {scope} has no'} key '{name}'"
+                                   + (f"; did you mean '{near[0]}'?" if near else "."))
+    return scoped
+
+
+def build_steps(recipe_path: Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> list[Step]:
+    """Every stage the recipe names, in pipeline order, each reading its parent from the step before.
+
+    Above the recipe come `overrides` (every stage that has the key) and the `--set` items, most specific last.
+    """
     recipe = read_toml(recipe_path)
     check_recipe(recipe, str(recipe_path))
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    scoped = parse_sets(sets)
+    scoped[""] = layer(scoped.get("", {}), {k: v for k, v in (overrides or {}).items() if v is not None})
     steps: list[Step] = []
     outputs: dict[str, Path] = {}
 
     def config_for(stage: str, target: str | None = None, wiring: dict[str, Any] | None = None) -> StageConfig:
         cls = CONFIGS[stage]
         values = check_keys(cls, stage_section(recipe, stage, target), str(recipe_path))
-        known = {k: v for k, v in overrides.items() if k in cls.__dataclass_fields__}
         for key, value in (wiring or {}).items():
             values.setdefault(key, value)
         values.setdefault("overwrite", True)  # a changed recipe means: run the stage again
-        return resolve(cls, overrides=known, recipe_values=values)
+        given: dict[str, Any] = {}
+        for scope in ["", stage] + ([f"{stage}.{target}"] if target else []):
+            skip = NOT_SHARED.get(stage, set()) if scope == "" else set()  # as a recipe's top-level keys
+            given = layer(given, {k: v for k, v in scoped.get(scope, {}).items()
+                                  if k in cls.__dataclass_fields__ and k not in skip})
+        return resolve(cls, overrides=given, recipe_values=values)
 
     if "teach" in recipe:
         cfg = config_for("teach")
@@ -100,8 +148,68 @@ def select(steps: list[Step], only: str | None, start: str | None) -> list[Step]
     return steps
 
 
-def _runner(stage: str):
-    return {"teach": stages.teach, "student": stages.student, "finetune": stages.finetune, "transfer": stages.transfer}[stage]
+def plan_step(step: Step, expecting: stages.Expecting) -> stages.StagePlan:
+    """A step's plan; a refusal names the stage it comes from."""
+    try:
+        return stages.PLANNERS[step.stage](step.config, expecting)
+    except DistillError as error:
+        raise DistillError(f"Stage {step.label}: {error.sentence}") from None
+
+
+@dataclass
+class PlanRow:
+    """One line of a dry run: a run folder, what would happen to it, and why."""
+
+    label: str
+    plan: stages.StagePlan
+    action: str  # run | reuse | resume | re-run
+    why: str
+
+
+def describe(label: str, plan: stages.StagePlan) -> PlanRow:
+    status = plan.status()
+    if status is None:
+        waiting = plan.parent if isinstance(plan.parent, stages.Expected) else plan.teacher
+        return PlanRow(label, plan, "run", f"after {waiting.path.parent.name}")
+    action, why = {
+        "finished": ("reuse", "finished with the same settings and parent"),
+        "interrupted": ("resume", f"interrupted at epoch {(status.progress or {}).get('epoch', 0) + 1}"
+                        if status.progress else "started, nothing saved yet"),
+        "empty": ("run", "no run yet"),
+        "changed-finished": ("re-run", f"changed: {status.detail}"),
+        "changed-interrupted": ("re-run", f"changed: {status.detail}"),
+    }[status.state]
+    return PlanRow(label, plan, action, why)
+
+
+def plan(steps: list[Step]) -> list[PlanRow]:
+    """What every step would do, resolved against the parents it would get, without training anything."""
+    rows: list[PlanRow] = []
+    expecting: dict[Path, Checkpoint] = {}
+    for step in steps:
+        resolved = plan_step(step, expecting)
+        for label, each in [(b.stage, b) for b in resolved.before] + [(step.label, resolved)]:
+            row = describe(label, each)
+            rows.append(row)
+            if row.action != "reuse":
+                expecting[(each.run_dir / MODEL_FILE).resolve()] = each.expected()
+    return rows
+
+
+def print_plan(rows: list[PlanRow]) -> None:
+    workdirs = sorted({str(row.plan.config.workdir) for row in rows})
+    table = Table(title=f"plan, in {', '.join(workdirs)}", title_justify="left")
+    for column in ("stage", "model", "res", "folder", "action", "why"):
+        table.add_column(column)
+    colours = {"reuse": "green", "run": "yellow", "resume": "cyan", "re-run": "magenta"}
+    for row in rows:
+        cfg = row.plan.config
+        table.add_row(row.label, escape(str(row.plan.model.get("name", ""))), f"{cfg.img_size} px",
+                      escape(row.plan.run_dir.name), f"[{colours[row.action]}]{row.action}[/]", escape(row.why))
+    console.print(table)
+    for row in rows:
+        for note in row.plan.notes:
+            console.print(f"{row.label}: {escape(note)}", soft_wrap=True)
 
 
 def _check_parent_exists(step: Step) -> None:
@@ -112,43 +220,15 @@ def _check_parent_exists(step: Step) -> None:
                                "(without --only/--from).")
 
 
-def plan(steps: list[Step]) -> list[stages.PlanItem]:
-    """What would run, be reused or resumed, and why, without training anything."""
-    items: list[stages.PlanItem] = []
-    upstream_pending = False
-    for step in steps:
-        parent_path = getattr(step.config, "teacher", None) or getattr(step.config, "checkpoint", None)
-        if upstream_pending or (parent_path is not None and not Path(parent_path).exists()):
-            items.append(stages.PlanItem(step.label, step.config.run_dir(), "run", "after the stage before it runs"))
-            upstream_pending = True
-            continue
-        before = len(items)
-        _runner(step.stage)(step.config, plan=items)
-        if any(item.action != "reuse" for item in items[before:]):
-            upstream_pending = True
-    return items
-
-
-def print_plan(items: list[stages.PlanItem]) -> None:
-    table = Table(title="plan", title_justify="left")
-    for column in ("stage", "folder", "action", "why"):
-        table.add_column(column)
-    colours = {"reuse": "green", "run": "yellow", "resume": "cyan", "re-run": "magenta"}
-    for item in items:
-        table.add_row(item.stage, str(item.run_dir), f"[{colours[item.action]}]{item.action}[/]", item.why)
-    console.print(table)
-
-
 def run(steps: list[Step]) -> list[tuple[Step, Checkpoint, str, float]]:
     """Run the steps in order; returns (step, checkpoint, what happened, seconds) for each."""
     results = []
     for step in steps:
         _check_parent_exists(step)
-        before = plan([step])
-        action = before[-1].action if before else "run"
+        action = describe(step.label, plan_step(step, {})).action
         console.rule(f"[bold]{step.label}[/]  ({action})")
         started = time.perf_counter()
-        ckpt = _runner(step.stage)(step.config)
+        ckpt = stages.run_stage(lambda step=step: plan_step(step, {}))
         results.append((step, ckpt, action, time.perf_counter() - started))
     return results
 
@@ -166,4 +246,3 @@ def summary_table(results: list[tuple[Step, Checkpoint, str, float]]) -> Table:
                       f"{seconds:.0f} s" if action != "reuse" else f"({metrics.get('train_seconds', 0):.0f} s)",
                       "reused" if action == "reuse" else action)
     return table
-

@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ["COLUMNS"] = "200"  # tables are read by the tests: one row per line
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import invoke
+from conftest import invoke, make_image_folder
 from distill.checkpoint import read_checkpoint
 
 RECIPE = """
@@ -63,7 +63,7 @@ def test_two_stage_recipe_runs_then_reuses_then_reruns_what_changed(tmp_path, fo
     # a change upstream re-runs the teacher and, through its new sha256, the student after it
     recipe.write_text(recipe.read_text().replace('model = "regnety_002"', 'model = "regnety_002"\nseed = 1'))
     plan = invoke("pipeline", recipe, "--dry-run")
-    assert "seed: 0 -> 1" in plan.output and "after the stage before it runs" in plan.output
+    assert "seed: 0 -> 1" in plan.output and "after teach" in plan.output
     rerun = invoke("pipeline", recipe)
     assert rerun.exit_code == 0, rerun.output
     new_teacher = read_checkpoint("runs/teach")
@@ -93,8 +93,48 @@ def test_recipe_errors_name_the_nearest_valid_key(tmp_path, folder):
     assert result.exit_code == 2 and "unknown key 'learning_rate'" in result.output
 
 
-def test_shipped_recipes_plan_cleanly():
-    for name in ("quickstart", "cifar10-cpu", "deit-ti", "deit-s", "deit-b"):
-        result = invoke("pipeline", name, "--dry-run")
-        assert result.exit_code == 0, (name, result.output)
-        assert "teach" in result.output
+def test_a_dry_run_of_the_papers_recipe_in_an_empty_folder_lists_every_stage_with_its_resolution():
+    result = invoke("pipeline", "deit-b", "--dry-run")
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("│")]
+    table = {cells[0]: cells for cells in ([c.strip() for c in row.strip("│").split("│")] for row in rows)}
+    expected = {"teach": "224 px", "student": "224 px", "teach-fixres": "384 px", "finetune": "384 px",
+                "transfer-cifar10": "384 px", "transfer-cifar100": "384 px", "transfer-flowers102": "384 px",
+                "transfer-stanford_cars": "384 px"}
+    assert {stage: cells[2] for stage, cells in table.items()} == expected
+    assert table["teach"][1] == "regnety_160" and table["finetune"][1] == "deit_base_distilled_patch16_224"
+    assert all(cells[4] == "run" for cells in table.values())
+    assert not Path("runs").exists()  # planning writes nothing
+
+
+def test_a_recipe_with_a_conflict_fails_its_dry_run_with_a_sentence(tmp_path, folder):
+    other = make_image_folder(tmp_path / "other", ["apple", "pear", "plum"])
+    cases = {
+        '[finetune]\nres = 22\n': "Stage finetune: Resolution 22 is not a multiple of the patch size 4",
+        '[finetune]\nres = 24\nimg_size = 16\n': "finetune trains at --res (24 px); leave --img-size unset",
+        '[transfer]\ndata_dir = "{other}"\ndistillation = "soft"\n': "--distillation soft needs a teacher trained on the "
+                                                                 "target",
+    }
+    cases = {key.replace("{other}", str(other)): value for key, value in cases.items()}
+    cases[f'data_dir = "{other}"'] = ("Stage student: The teacher runs/teach/model.safetensors was trained on other "
+                                      "classes than the dataset")
+    for extra, expected in cases.items():
+        recipe = tmp_path / "conflict.toml"
+        student = extra if extra.startswith("data_dir") else ""
+        recipe.write_text(RECIPE.format(data=folder, student_extra=student) + ("" if student else extra))
+        result = invoke("pipeline", recipe, "--dry-run")
+        assert result.exit_code == 2 and expected in result.output, (extra, result.output)
+        assert "Traceback" not in result.output and not Path("runs").exists()
+
+
+def test_set_overrides_every_stage_one_stage_or_is_refused(tmp_path, folder):
+    recipe = _write(tmp_path / "two.toml", folder)
+    result = invoke("pipeline", recipe, "--set", "seed=3", "--set", "student.depth=2", "--only", "teach")
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint("runs/teach").meta["config"]["seed"] == 3
+    plan = invoke("pipeline", recipe, "--set", "seed=3", "--set", "student.depth=2", "--dry-run")
+    assert "reuse" in plan.output  # the same overrides give the same teacher
+    for bad, said in (("studnet.depth=2", "no stage 'studnet'; did you mean 'student'"), ("depht=2", "did you mean 'depth'"),
+                      ("teach.res=3", "stage teach has no key 'res'"), ("depth", "takes KEY=VALUE")):
+        refused = invoke("pipeline", recipe, "--set", bad, "--dry-run")
+        assert refused.exit_code == 2 and said in refused.output, (bad, refused.output)

@@ -23,15 +23,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distill"
 def _teach_args(data, workdir, workers):
     return ["teach", "--data-dir", data, "--workdir", workdir, "--img-size", "32", "--batch-size", "4",
             "--epochs", "2", "--warmup-epochs", "0.5", "--save-every", "1", "--num-workers", str(workers),
-            "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25"]
+            "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0"]
 
 
-def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, workers):
+    """Killed and resumed with `workers` loader workers, against an uninterrupted run with the other count:
+    bit-identical weights, whatever the workers and wherever the kill."""
     data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=40, test=4, size=32)
-    reference = invoke(*_teach_args(data, tmp_path / "straight", 0))
+    reference = invoke(*_teach_args(data, tmp_path / "straight", 2 - workers))
     assert reference.exit_code == 0, reference.output
 
-    command = [sys.executable, "-m", "distill", *map(str, _teach_args(data, tmp_path / "killed", 2))]
+    command = [sys.executable, "-m", "distill", *map(str, _teach_args(data, tmp_path / "killed", workers))]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = tmp_path / "killed" / "teach" / "state" / "progress.json"
     deadline = time.time() + 300
@@ -47,7 +50,7 @@ def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(tmp
     process.wait()
     assert not (tmp_path / "killed" / "teach" / "model.safetensors").exists()
 
-    resumed = invoke(*_teach_args(data, tmp_path / "killed", 2))
+    resumed = invoke(*_teach_args(data, tmp_path / "killed", workers))
     assert resumed.exit_code == 0, resumed.output
     assert "Resuming" in resumed.output
     straight = read_checkpoint(tmp_path / "straight" / "teach").state_dict()
@@ -141,7 +144,8 @@ def test_bad_inputs_are_one_sentence_and_a_non_zero_exit(tmp_path, folder):
         (["teach", "--model", "regnety_9999", "--data-dir", folder, *TINY, "--name", "m"], "timm has no model"),
         (["teach", "--data-dir", folder, *TINY, "--name", "o", "--opt", "adamww"], "no optimizer 'adamww'; did you mean"),
         (["teach", "--data-dir", folder, *TINY, "--name", "a", "--aa", "rand-x9"], "cannot read the augmentation policy"),
-        (["teach", "--data-dir", folder, *TINY, "--name", "b", "--batch-size", "7"], "need an even --batch-size"),
+        (["teach", "--data-dir", folder, *TINY, "--name", "b", "--batch-size", "7", "--mixup", "0.8"],
+         "need an even --batch-size"),
         (["finetune", "--checkpoint", teacher, "--res", "0"], "--res must be at least 1"),
     ]
     for args, expected in cases:

@@ -47,11 +47,21 @@ def test_each_variant_trains_and_says_what_it_is(taught, variant):
     assert out.shape == (2, 3)
 
 
-def test_newest_teacher_is_found_and_student_inherits_its_data(taught):
+def test_the_default_teacher_is_runs_teach_even_beside_a_newer_teacher(taught, tmp_path):
+    """A target teacher made later (`teach --init T --name teach-other`) is a teacher checkpoint too, and
+    newer; the student's default stays the folder `distill teach` writes, and the run says which it took."""
     root, _ = taught
+    other = make_image_folder(tmp_path / "other", ["apple", "pear"])
+    made = invoke("teach", "--workdir", root / "runs", "--data-dir", other, "--init", root / "runs" / "teach",
+                  "--name", "teach-other", *TINY)
+    assert made.exit_code == 0, made.output
     result = invoke("student", "--workdir", root / "runs", "--name", "auto", *TINY, *TINY_VIT)
     assert result.exit_code == 0, result.output
+    teacher = read_checkpoint(root / "runs" / "teach")
+    assert f"teacher: {root / 'runs' / 'teach' / 'model.safetensors'} (regnety_002 at 16 px" in result.output
+    assert "3 classes, test top-1" in result.output
     ckpt = read_checkpoint(root / "runs" / "auto")
+    assert ckpt.meta["teacher"]["sha256"] == teacher.sha256
     assert ckpt.meta["distillation"]["kind"] == "hard" and ckpt.meta["distillation"]["token"] is True
     assert "class + distillation" in result.output and "disagrees with teacher" in result.output
 
@@ -84,4 +94,11 @@ def test_a_student_is_not_a_teacher(taught):
 
 def test_no_teacher_anywhere_is_a_sentence(tmp_path, folder):
     result = invoke("student", "--workdir", tmp_path / "empty", "--data-dir", folder, *TINY, *TINY_VIT)
-    assert result.exit_code == 2 and "No teacher found" in result.output
+    assert result.exit_code == 2 and "No teacher at" in result.output and "--teacher CKPT" in result.output
+
+
+def test_without_runs_teach_other_teachers_are_named_not_taken(tmp_path, folder):
+    assert invoke("teach", "--workdir", tmp_path / "runs", "--data-dir", folder, "--name", "teach-a", *TINY).exit_code == 0
+    result = invoke("student", "--workdir", tmp_path / "runs", *TINY, *TINY_VIT)
+    assert result.exit_code == 2 and "No teacher at" in result.output and "teach-a" in result.output
+    assert not (tmp_path / "runs" / "student").exists()

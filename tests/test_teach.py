@@ -39,7 +39,7 @@ def test_finished_run_is_reused_and_a_changed_one_refused(folder):
     assert again.exit_code == 0 and "already finished" in again.output
     assert path.stat().st_mtime_ns == written
     changed = invoke("teach", "--data-dir", folder, *TINY, "--lr", "0.01")
-    assert changed.exit_code == 2 and "different settings (lr: 0.016 -> 0.01)" in changed.output
+    assert changed.exit_code == 2 and "different settings (lr: 0.064 -> 0.01)" in changed.output
     assert path.stat().st_mtime_ns == written
     assert invoke("teach", "--data-dir", folder, *TINY, "--lr", "0.01", "--overwrite").exit_code == 0
     assert read_checkpoint(path).meta["config"]["lr"] == 0.01
@@ -91,10 +91,31 @@ def test_gradient_accumulation_and_ema(folder):
     assert ckpt.meta["lr_effective"] == pytest.approx(ckpt.meta["config"]["lr"] * 4 * 3 / 512)
     assert "ema_top1" in line
     ema = read_checkpoint(run / "model-ema.safetensors")
-    assert ema.meta["ema"] is True and ema.meta["metrics"]["samples"] == 12
+    assert ema.meta["ema"] == {"decay": 0.9, "warmup": False, "step": 3, "last_decay": 0.9}  # DeiT's fixed decay
+    assert ema.meta["metrics"]["samples"] == 12
     weights, averaged = ckpt.state_dict(), ema.state_dict()
     assert weights.keys() == averaged.keys()
     assert any(not torch.equal(weights[k], averaged[k]) for k in weights if weights[k].is_floating_point())
+    warmed = invoke("teach", "--data-dir", folder, *TINY, "--batch-size", "4", "--grad-accum", "3", "--ema",
+                    "--ema-warmup", "--name", "warmup")
+    assert warmed.exit_code == 0, warmed.output
+    record = read_checkpoint(folder.parent / "runs" / "warmup" / "model-ema.safetensors").meta["ema"]
+    assert record["last_decay"] == pytest.approx(1 - (1 + 2) ** (-2 / 3))  # timm's warmup at the third update
+
+
+def test_ema_decay_used_at_a_given_step():
+    """DeiT's 0.99996 from the first update to the last of a 300-epoch ImageNet run (375k steps at batch 1024);
+    timm's warmup reaches only 0.99981 there."""
+    from distill.config import TeachConfig
+    from distill.engine import ema_step, make_ema
+
+    model = torch.nn.Linear(2, 2)
+    fixed = TeachConfig(ema=True)
+    warm = TeachConfig(ema=True, ema_warmup=True)
+    for step in (1, 2, 1000, 375_000):
+        assert make_ema(model, fixed).get_decay(ema_step(fixed, step)) == 0.99996
+    assert make_ema(model, warm).get_decay(ema_step(warm, 375_000)) == pytest.approx(1 - 375_000 ** (-2 / 3))
+    assert make_ema(model, warm).get_decay(ema_step(warm, 375_000)) == pytest.approx(0.99981, abs=1e-5)
 
 
 def test_schedule_never_rises_above_the_scaled_peak(folder):

@@ -80,3 +80,22 @@ def test_from_scratch_baseline_has_the_same_architecture(pretrained):
     assert result.exit_code == 0, result.output
     child = read_checkpoint(runs / "t-scratch")
     assert child.meta["from_scratch"] is True and child.model_name == read_checkpoint(runs / "student").model_name
+
+
+def test_transfer_takes_the_fine_tune_of_the_current_student_and_refuses_a_stale_one(tmp_path):
+    source = make_image_folder(tmp_path / "source", ["circle", "square", "star"])
+    target = make_image_folder(tmp_path / "target", ["apple", "pear"], seed=1)
+    runs = tmp_path / "runs"
+    assert invoke("teach", "--data-dir", source, "--workdir", runs, *TINY).exit_code == 0
+    assert invoke("student", "--workdir", runs, *TINY, *TINY_VIT).exit_code == 0
+    tuned = invoke("finetune", "--workdir", runs, "--res", "24", *TINY[:2], "--batch-size", "8", "--num-workers", "0",
+                   "--no-teacher")
+    assert tuned.exit_code == 0, tuned.output
+    moved = invoke("transfer", "--workdir", runs, "--data-dir", target, *TINY)
+    assert moved.exit_code == 0, moved.output
+    assert read_checkpoint(runs / "transfer-target").meta["parent"]["sha256"] == read_checkpoint(runs / "finetune").sha256
+    assert f"parent: {runs / 'finetune' / 'model.safetensors'}" in moved.output
+    retrained = invoke("student", "--workdir", runs, *TINY, *TINY_VIT, "--seed", "1", "--overwrite")
+    assert retrained.exit_code == 0, retrained.output
+    stale = invoke("transfer", "--workdir", runs, "--data-dir", target, *TINY, "--name", "again")
+    assert stale.exit_code == 2 and "was not fine-tuned from" in stale.output and "--checkpoint" in stale.output

@@ -46,3 +46,47 @@ def test_many_images_through_the_full_deit_augmentation():
 def test_eval_transform_resizes_then_centre_crops():
     out = eval_transform(32, mean=MEAN, std=STD, crop_pct=0.875)(Image.new("RGB", (64, 48)))
     assert out.shape == (3, 32, 32)
+
+
+def _deit_loader(workers: int, folder, epoch: int = 0):
+    from distill.data import Transformed, open_dataset, train_loader, train_transform
+    from distill.data.transforms import NORMS
+
+    data = open_dataset(None, folder)
+    transform = train_transform(16, mean=NORMS["imagenet"][0], std=NORMS["imagenet"][1], aa="rand-m9-mstd0.5-inc1",
+                                reprob=0.25, scale_min=0.08)
+    loader = train_loader(Transformed(data.train, transform), batch_size=4, seed=3, rank=0, world=1, num_workers=workers)
+    loader.sampler.set_epoch(epoch)
+    return loader
+
+
+def test_per_sample_augmentation_never_touches_the_training_generators(folder, monkeypatch):
+    """With --num-workers 0 the augmentation runs in the training process: it must leave drop path's and
+    Mixup's generators as they were, and never reseed a CUDA generator (torch.manual_seed would)."""
+    import random
+
+    import numpy as np
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.manual_seed reseeds every CUDA generator")
+
+    monkeypatch.setattr(torch, "manual_seed", forbidden)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", forbidden)
+    random.seed(1)
+    np.random.seed(1)
+    torch.default_generator.manual_seed(1)
+    expected = random.random(), np.random.rand(), torch.rand(1)
+    random.seed(1)
+    np.random.seed(1)
+    torch.default_generator.manual_seed(1)
+    batches = [images for images, _ in _deit_loader(0, folder)]
+    assert len(batches) == 9
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_augmentation_is_the_same_with_any_number_of_workers(folder):
+    for epoch in (0, 1):
+        alone = [images for images, _ in _deit_loader(0, folder, epoch)]
+        helped = [images for images, _ in _deit_loader(2, folder, epoch)]
+        assert all(torch.equal(a, b) for a, b in zip(alone, helped)) and len(alone) == len(helped) == 9
+    assert not torch.equal(alone[0], [images for images, _ in _deit_loader(0, folder, 0)][0])  # epochs differ

@@ -29,16 +29,18 @@ class HubAlias:
     label: str
     train: str
     test: str
+    train_size: int  # images in the training split(s), known before anything is downloaded
+    num_classes: int
 
 
 # Built-in targets. Column and split names are those of the hub copies named here.
 ALIASES: dict[str, HubAlias] = {
-    "cifar10": HubAlias("uoft-cs/cifar10", "img", "label", "train", "test"),
-    "cifar100": HubAlias("uoft-cs/cifar100", "img", "fine_label", "train", "test"),
+    "cifar10": HubAlias("uoft-cs/cifar10", "img", "label", "train", "test", 50_000, 10),
+    "cifar100": HubAlias("uoft-cs/cifar100", "img", "fine_label", "train", "test", 50_000, 100),
     # The paper's Flowers-102 training set is train + validation (2,040 images); test has 6,149.
-    "flowers102": HubAlias("dpdl-benchmark/oxford_flowers102", "image", "label", "train+validation", "test"),
-    "stanford_cars": HubAlias("tanganke/stanford_cars", "image", "label", "train", "test"),
-    "imagenet-1k": HubAlias("ILSVRC/imagenet-1k", "image", "label", "train", "validation"),
+    "flowers102": HubAlias("dpdl-benchmark/oxford_flowers102", "image", "label", "train+validation", "test", 2_040, 102),
+    "stanford_cars": HubAlias("tanganke/stanford_cars", "image", "label", "train", "test", 8_144, 196),
+    "imagenet-1k": HubAlias("ILSVRC/imagenet-1k", "image", "label", "train", "validation", 1_281_167, 1000),
 }
 
 
@@ -349,6 +351,52 @@ def open_dataset(dataset: str | None, data_dir: Path | None, *, skip_corrupt: bo
         splits.train = balanced_subset(splits.train, train_subset, len(splits.classes))
     splits.info.update(train_size=len(splits.train), test_size=len(splits.test), num_classes=len(splits.classes))
     return splits
+
+
+def peek_classes(dataset: str | None, data_dir: Path | None, classes: list[str] | None = None) -> list[str] | None:
+    """The class names a run would train on, read without decoding an image (folder names, the digits), or
+    None where only loading the dataset can tell (the hub). A missing folder is refused here already."""
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        if not root.is_dir():
+            raise DistillError(f"Data folder {root} does not exist.")
+        if not (root / "train").is_dir():
+            return None  # loading says what is wrong with it
+        names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+    elif dataset in (None, "digits"):
+        names = [str(digit) for digit in range(10)]
+    else:
+        return None
+    if classes:
+        unknown = [c for c in classes if c not in names]
+        if unknown:
+            raise DistillError(f"Class '{unknown[0]}' is not in this dataset (its classes: {', '.join(names[:12])}"
+                               f"{' ...' if len(names) > 12 else ''}).")
+        return [n for n in names if n in set(classes)]
+    return names
+
+
+def peek_train_size(dataset: str | None, data_dir: Path | None, classes: list[str] | None = None,
+                    train_subset: int | None = None) -> int | None:
+    """How many training images a run would see per epoch, without decoding any (None: unknown before loading)."""
+    size: int | None
+    if data_dir is not None:
+        train = Path(data_dir).expanduser() / "train"
+        if not train.is_dir():
+            return None
+        wanted = set(classes or [])
+        size = 0
+        for folder in train.iterdir():
+            if folder.is_dir() and not folder.name.startswith(".") and (not wanted or folder.name in wanted):
+                size += sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    elif dataset in (None, "digits"):
+        size = 1437 * len(classes) // 10 if classes else 1437  # the fixed 80 % split; classes hold about 10 % each
+    elif dataset in ALIASES:
+        alias = ALIASES[dataset]
+        size = alias.train_size * len(classes) // alias.num_classes if classes else alias.train_size
+    else:
+        return None
+    return min(size, train_subset) if train_subset else size
 
 
 def describe_source(dataset: str | None, data_dir: Path | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Any
 
 import timm
@@ -40,17 +41,29 @@ def default_patch_size(img_size: int) -> int:
     return 16 if img_size >= 128 else max(1, img_size // 4)
 
 
+def student_args(cfg: Any, num_classes: int | None) -> dict[str, Any]:
+    """The timm constructor arguments of a DeiT sized by a config (img_size, patch_size, embed_dim, depth,
+    num_heads), checked before anything is built."""
+    patch_size = cfg.patch_size or default_patch_size(cfg.img_size)
+    if cfg.img_size % patch_size:
+        raise DistillError(f"Resolution {cfg.img_size} is not a multiple of the patch size {patch_size}.")
+    args: dict[str, Any] = {"num_classes": num_classes, "img_size": cfg.img_size, "patch_size": patch_size}
+    for key in ("embed_dim", "depth", "num_heads"):
+        if getattr(cfg, key, None) is not None:
+            args[key] = getattr(cfg, key)
+    heads = args.get("num_heads")
+    if args.get("embed_dim") and heads and args["embed_dim"] % heads:
+        raise DistillError(f"Cannot build a DeiT with embed_dim {args['embed_dim']} and {heads} heads: the embedding width "
+                           "must be divisible by the number of heads.")
+    return args
+
+
 def build_student(name: str, num_classes: int, img_size: int, *, patch_size: int | None = None,
                   embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
                   drop_path: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
     """A randomly initialised DeiT and the constructor arguments that rebuild it."""
-    patch_size = patch_size or default_patch_size(img_size)
-    if img_size % patch_size:
-        raise DistillError(f"Resolution {img_size} is not a multiple of the patch size {patch_size}.")
-    args: dict[str, Any] = {"num_classes": num_classes, "img_size": img_size, "patch_size": patch_size}
-    for key, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
-        if value is not None:
-            args[key] = value
+    sizing = SimpleNamespace(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    args = student_args(sizing, num_classes)
     try:
         model = timm.create_model(name, pretrained=False, drop_path_rate=drop_path, **args)
     except AssertionError as error:  # timm asserts, e.g., that the width divides into the heads

@@ -56,18 +56,49 @@ class FrozenTeacher(nn.Module):
         return self.model(images)
 
 
-def freeze_for_fixres(model: nn.Module) -> list[str]:
-    """FixRes adaptation: only the classifier and the BatchNorm layers learn; the rest is frozen.
+def norms_in_forward_order(model: nn.Module, img_size: int) -> list[str]:
+    """The names of the BatchNorm layers in the order a forward pass runs them (one pass on a blank image)."""
+    order: list[str] = []
+    hooks = [module.register_forward_hook(lambda m, i, o, name=name: order.append(name))
+             for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return order
 
-    BatchNorm layers stay in train mode, so their statistics are re-estimated at the new resolution.
+
+def _stay_in_eval(module: nn.Module) -> None:
+    """Keep a module in eval mode whatever `model.train()` says: a frozen BatchNorm keeps its statistics."""
+    module.train = lambda mode=True: nn.Module.train(module, False)  # type: ignore[method-assign]
+    module.eval()
+
+
+def freeze_for_fixres(model: nn.Module, bn: str = "last", img_size: int = 224) -> list[str]:
+    """FixRes adaptation: only the classifier and BatchNorm learn; everything else is frozen.
+
+    bn="last": the BatchNorm that runs last before the global pooling (FixRes, section 4: "the classifier and
+    the batch normalization layer preceding the global average pooling"), its statistics re-estimated at the new
+    resolution; every other BatchNorm keeps its statistics (eval mode). bn="all": every BatchNorm layer.
     Returns the names of the parameters left trainable.
     """
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    trainable = []
+    norms = norms_in_forward_order(model, img_size)
+    adapted = set(norms[-1:] if bn == "last" else norms)
+    modules = dict(model.named_modules())
+    for name in norms:
+        if name not in adapted:
+            _stay_in_eval(modules[name])
     classifier = model.get_classifier()
+    trainable = []
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) or module is classifier:
+        if module_name in adapted or module is classifier:
             for name, parameter in module.named_parameters(prefix=module_name):
                 parameter.requires_grad_(True)
                 trainable.append(name)
