@@ -30,7 +30,7 @@ def _is_main_process() -> bool:
 
 
 def _console():
-    from distill.engine import console
+    from distill.console import console
 
     return console
 

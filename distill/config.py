@@ -75,6 +75,9 @@ class StageConfig:
     num_workers: int = option(2, "Data-loading worker processes per training process.", "Run", result=False)
     eval_every: int = option(1, "Evaluate on the test split every N epochs (and always after the last).", "Run",
                              result=False)
+    log_every: int = option(20, "Read the training loss (for the log and its NaN/inf check) every N optimizer steps: the "
+                            "one host sync of the loop. A bad loss still stops the run naming the step it happened.", "Run",
+                            result=False)
     overwrite: bool = option(False, "Replace a finished or interrupted run in the same folder whose config differs.", "Run", result=False)
     skip_corrupt: bool = option(False, "Skip unreadable images (counted and reported) instead of stopping on the first one.", "Data")
     # Data
@@ -457,6 +460,7 @@ def validate(config: StageConfig) -> None:
         (config.train_subset is None or config.train_subset > 0, "--train-subset must be positive."),
         (config.save_every >= 0, "--save-every must not be negative."),
         (config.eval_every >= 1, "--eval-every must be at least 1."),
+        (config.log_every >= 1, "--log-every must be at least 1."),
         (config.num_workers >= 0, "--num-workers must not be negative."),
         (not (config.data_dir and config.dataset not in (None, "folder")),
          "Give either --dataset or --data-dir, not both."),

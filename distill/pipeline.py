@@ -23,7 +23,7 @@ from distill import stages
 from distill.checkpoint import MODEL_FILE, Checkpoint
 from distill.config import (CONFIGS, NOT_SHARED, STAGES, StageConfig, check_keys, check_recipe, config_fields, layer, read_toml,
                             resolve, stage_section, transfer_targets)
-from distill.engine import console
+from distill.console import console
 from distill.errors import DistillError
 
 

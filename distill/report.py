@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from distill.checkpoint import Checkpoint, build_model, read_checkpoint
-from distill.engine import console
+from distill.console import console
 
 HEAD_NAMES = {"top": "model", "fused": "class + distillation (softmax sum)", "cls": "class head", "dist": "distillation head",
               "teacher": "teacher"}
@@ -121,7 +121,8 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None, data_dir: Path | Non
                         mixed_precision: str, per_class: bool) -> dict[str, Any]:
     """Evaluate a checkpoint at any resolution on any dataset with its classes."""
     from distill.data import Transformed, eval_loader, eval_transform, open_dataset
-    from distill.engine import evaluate, make_accelerator, plain_logits
+    from distill.engine import make_accelerator
+    from distill.evaluation import evaluate, plain_logits
     from distill.errors import DistillError
     from distill.stages import check_classes, frozen_teacher, read_teacher
     from distill.students import named_outputs, resize

@@ -23,7 +23,9 @@ from distill.config import (FinetuneConfig, FixResConfig, StageConfig, StudentCo
                             resolve_auto, to_dict, validate)
 from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
 from distill.data.sources import peek_classes, peek_train_size
-from distill.engine import FolderStatus, Job, Run, console, folder_status
+from distill.console import console
+from distill.engine import Job, Run
+from distill.runfolder import FolderStatus, folder_status
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
 from distill.students import (attention_parameter_names, build_student, default_patch_size, has_dist_token,

@@ -1,0 +1,80 @@
+"""Evaluation: top-1/top-5 per head, each test image counted once however many processes share the work."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+Predict = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def plain_logits(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"top": model(images)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, acc: Accelerator, predict: Predict = plain_logits,
+             reference: nn.Module | None = None, per_class: bool = False) -> dict[str, Any]:
+    """Top-1/top-5 and loss per head, each test image counted exactly once across processes.
+
+    With a `reference` (a teacher), also its accuracy and how often each head disagrees with it.
+    """
+    net = acc.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    headline = None
+    for images, labels in loader:
+        images, labels = images.to(acc.device), labels.to(acc.device)
+        with acc.autocast():
+            scores = predict(net, images)
+            if reference is not None:
+                scores["teacher"] = reference(images)
+        headline = headline or next(iter(scores))
+        num_classes = scores[headline].shape[1]
+        record = {"label": labels, "loss": F.cross_entropy(scores[headline].float(), labels, reduction="none")}
+        for name, value in scores.items():
+            top = value.float().topk(min(5, value.shape[1]), dim=1).indices
+            record[f"{name}/pred"] = top[:, 0]
+            record[f"{name}/top5"] = (top == labels[:, None]).any(dim=1).float()  # gloo gathers no bools
+        record = acc.gather_for_metrics(record)
+        for key, value in record.items():
+            parts.setdefault(key, []).append(value.cpu())
+    net.train(was_training)
+    merged = {k: torch.cat(v) for k, v in parts.items()}
+    labels = merged["label"]
+    heads = [k.split("/")[0] for k in merged if k.endswith("/pred")]
+    result: dict[str, Any] = {"samples": int(labels.numel()), "loss": round(merged["loss"].mean().item(), 5)}
+    per_head = {}
+    for name in heads:
+        correct = merged[f"{name}/pred"] == labels
+        per_head[name] = {"top1": round(correct.float().mean().item() * 100, 3),
+                          "top5": round(merged[f"{name}/top5"].float().mean().item() * 100, 3)}
+    result.update(top1=per_head[headline]["top1"], top5=per_head[headline]["top5"], head=headline)
+    if len(heads) > 1:
+        result["heads"] = per_head
+    if reference is not None:
+        teacher_pred = merged["teacher/pred"]
+        result["disagreement"] = {name: round((merged[f"{name}/pred"] != teacher_pred).float().mean().item(), 4)
+                                  for name in heads if name != "teacher"}
+    if per_class:
+        correct = (merged[f"{headline}/pred"] == labels).float()
+        result["per_class_top1"] = [round(correct[labels == c].mean().item() * 100, 2) if (labels == c).any() else None
+                                    for c in range(num_classes)]
+    return result
+
+
+def flatten(metrics: dict[str, Any]) -> dict[str, Any]:
+    """One level of keys for metrics.jsonl: top1, top5, loss, cls_top1, dist_top1, ..."""
+    out = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+    for name, values in metrics.get("heads", {}).items():
+        for key, value in values.items():
+            out[f"{name}_{key}"] = value
+    for name, value in metrics.get("disagreement", {}).items():
+        out[f"{name}_disagreement"] = value
+    out["test_loss"] = out.pop("loss", None)
+    return out

@@ -1,0 +1,225 @@
+"""A stage's run folder: whether it is finished, interrupted or made differently, and every write into it.
+
+    runs/<name>/identity.json     what the run is (resolved config + parent and teacher hashes)
+    runs/<name>/config.toml       the resolved config
+    runs/<name>/metrics.jsonl     one line per epoch
+    runs/<name>/state/            the resumable training state, swapped in atomically
+    runs/<name>/model.safetensors written last: its presence means finished
+
+Every write goes through `on_main`, so when one process fails to write, every process stops with the same
+sentence instead of the others waiting for it forever.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from distill.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, atomic_write_bytes, read_checkpoint
+from distill.config import StageConfig, config_differences, to_dict, write_toml
+from distill.errors import DistillError
+
+STATE_DIR, STATE_TMP, STATE_OLD = "state", "state.tmp", "state.old"
+IDENTITY_FILE, CONFIG_FILE, METRICS_FILE, PROGRESS_FILE, EMA_STATE = (
+    "identity.json", "config.toml", "metrics.jsonl", "progress.json", "ema.safetensors")
+
+
+def normalise(value: Any) -> Any:
+    """JSON round trip, so identities compare equal however they were built."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+@dataclass
+class FolderStatus:
+    """What a run folder holds, compared with the run about to start."""
+
+    state: str  # empty | finished | interrupted | changed-finished | changed-interrupted
+    detail: str = ""
+    checkpoint: Checkpoint | None = None
+    progress: dict[str, int] | None = None
+
+
+def describe_change(stored: dict[str, Any], identity: dict[str, Any]) -> str:
+    changes = config_differences(stored.get("config", {}), identity.get("config", {}))
+    for key in sorted(set(stored) | set(identity)):
+        if key != "config" and stored.get(key) != identity.get(key):
+            changes.append(f"{key} checkpoint changed" if key in ("parent", "teacher") else f"{key} changed")
+    return "; ".join(changes[:4]) or "settings changed"
+
+
+def saved_progress(run_dir: Path) -> tuple[Path, dict[str, int]] | None:
+    """The last complete saved state and its progress (a swap interrupted between renames leaves state.old)."""
+    for name in (STATE_DIR, STATE_OLD):
+        marker = run_dir / name / PROGRESS_FILE
+        if marker.exists():
+            return marker.parent, json.loads(marker.read_text())
+    return None
+
+
+def folder_status(run_dir: Path, identity: dict[str, Any]) -> FolderStatus:
+    """Is this run already done, half done, or done differently? (read-only)"""
+    identity = normalise(identity)
+    model_path, identity_path = run_dir / MODEL_FILE, run_dir / IDENTITY_FILE
+    if model_path.exists():
+        try:
+            ckpt = read_checkpoint(model_path)
+            stored = ckpt.meta.get("identity") or {}
+        except DistillError:
+            ckpt, stored = None, {}
+        if ckpt is not None and stored == identity:
+            return FolderStatus("finished", checkpoint=ckpt)
+        return FolderStatus("changed-finished", describe_change(stored, identity))
+    if identity_path.exists():
+        try:
+            stored = json.loads(identity_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            stored = {}
+        if stored != identity:
+            return FolderStatus("changed-interrupted", describe_change(stored, identity))
+        saved = saved_progress(run_dir)
+        return FolderStatus("interrupted", progress=saved[1] if saved else None)
+    return FolderStatus("empty")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunFolder:
+    """One run's folder: finished runs are reused, interrupted ones resumed, conflicting ones refused."""
+
+    def __init__(self, config: StageConfig, identity: dict[str, Any], accelerator: Accelerator):
+        self.config, self.accelerator = config, accelerator
+        self.dir = config.run_dir()
+        self.identity = normalise(identity)
+
+    def open(self) -> Checkpoint | None:
+        """The finished checkpoint when this exact run is done; otherwise make the folder ready to resume or
+        start, refusing to replace a different run unless --overwrite."""
+        status = folder_status(self.dir, self.identity)
+        self.accelerator.wait_for_everyone()  # every process has looked before any file is removed
+        if status.state == "finished":
+            return status.checkpoint
+        if status.state == "changed-interrupted" and status.progress is None:
+            status.state = "stale"  # started with other settings but nothing saved: nothing to lose
+        if status.state in ("changed-finished", "changed-interrupted") and not self.config.overwrite:
+            what = "a finished run" if status.state == "changed-finished" else "an interrupted run"
+            hint = "run the same command as before to resume it, " if status.state == "changed-interrupted" else ""
+            raise DistillError(f"{self.dir} already holds {what} with different settings ({status.detail}); {hint}"
+                               "pass --overwrite to replace it, or --name to write elsewhere.")
+        if status.state in ("changed-finished", "changed-interrupted", "stale"):
+            self.on_main(self._clear)
+        self.accelerator.wait_for_everyone()
+        self.on_main(self._probe_writable, everywhere=True)  # fail now, before any data is loaded
+        return None
+
+    def _probe_writable(self) -> None:
+        """Create the folder and take back what was created: a run that fails on its inputs leaves nothing."""
+        missing = [p for p in [self.dir, *self.dir.parents] if not p.exists()]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # another process filled it meanwhile: keep it
+                break
+
+    def _clear(self) -> None:
+        for name in (MODEL_FILE, EMA_FILE, IDENTITY_FILE, METRICS_FILE, CONFIG_FILE):
+            (self.dir / name).unlink(missing_ok=True)
+        for name in (STATE_DIR, STATE_TMP, STATE_OLD):
+            shutil.rmtree(self.dir / name, ignore_errors=True)
+
+    def on_main(self, action: Callable[[], Any], everywhere: bool = False) -> None:
+        """Run a file write on the main process (or on every process); if it fails anywhere, every
+        process stops with the same sentence, rather than the others waiting for one that has gone."""
+        acc = self.accelerator
+        problem = None
+        if everywhere or acc.is_main_process:
+            try:
+                action()
+            except PermissionError:
+                problem = f"The work folder {self.config.workdir} is not writable."
+            except DistillError as error:
+                problem = error.sentence
+            except OSError as error:
+                problem = f"Cannot write to {self.dir}: {error.strerror or error}."
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            problem = next((p for p in gather_object([problem]) if p), None)
+        if problem:
+            raise DistillError(problem)
+
+    def start(self) -> None:
+        """Write what the run is, once its inputs have proved usable; a new run starts from an empty history."""
+        fresh = saved_progress(self.dir) is None
+
+        def write() -> None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                (self.dir / METRICS_FILE).unlink(missing_ok=True)
+            atomic_write_bytes(self.dir / IDENTITY_FILE, json.dumps(self.identity, indent=1).encode())
+            write_toml(self.dir / CONFIG_FILE, to_dict(self.config))
+
+        self.on_main(write)
+        self.accelerator.wait_for_everyone()
+
+    def save_state(self, ema: nn.Module | None, progress: dict[str, int]) -> None:
+        """Write the state beside the last one, then swap: a kill at any moment leaves a complete state."""
+        acc = self.accelerator
+        tmp, final, old = self.dir / STATE_TMP, self.dir / STATE_DIR, self.dir / STATE_OLD
+
+        def clear() -> None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+        def finish() -> None:
+            if ema is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(tmp / EMA_STATE))
+            (tmp / PROGRESS_FILE).write_text(json.dumps(progress))  # written last: marks the state complete
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+
+        self.on_main(clear)
+        self.on_main(lambda: acc.save_state(str(tmp), safe_serialization=True), everywhere=True)
+        self.on_main(finish)
+
+    def resume(self, ema: nn.Module | None) -> dict[str, int] | None:
+        """Load the last saved state (model, optimizer, every process's RNG, EMA); its progress, or None."""
+        saved = saved_progress(self.dir)
+        if saved is None:
+            return None
+        state, progress = saved
+        saved_by, now = progress.get("processes", 1), self.accelerator.num_processes
+        if saved_by != now:  # batches, the lr rule and per-process random states all depend on it
+            raise DistillError(f"{self.dir} was saved by a run on {saved_by} process(es); resume it on {saved_by}, not {now} "
+                               "(or pass --overwrite to start over).")
+        self.accelerator.load_state(str(state))
+        if ema is not None and (state / EMA_STATE).exists():
+            ema.load_state_dict(load_file(str(state / EMA_STATE), device=str(self.accelerator.device)))
+        return progress
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.dir / METRICS_FILE)
+
+    def append_metrics(self, record: dict[str, Any], keep_epochs_below: int | None = None) -> None:
+        def write() -> None:
+            records = self.metrics()
+            if keep_epochs_below is not None:  # after a resume, drop epochs the resumed run will redo
+                records = [r for r in records if r.get("epoch", 0) < keep_epochs_below]
+            lines = [json.dumps(r, sort_keys=True) for r in records + [record]]
+            atomic_write_bytes(self.dir / METRICS_FILE, ("\n".join(lines) + "\n").encode())
+
+        self.on_main(write)
