@@ -174,6 +174,10 @@ class DistillFields:
                                  "the paper's soft runs use 0.1).", "Distillation")
     tau: float | None = option(1.0, "Soft-distillation temperature (official DeiT default 1.0; the paper's soft runs use 3.0).",
                                "Distillation")
+    teacher_res: str = option("student", "Resolution the teacher reads the batch at: student (the paper: the student's "
+                              "own batch as it is), teacher (resized on the device to the resolution the teacher was "
+                              "trained at, e.g. an ImageNet teacher at 224 beside a 32 px student) or a number of "
+                              "pixels.", "Distillation")
 
 
 @dataclass
@@ -479,6 +483,10 @@ def validate(config: StageConfig) -> None:
         value = getattr(config, name, None)
         if value is not None and value < 1:
             checks.append((False, f"--{name.replace('_', '-')} must be at least 1."))
+    teacher_res = getattr(config, "teacher_res", "student")
+    if teacher_res not in ("student", "teacher") and not (str(teacher_res).isdigit() and int(teacher_res) >= 8):
+        checks.append((False, f"--teacher-res must be student, teacher or a resolution of at least 8 pixels, not "
+                              f"'{teacher_res}'."))
     if getattr(config, "teacher_lr", None) is not None and config.teacher_lr <= 0:
         checks.append((False, "--teacher-lr must be positive."))
     for ok, sentence in checks:

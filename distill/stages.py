@@ -193,12 +193,23 @@ def datasets_for(cfg: StageConfig, data: DataSplits, mean: tuple[float, ...], st
     return Transformed(data.train, train_tf), Transformed(data.test, test_tf)
 
 
+def teacher_resolution(teacher: Checkpoint, img_size: int, teacher_res: str = "student") -> int:
+    """The resolution the teacher reads the batch at: the student's (the paper), the teacher's own, or a number."""
+    if teacher_res == "student":
+        return img_size
+    if teacher_res == "teacher":
+        return teacher.img_size
+    return int(teacher_res)
+
+
 def frozen_teacher(ckpt: Checkpoint, input_norm: tuple[tuple[float, ...], tuple[float, ...]],
-                   img_size: int) -> FrozenTeacher:
+                   img_size: int, teacher_res: str = "student") -> FrozenTeacher:
+    """The teacher, frozen, reading batches of `img_size` px at the resolution --teacher-res asks for."""
+    size = teacher_resolution(ckpt, img_size, teacher_res)
     model = build_model(ckpt)
-    if hasattr(model, "set_input_size") and hasattr(model, "pos_embed") and ckpt.img_size != img_size:
-        resize(model, img_size)  # a ViT teacher must see the student's resolution too
-    return FrozenTeacher(model, (ckpt.data["mean"], ckpt.data["std"]), input_norm)
+    if hasattr(model, "set_input_size") and hasattr(model, "pos_embed") and ckpt.img_size != size:
+        resize(model, size)  # a ViT teacher must read its input size
+    return FrozenTeacher(model, (ckpt.data["mean"], ckpt.data["std"]), input_norm, img_size=size if size != img_size else None)
 
 
 def criterion_for(cfg: StageConfig, kind: str, teacher: FrozenTeacher | None, alpha: float, tau: float,
@@ -310,7 +321,8 @@ def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
         check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
         classes = classes or teacher.classes or None
     args = student_args(cfg, len(classes) if classes else None)
-    distillation = {"kind": cfg.distillation, "alpha": cfg.alpha, "tau": cfg.tau, "token": cfg.token}
+    distillation = {"kind": cfg.distillation, "alpha": cfg.alpha, "tau": cfg.tau, "token": cfg.token,
+                    "teacher_res": teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None}
     return _planned(StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes,
                               settings={"distillation": distillation}, model={"name": name, "args": args},
                               classes=classes))
@@ -391,7 +403,8 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
         check_classes(teacher, parent.classes or None, f"the student {parent.path}")
     model = {"name": parent.model_name, "args": {**parent.model_args, "img_size": cfg.res}}
     distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": "dist_token" in parent.model_name or
-                    "distilled" in parent.model_name}
+                    "distilled" in parent.model_name,
+                    "teacher_res": teacher_resolution(teacher, cfg.res, cfg.teacher_res) if teacher else None}
     return _planned(StagePlan("finetune", cfg, parent=parent, teacher=teacher, notes=notes, before=before,
                               settings={"distillation": distillation}, model=model, classes=parent.classes or None))
 
@@ -426,7 +439,8 @@ def plan_transfer(cfg: TransferConfig, expecting: Expecting = {}) -> StagePlan:
     args = {**parent.model_args, "num_classes": len(classes) if classes else None}
     if args.get("img_size"):
         args["img_size"] = cfg.img_size
-    distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": "distilled" in parent.model_name}
+    distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": "distilled" in parent.model_name,
+                    "teacher_res": teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None}
     return _planned(StagePlan("transfer", cfg, parent=parent, teacher=teacher, notes=notes,
                               settings={"distillation": distillation}, model={"name": parent.model_name, "args": args},
                               classes=classes))
@@ -532,7 +546,7 @@ def execute_student(plan: StagePlan) -> Checkpoint:
     model, args = build_student(name, len(data.classes), cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                                 depth=cfg.depth, num_heads=cfg.num_heads, drop_path=cfg.drop_path)
     set_distilled_training(model, True)
-    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size) if teacher is not None else None
+    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg.teacher_res) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -559,10 +573,10 @@ def execute_finetune(plan: StagePlan) -> Checkpoint:
     model = build_model(parent, drop_path_rate=cfg.drop_path)
     resize(model, cfg.res)
     set_distilled_training(model, True)
-    frozen = frozen_teacher(teacher, (mean, std), cfg.res) if teacher is not None else None
+    frozen = frozen_teacher(teacher, (mean, std), cfg.res, cfg.teacher_res) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
     kind, alpha, tau = cfg.distillation, cfg.alpha, cfg.tau
-    distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": has_dist_token(model)}
+    distillation = {**plan.settings["distillation"], "token": has_dist_token(model)}
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "finetune", "model": plan.model, "params": count_params(model),
@@ -602,10 +616,10 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
         train_only(model, attention_parameter_names(model) + head_parameter_names(model))
         trainable = "attn"
     set_distilled_training(model, True)
-    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size) if teacher is not None else None
+    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg.teacher_res) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
     kind, alpha, tau = cfg.distillation, cfg.alpha, cfg.tau
-    distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": has_dist_token(model)}
+    distillation = {**plan.settings["distillation"], "token": has_dist_token(model)}
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "transfer", "model": {"name": parent.model_name, "args": args},
