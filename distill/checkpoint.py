@@ -143,13 +143,24 @@ class Checkpoint:
     def img_size(self) -> int:
         return int(self.data["img_size"])
 
+    @property
+    def class_ids(self) -> list[str]:
+        return list(self.data.get("class_ids") or [])
+
+    def knows_classes(self, names: list[str]) -> bool:
+        """`names` are this model's classes: by name, or by id (an ImageNet folder named by synsets)."""
+        return list(names) == self.classes or (bool(self.class_ids) and list(names) == self.class_ids)
+
     def describe(self) -> str:
         return f"{self.path} ({self.stage}, {self.model_name}, {self.img_size} px, {len(self.classes)} classes)"
 
     def lineage(self) -> dict[str, Any]:
         """What a child records about this parent."""
-        return {"sha256": self.sha256, "path": str(Path(self.path).resolve()), "stage": self.stage,
-                "kind": self.kind, "model": self.model_name}
+        record = {"sha256": self.sha256, "path": str(Path(self.path).resolve()), "stage": self.stage,
+                  "kind": self.kind, "model": self.model_name}
+        if self.meta.get("source"):  # imported weights: where they came from
+            record["source"] = self.meta["source"].get("source")
+        return record
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         try:
@@ -193,7 +204,7 @@ def read_checkpoint(path: Path | str, expect_kind: str | None = None, role: str 
         if key not in meta:
             raise DistillError(f"The {role} {path} lacks '{key}' in its metadata.")
     ckpt = Checkpoint(path=path, meta=meta)
-    if expect_kind and ckpt.kind != expect_kind:
+    if expect_kind and ckpt.kind not in (expect_kind, "pretrained"):  # imported weights can play either role
         raise DistillError(f"The {role} {path} is a {ckpt.kind} checkpoint (from `distill {ckpt.stage}`), not a {expect_kind}.")
     return ckpt
 

@@ -181,15 +181,21 @@ def pipeline(
     run_guarded(action)
 
 
+SOURCE_HELP = ("A distill checkpoint (.safetensors) or its run folder; or pretrained weights: timm/NAME.TAG, "
+               "hf-hub:ORG/REPO, local-dir:PATH (a timm model folder), or a weights file with --model.")
+MODEL_HELP = "timm architecture of a bare weights file (e.g. regnety_160.deit_in1k); other sources name their own."
+
+
 @app.command()
-def info(checkpoint: Path = typer.Argument(..., help="A distill checkpoint (.safetensors) or its run folder."),
+def info(checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+         model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
          as_json: bool = typer.Option(False, "--json", help="Print the raw metadata as JSON.")) -> None:
     """Show what a checkpoint is: model, data, lineage, distillation, metrics and the config that built it."""
-    from distill.checkpoint import read_checkpoint
+    from distill.pretrained import open_source
     from distill.report import info_table
 
     def action() -> None:
-        ckpt = read_checkpoint(checkpoint)
+        ckpt = open_source(checkpoint, model=model)
         if as_json:
             typer.echo(json.dumps(ckpt.meta, indent=2, sort_keys=True))
         else:
@@ -198,15 +204,39 @@ def info(checkpoint: Path = typer.Argument(..., help="A distill checkpoint (.saf
     run_guarded(action)
 
 
+@app.command("import")
+def import_(source: str = typer.Argument(..., help="timm/NAME.TAG, hf-hub:ORG/REPO[@REVISION], local-dir:PATH, or a "
+                                         "weights file (.safetensors, .pth, .bin) with --model."),
+            model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+            to: Optional[Path] = typer.Option(None, "--to", help="Also copy the checkpoint to this file or folder "
+                                              "[default: only the import cache, $DISTILL_CACHE or ~/.cache/distill]."),
+            ) -> None:
+    """Import pretrained weights once as a self-describing distill checkpoint: architecture, class names, preprocessing,
+    and the source with its revision or sha256. Every command also does this by itself when given such a source."""
+    from distill.pretrained import import_weights
+    from distill.report import info_table
+
+    def action() -> None:
+        ckpt = import_weights(source, model=model, to=to)
+        info_table(ckpt)
+        typer.echo(f"imported: {ckpt.path}")
+
+    run_guarded(action)
+
+
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A distill checkpoint (.safetensors) or its run folder."),
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     dataset: Optional[str] = typer.Option(None, help="Dataset [default: the checkpoint's]."),
     data_dir: Optional[Path] = typer.Option(None, help="Local image folder [default: the checkpoint's]."),
     res: Optional[int] = typer.Option(None, help="Evaluation resolution [default: the checkpoint's]; a ViT's position "
                                       "embeddings are resampled."),
     crop_pct: Optional[float] = typer.Option(None, help="Test crop ratio [default: the checkpoint's]."),
-    teacher: Optional[Path] = typer.Option(None, help="Also report this teacher's accuracy and how often it disagrees."),
+    teacher: Optional[str] = typer.Option(None, help="Also report this teacher's accuracy and how often it disagrees "
+                                          "(any source, as for the checkpoint)."),
+    teacher_model: Optional[str] = typer.Option(None, help="timm architecture of a bare weights file given as --teacher."),
+    teacher_res: str = typer.Option("student", help="Resolution the teacher reads the batch at: student, teacher or N."),
     batch_size: int = typer.Option(128, help="Batch size."),
     num_workers: int = typer.Option(2, help="Data-loading workers."),
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
@@ -217,7 +247,8 @@ def evaluate(
 
     run_guarded(lambda: evaluate_checkpoint(checkpoint, dataset=dataset, data_dir=data_dir, res=res, crop_pct=crop_pct,
                                             teacher=teacher, batch_size=batch_size, num_workers=num_workers,
-                                            mixed_precision=mixed_precision, per_class=per_class))
+                                            mixed_precision=mixed_precision, per_class=per_class, model=model,
+                                            teacher_model=teacher_model, teacher_res=teacher_res))
 
 
 def main() -> None:

@@ -91,8 +91,9 @@ class StageConfig:
     crop_pct: float | None = option(None, "Test-time crop ratio: resize to size/crop_pct, centre-crop [default: the parent's, else 0.875].", "Data")
     interpolation: str = option("bicubic", "Resize interpolation (DeiT trains with bicubic).", "Data",
                                 choices=("bicubic", "bilinear", "nearest"))
-    norm: str | None = option(None, "Input normalisation: imagenet, inception (0.5/0.5) or dataset (measured on the training split) "
-                              "[default: the parent's, else imagenet].", "Data", choices=("imagenet", "inception", "dataset"))
+    norm: str | None = option(None, "Input normalisation: imagenet, inception (0.5/0.5), clip (OpenAI CLIP's) or dataset "
+                              "(measured on the training split) [default: the parent's, else imagenet].", "Data",
+                              choices=("imagenet", "inception", "clip", "dataset"))
     # Augmentation (DeiT, Table 9)
     profile: str = option("auto", "Default regularisation: deit (Table 9: RandAugment rand-m9-mstd0.5-inc1, Mixup 0.8, "
                           "CutMix 1.0, erasing 0.25, crop scale from 0.08, 5 warmup epochs), short (none of them, crop scale "
@@ -178,6 +179,9 @@ class DistillFields:
                               "own batch as it is), teacher (resized on the device to the resolution the teacher was "
                               "trained at, e.g. an ImageNet teacher at 224 beside a 32 px student) or a number of "
                               "pixels.", "Distillation")
+    teacher_model: str | None = option(None, "timm architecture of a bare weights file given as --teacher (e.g. "
+                                       "regnety_160.deit_in1k); not needed for distill checkpoints or timm/, hf-hub:, "
+                                       "local-dir: sources.", "Distillation", result=False)
 
 
 @dataclass
@@ -196,8 +200,9 @@ class TeachConfig(ArchFields, StageConfig):
 
     model: str = option("regnety_002", "timm model name: a RegNetY (the paper's teacher is regnety_160), any convnet, "
                         "or a DeiT (deit_tiny, ...) sized by the flags below.", "Model")
-    init: Path | None = option(None, "Start from this teacher checkpoint (its classifier is replaced when the classes differ).",
-                               "Model", result=False)  # the file's sha256, not its path, identifies the run
+    init: Path | None = option(None, "Start from this teacher: a checkpoint, timm/NAME.TAG (e.g. timm/regnety_160.deit_in1k), "
+                               "hf-hub:ORG/REPO, local-dir:PATH or a weights file with --model; its classifier is replaced "
+                               "when the classes differ.", "Model", result=False)  # the file's sha256, not its path, identifies the run
 
     stage = "teach"
 
@@ -211,6 +216,10 @@ class StudentConfig(ArchFields, DistillFields, StageConfig):
                                   result=False)
     token: bool = option(True, "Add the distillation token and its head (--no-token: a plain DeiT).", "Distillation",
                          flag="--token/--no-token")
+    init: Path | None = option(None, "Start from a pretrained DeiT: a checkpoint, timm/NAME.TAG, hf-hub:, local-dir: or a "
+                               "weights file (its architecture in --model). The student takes its size; a missing "
+                               "distillation token and head start as copies of the class token and head; the heads are "
+                               "kept when the classes are the same.", "Model", result=False)  # its sha256 identifies the run
 
     stage = "student"
 
@@ -219,8 +228,10 @@ class StudentConfig(ArchFields, DistillFields, StageConfig):
 class FinetuneConfig(DistillFields, StageConfig):
     """`distill finetune`: FixRes fine-tune at a higher resolution, still distilling (DeiT fine-tune recipe)."""
 
-    checkpoint: Path | None = option(None, "Student to fine-tune [default: the newest student in --workdir].", "Stage",
-                                     result=False)
+    checkpoint: Path | None = option(None, "Student to fine-tune [default: the newest student in --workdir]; also "
+                                     "timm/NAME.TAG, hf-hub:ORG/REPO, local-dir:PATH or a weights file with --model.",
+                                     "Stage", result=False)
+    model: str = option("", "timm architecture of a bare weights file given as --checkpoint.", "Stage", result=False)
     res: int | None = option(None, "Target resolution in pixels (a multiple of the patch size).", "Stage")
     teacher: Path | None = option(None, "Teacher at the target resolution [default: the student's teacher, adapted by FixRes].",
                                   "Distillation", result=False)
@@ -258,8 +269,10 @@ class FinetuneConfig(DistillFields, StageConfig):
 class TransferConfig(DistillFields, StageConfig):
     """`distill transfer`: fine-tune a student on a new target (the authors' transfer settings)."""
 
-    checkpoint: Path | None = option(None, "Model to transfer [default: the newest fine-tuned student, else the newest student].",
-                                     "Stage", result=False)
+    checkpoint: Path | None = option(None, "Model to transfer [default: the newest fine-tuned student, else the newest "
+                                     "student]; also timm/NAME.TAG, hf-hub:ORG/REPO, local-dir:PATH or a weights file with "
+                                     "--model.", "Stage", result=False)
+    model: str = option("", "timm architecture of a bare weights file given as --checkpoint.", "Stage", result=False)
     teacher: Path | None = option(None, "A teacher trained on the target (make one with distill teach --dataset X --init CKPT).",
                                   "Distillation", result=False)
     attn_only: bool = option(False, "Train only the attention layers and the head(s).", "Stage")

@@ -8,7 +8,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from distill.checkpoint import Checkpoint, build_model, read_checkpoint
+from distill.checkpoint import Checkpoint, build_model
 from distill.console import console
 
 HEAD_NAMES = {"top": "model", "fused": "class + distillation (softmax sum)", "cls": "class head", "dist": "distillation head",
@@ -68,6 +68,8 @@ def per_class_table(classes: list[str], accuracies: list[float | None]) -> Table
 def _short(record: dict[str, Any] | None) -> str:
     if not record:
         return "none"
+    if record.get("source") and not record.get("path"):
+        return f"{record['source']} ({record.get('note', 'imported when needed')})"
     return f"{record.get('stage')} {record.get('model')} sha256 {record.get('sha256', '')[:12]}  {record.get('path')}"
 
 
@@ -93,6 +95,16 @@ def info_table(ckpt: Checkpoint) -> None:
         ("parent", _short(meta.get("parent"))),
         ("teacher", _short(meta.get("teacher"))),
     ]
+    if meta.get("init"):
+        rows.append(("started from", _short(meta["init"])))
+    source = meta.get("source")
+    if source:  # imported pretrained weights: where they came from, and nothing about training
+        rows.append(("source", f"{source.get('source')}" + (f" revision {source['revision']}" if source.get("revision") else "")
+                     + f", weights sha256 {source.get('sha256')}"))
+        rows.append(("class names", data.get("class_source", "?")))
+        rows = [r for r in rows if r[0] not in ("train / test images", "parent")]
+        if not meta.get("teacher"):
+            rows = [r for r in rows if r[0] != "teacher"]
     if meta.get("trainable"):
         rows.append(("trained", f"{meta['trainable']} ({meta.get('trainable_params', 0):,} parameters)"))
     metrics = meta.get("metrics", {})
@@ -105,10 +117,13 @@ def info_table(ckpt: Checkpoint) -> None:
     if "before_top1" in metrics:
         rows.append(("before fine-tuning", f"{_pct(metrics['before_top1'])} at {ckpt.img_size} px; parent "
                                            f"{_pct(metrics.get('parent_top1'))} at {metrics.get('parent_img_size')} px"))
-    rows.append(("training time", f"{metrics.get('train_seconds', '?')} s on {meta.get('processes', '?')} process(es)"))
-    config = meta.get("config", {})
-    rows.append(("config", ", ".join(f"{k}={v}" for k, v in sorted(config.items()))))
-    rows.append(("effective lr", f"{meta.get('lr_effective')}"))
+    if not source:
+        rows.append(("training time", f"{metrics.get('train_seconds', '?')} s on {meta.get('processes', '?')} process(es)"))
+        config = meta.get("config", {})
+        rows.append(("config", ", ".join(f"{k}={v}" for k, v in sorted(config.items()))))
+        rows.append(("effective lr", f"{meta.get('lr_effective')}"))
+    else:
+        rows = [r for r in rows if r[0] != "test top-1 / top-5"]
     rows.append(("written", f"{meta.get('created')} by distill {meta.get('distill_version')} {meta.get('versions', {})}"))
     rows.append(("file sha256", ckpt.sha256))
     for key, value in rows:
@@ -116,18 +131,20 @@ def info_table(ckpt: Checkpoint) -> None:
     console.print(table)
 
 
-def evaluate_checkpoint(path: Path, *, dataset: str | None, data_dir: Path | None, res: int | None,
-                        crop_pct: float | None, teacher: Path | None, batch_size: int, num_workers: int,
-                        mixed_precision: str, per_class: bool) -> dict[str, Any]:
+def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path | None, res: int | None,
+                        crop_pct: float | None, teacher: Path | str | None, batch_size: int, num_workers: int,
+                        mixed_precision: str, per_class: bool, model: str | None = None, teacher_model: str | None = None,
+                        teacher_res: str = "student") -> dict[str, Any]:
     """Evaluate a checkpoint at any resolution on any dataset with its classes."""
     from distill.data import Transformed, eval_loader, eval_transform, open_dataset
     from distill.engine import make_accelerator
-    from distill.evaluation import evaluate, plain_logits
+    from distill.evaluation import evaluate
     from distill.errors import DistillError
+    from distill.pretrained import open_source
     from distill.stages import check_classes, frozen_teacher, read_teacher
     from distill.students import named_outputs, resize
 
-    ckpt = read_checkpoint(path)
+    ckpt = open_source(path, model=model)
     acc = make_accelerator(mixed_precision)
     classes = None
     if dataset is None and data_dir is None:
@@ -135,25 +152,24 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None, data_dir: Path | Non
         data_dir = Path(ckpt.data["data_dir"]) if ckpt.data.get("data_dir") else None
         classes = ckpt.classes if ckpt.data.get("kept_classes") else None
     data = open_dataset(None if data_dir else dataset, data_dir, classes=classes)
-    if data.classes != ckpt.classes:
+    if not ckpt.knows_classes(data.classes):
         raise DistillError(f"{ckpt.path} was trained on other classes than {dataset or data_dir} "
                            f"({len(ckpt.classes)} vs {len(data.classes)}).")
     img_size = res or ckpt.img_size
-    model = build_model(ckpt)
-    if hasattr(model, "pos_embed") and img_size != ckpt.img_size:
-        resize(model, img_size)
+    net = build_model(ckpt)
+    if hasattr(net, "pos_embed") and img_size != ckpt.img_size:
+        resize(net, img_size)
     mean, std = tuple(ckpt.data["mean"]), tuple(ckpt.data["std"])
     transform = eval_transform(img_size, mean=mean, std=std, crop_pct=crop_pct or ckpt.data.get("crop_pct", 0.875),
                                interpolation=ckpt.data.get("interpolation", "bicubic"))
     reference = None
     if teacher is not None:
-        teacher_ckpt = read_teacher(teacher)
+        teacher_ckpt = read_teacher(teacher, model=teacher_model)
         check_classes(teacher_ckpt, ckpt.classes, str(ckpt.path))
-        reference = frozen_teacher(teacher_ckpt, (mean, std), img_size).to(acc.device)
+        reference = frozen_teacher(teacher_ckpt, (mean, std), img_size, teacher_res).to(acc.device)
     loader = acc.prepare(eval_loader(Transformed(data.test, transform), batch_size=batch_size, num_workers=num_workers))
-    model = acc.prepare(model)
-    predict = named_outputs if ckpt.kind == "student" else plain_logits
-    metrics = evaluate(model, loader, acc, predict, reference=reference, per_class=per_class)
+    net = acc.prepare(net)
+    metrics = evaluate(net, loader, acc, named_outputs, reference=reference, per_class=per_class)
     if acc.is_main_process:
         print_metrics(metrics, f"{ckpt.path}: {ckpt.model_name} at {img_size} px on {dataset or data_dir} "
                                f"({metrics['samples']} test images)")
