@@ -251,6 +251,71 @@ def evaluate(
                                             teacher_model=teacher_model, teacher_res=teacher_res))
 
 
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    to: Path = typer.Option(..., "--to", help="Folder to write config.json and model.safetensors into (created if needed)."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also write model.onnx (class probabilities; a token student's two heads "
+                              "fused as in the paper), checked against torch with ONNX Runtime: pip install 'distill[onnx]'."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+) -> None:
+    """Write a timm model folder: timm.create_model("local-dir:DIR", pretrained=True) loads it with the same logits, and
+    huggingface_hub can upload it as it is."""
+    from distill.export import ONNX_TOLERANCE, export_checkpoint
+    from distill.pretrained import open_source
+
+    def action() -> None:
+        report = export_checkpoint(open_source(checkpoint, model=model), to, onnx=onnx)
+        console = _console()
+        console.print(f"timm folder: {escape(report['folder'])} (reloaded with timm: logits identical)", soft_wrap=True)
+        if onnx:
+            console.print(f"ONNX: {escape(report['onnx'])} (ONNX Runtime against torch: largest probability difference "
+                          f"{report['onnx_max_difference']:.2g}, tolerance {ONNX_TOLERANCE:g})", soft_wrap=True)
+
+    run_guarded(action)
+
+
+@app.command()
+def predict(
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    top_k: int = typer.Option(5, "--top-k", help="Classes to report per image."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: flip (mean of the image's and its "
+                                      "mirror image's probabilities)."),
+    fmt: str = typer.Option("csv", "--format", help="csv or json."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of standard output."),
+    batch_size: int = typer.Option(64, help="Images per batch."),
+    num_workers: int = typer.Option(2, help="Data-loading workers."),
+    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable images (counted) instead of stopping."),
+) -> None:
+    """The top-k classes of images with their probabilities, batched on the device (a token student's heads fused as in
+    the paper)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from distill import predict as prediction
+    from distill.pretrained import open_source
+
+    def action() -> None:
+        ckpt = open_source(checkpoint, model=model)
+        files = prediction.expand_inputs(inputs)
+        errors = Console(stderr=True, highlight=False)
+        bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=errors,
+                       transient=True, disable=not errors.is_terminal)
+        with bar:
+            task = bar.add_task("predict", total=len(files))
+            records, skipped = prediction.predict(ckpt, files, top_k=top_k, tta=tta, batch_size=batch_size,
+                                                  num_workers=num_workers, mixed_precision=mixed_precision,
+                                                  skip_corrupt=skip_corrupt, progress=lambda n: bar.advance(task, n))
+        prediction.write_output(prediction.render(records, fmt, top_k), output)
+        if skipped:
+            errors.print(f"skipped {len(skipped)} unreadable image(s), e.g. {escape(skipped[0])}", soft_wrap=True)
+
+    run_guarded(action)
+
+
 def main() -> None:
     app(prog_name="distill")
 
