@@ -91,7 +91,21 @@ def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[
     header = {"format": FORMAT, "distill": json.dumps(meta, sort_keys=True, default=str)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+        canonical_header(Path(tmp))
     return Path(path)
+
+
+def canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place: safetensors writes them in hash-map order,
+    so the same tensors and metadata would otherwise give files with different sha256s."""
+    with open(path, "rb+") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > size:  # cannot happen for a compact header; leave the file as written
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (size - len(text)))  # the format allows trailing spaces in the header
 
 
 def _versions() -> dict[str, str]:

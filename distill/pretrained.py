@@ -177,7 +177,8 @@ def _hub_download(repo: str, filenames: tuple[str, ...], revision: str | None, s
     unreachable = None
     for filename in filenames:
         try:
-            return Path(hf_hub_download(repo, filename, revision=revision))
+            return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=hub_cache(),
+                                        local_files_only=hub_offline()))
         except LocalEntryNotFoundError as error:  # offline, or the hub unreachable, and not in the cache
             unreachable = unreachable or error
         except EntryNotFoundError:
@@ -193,19 +194,31 @@ def _hub_download(repo: str, filenames: tuple[str, ...], revision: str | None, s
         except (OSError, ValueError) as error:  # connection errors below huggingface_hub
             unreachable = unreachable or error
     if unreachable is not None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hugging Face hub cannot be reached"
         raise DistillError(f"Cannot load the {role} {spec}: {why} and {repo} is not in the Hugging Face cache "
-                           f"({_hub_cache()}). Offline, give it another way: the cache (download it once where there is "
+                           f"({hub_cache()}). Offline, give it another way: the cache (download it once where there is "
                            "a connection, with HF_HOME pointing here), a timm model folder as local-dir:PATH, or a "
                            "weights file with --model NAME.")
     raise DistillError(f"The {role} {spec}: the hub repository {repo} has none of {', '.join(filenames)}.")
 
 
-def _hub_cache() -> str:
+def hub_cache() -> str:
+    """The Hugging Face hub cache, as HF_HUB_CACHE or HF_HOME say when called (huggingface_hub reads them once, at
+    import), so the environment a command runs in decides."""
     from huggingface_hub import constants
 
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]).expanduser() / "hub")
     return str(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE")
+    return constants.HF_HUB_OFFLINE if flag is None else flag.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _revision_of(downloaded: Path) -> str:
@@ -339,9 +352,10 @@ def build(resolved: Resolved, role: str) -> torch.nn.Module:
     try:
         model = timm.create_model(resolved.arch, pretrained=True, pretrained_cfg=cfg, **args)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[:2])[:300]  # torch's heading and its first mismatch
         raise DistillError(f"The weights of the {role} {resolved.record['source']} do not fit timm's {resolved.arch} "
-                           f"({first}); check --model.") from None
+                           f"({detail}); check --model.") from None
     model.pretrained_cfg = {**model.pretrained_cfg, "state_dict": None}
     return model.eval()
 

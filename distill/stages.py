@@ -150,16 +150,20 @@ def check_classes(teacher: Checkpoint, classes: list[str] | None, where: str) ->
     name or by synset."""
     if classes is None or not teacher.classes or teacher.knows_classes(classes):
         return
-    only_teacher = [c for c in teacher.classes if c not in classes][:3]
-    only_data = [c for c in classes if c not in teacher.classes][:3]
-    detail = f"{len(teacher.classes)} classes vs {len(classes)}"
-    first = next((i for i, (a, b) in enumerate(zip(teacher.classes, classes)) if a != b), None)
-    if first is not None and len(teacher.classes) == len(classes):
-        detail += f"; class {first} is '{teacher.classes[first]}' for the teacher, '{classes[first]}' in the data"
+    data = set(classes)
+    known = teacher.classes  # compared with whichever of the teacher's names or ids the data resembles more
+    if teacher.class_ids and len(data & set(teacher.class_ids)) > len(data & set(known)):
+        known = teacher.class_ids
+    only_teacher = [c for c in known if c not in data][:3]
+    only_data = [c for c in classes if c not in set(known)][:3]
+    detail = f"{len(known)} classes vs {len(classes)}"
     if only_teacher or only_data:
         detail += f"; only the teacher has {only_teacher or 'none'}, only the data has {only_data or 'none'}"
     else:
         detail += "; same names in a different order"
+    first = next((i for i, (a, b) in enumerate(zip(known, classes)) if a != b), None)
+    if first is not None and len(known) == len(classes):
+        detail += f"; class {first} is '{known[first]}' for the teacher, '{classes[first]}' in the data"
     raise DistillError(f"The teacher {teacher.path} was trained on other classes than {where} ({detail}).")
 
 
