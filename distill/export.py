@@ -49,10 +49,11 @@ def export_config(ckpt: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
                                   "label_descriptions": dict(zip(ckpt.class_ids, ckpt.classes))}
     else:
         labels = {"label_names": ckpt.classes}
-    lineage = {key: ckpt.meta.get(key) for key in ("parent", "teacher", "init", "source", "distillation") if ckpt.meta.get(key)}
+    lineage = {key: ckpt.meta.get(key) for key in ("parent", "teacher", "init", "source", "distillation")
+               if ckpt.meta.get(key)}
+    metrics = {key: value for key, value in (ckpt.meta.get("metrics") or {}).items() if key in ("top1", "top5", "samples")}
     model_config = {**labels, "distill": {"checkpoint_sha256": ckpt.sha256, "stage": ckpt.stage, "kind": ckpt.kind,
-                                          "model": ckpt.model_name, "metrics": {k: v for k, v in (ckpt.meta.get("metrics") or {}).items()
-                                                                                if k in ("top1", "top5", "samples")},
+                                          "model": ckpt.model_name, "metrics": metrics,
                                           "dataset": data.get("dataset") or data.get("data_dir"), **lineage}}
     data_config = {"input_size": (3, ckpt.img_size, ckpt.img_size), "mean": tuple(data["mean"]), "std": tuple(data["std"]),
                    "crop_pct": data.get("crop_pct", 0.875), "interpolation": data.get("interpolation", "bicubic")}

@@ -22,7 +22,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,6 @@ class Resolved:
     record: dict[str, Any]
     slug: str
     tag: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def is_distill_checkpoint(path: Path) -> bool:
@@ -227,7 +226,7 @@ def _revision_of(downloaded: Path) -> str:
 
 
 def _resolve_timm(source: Source, role: str) -> Resolved:
-    arch, tag = timm.models.split_model_name_tag(source.ident)
+    arch, _ = timm.models.split_model_name_tag(source.ident)
     if not timm.is_model(arch):
         raise DistillError(f"The {role} {source.spec}: timm has no model named '{arch}'.")
     try:
@@ -298,10 +297,13 @@ def _resolve_file(source: Source, role: str) -> Resolved:
     if not source.model:
         raise DistillError(f"The {role} {path} is a bare weights file: name its timm architecture with --model (for "
                            "--teacher: --teacher-model), e.g. --model regnety_160.deit_in1k.")
-    arch, tag = timm.models.split_model_name_tag(source.model)
+    arch, _ = timm.models.split_model_name_tag(source.model)
     if not timm.is_model(arch):
         raise DistillError(f"timm has no model named '{arch}' (given with --model for {path}).")
-    cfg = timm.models.get_pretrained_cfg(source.model) if tag or timm.models.get_pretrained_cfg(arch) else None
+    try:  # the tag's (or the default tag's) preprocessing; a file's own classes are counted from its classifier
+        cfg = timm.models.get_pretrained_cfg(source.model)
+    except RuntimeError:
+        raise DistillError(f"timm has no pretrained tag '{source.model}' (given with --model for {path}).") from None
     digest = file_sha256(path)
     record = {"source": str(path.resolve()), "type": "file", "model": source.model, "sha256": digest}
     return Resolved(arch, dataclasses.asdict(cfg) if cfg else {}, {}, path, record,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import timm
 from torch import nn
 
-from distill.checkpoint import MODEL_FILE, Checkpoint, build_model, find_by_sha256, read_checkpoint, stage_checkpoints
+from distill.checkpoint import MODEL_FILE, Checkpoint, build_model, find_by_sha256, stage_checkpoints
 from distill.config import (FinetuneConfig, FixResConfig, StageConfig, StudentConfig, TeachConfig, TransferConfig,
                             resolve_auto, to_dict, validate)
 from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
@@ -29,9 +29,9 @@ from distill.runfolder import FolderStatus, folder_status
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
 from distill.pretrained import open_source
-from distill.students import (attention_parameter_names, build_student, default_patch_size, fit_deit_weights, has_dist_token,
-                              head_parameter_names, named_outputs, resize, set_distilled_training, student_args,
-                              student_model_name, train_only)
+from distill.students import (attention_parameter_names, build_student, default_patch_size, fit_deit_weights,
+                              has_dist_token, head_parameter_names, named_outputs, resize, set_distilled_training,
+                              student_args, student_model_name, train_only)
 from distill.teachers import FrozenTeacher, build_teacher, check_model_name, freeze_for_fixres
 
 DEFAULT_IMG_SIZE, DEFAULT_CROP_PCT, DEFAULT_NORM = 32, 0.875, "imagenet"
