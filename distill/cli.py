@@ -98,18 +98,19 @@ def stage_command(stage: str, runner: Callable[[StageConfig], Any], doc: str) ->
                                 default=typer.Option(None, "--recipe", help=escape("TOML recipe: flat keys, or a pipeline recipe's "
                                                      "top level plus its [" + stage + "] section. Flags override it."),
                                                      rich_help_panel="Run"))]
-    params += [_option_for(f, kinds[f.name]) for f in config_fields(cls)]
+    params += [_option_for(f, kinds[f.name]) for f in config_fields(cls) if f.name not in getattr(cls, "unused", ())]
     params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                                     default=typer.Option(False, "--debug", help="Show full tracebacks.", rich_help_panel="Run")))
 
     def command(**kwargs: Any) -> None:
         recipe, debug = kwargs.pop("recipe"), kwargs.pop("debug")
+        kwargs.update({name: None for name in getattr(cls, "unused", ())})
         _debug["on"] = _debug["on"] or debug
 
         def action() -> None:
             config = resolve(cls, recipe, kwargs)
             ckpt = runner(config)
-            if _is_main_process():
+            if _is_main_process() and ckpt is not None:
                 from distill.report import print_summary
 
                 print_summary(ckpt)
@@ -125,7 +126,8 @@ def stage_command(stage: str, runner: Callable[[StageConfig], Any], doc: str) ->
 def _stages() -> dict[str, Callable[[StageConfig], Any]]:
     from distill import stages
 
-    return {"teach": stages.teach, "student": stages.student, "finetune": stages.finetune, "transfer": stages.transfer}
+    return {"teach": stages.teach, "student": stages.student, "finetune": stages.finetune, "transfer": stages.transfer,
+            "cache-teacher": stages.cache_teacher}
 
 
 def _lazy(stage: str) -> Callable[[StageConfig], Any]:
@@ -141,6 +143,9 @@ stage_command("student", _lazy("student"),
 stage_command("finetune", _lazy("finetune"),
               "FixRes fine-tune a student at --res: position embeddings resampled (bicubic), the teacher adapted to the "
               "same resolution, distillation kept.")
+stage_command("cache-teacher", _lazy("cache-teacher"),
+              "Run a teacher once over K augmented views of every training image and keep its top-k probabilities, so "
+              "that `distill student --teacher-cache DIR` trains with no teacher forward at all (FKD).")
 stage_command("transfer", _lazy("transfer"),
               "Transfer a student to --dataset (cifar10, cifar100, flowers102, stanford_cars, any hub id) or --data-dir, "
               "with new heads; --attn-only, --head-only, or --teacher to keep distilling.")

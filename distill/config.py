@@ -203,8 +203,11 @@ class StudentConfig(ArchFields, DistillFields, StageConfig):
     """`distill student`: a DeiT distilled from a teacher."""
 
     model: str = option("deit_tiny", "DeiT size (deit_tiny, deit_small, deit_base) or a timm deit_* name.", "Model")
-    teacher: Path | None = option(None, "Teacher checkpoint [default: the newest teacher in --workdir].", "Distillation",
+    teacher: Path | None = option(None, "Teacher checkpoint [default: runs/teach in --workdir].", "Distillation",
                                   result=False)
+    teacher_cache: Path | None = option(None, "Train from a teacher cache (`distill cache-teacher`) instead of running the "
+                                        "teacher: no teacher forward at all; the augmentation is the cache's.", "Distillation",
+                                        result=False)  # the cache's own identity, not its path, identifies the run
     token: bool = option(True, "Add the distillation token and its head (--no-token: a plain DeiT).", "Distillation",
                          flag="--token/--no-token")
 
@@ -296,8 +299,33 @@ class FixResConfig(TeachConfig):
     reference_lr = ReferenceRate(4e-3, 256, "FixRes's SGD 8e-3 per 512, at its global batch of 256")
 
 
+@dataclass
+class CacheConfig(StageConfig):
+    """`distill cache-teacher`: a teacher's top-k predictions on K augmented views of every training image."""
+
+    teacher: Path | None = option(None, "Teacher checkpoint [default: runs/teach in --workdir].", "Stage", result=False)
+    views: int | None = option(None, "Augmented views of each training image [default: --epochs, a fresh view for every "
+                               "epoch of a student of that length].", "Stage")
+    top_k: int = option(10, "Probabilities kept per view (the rest of the mass is spread evenly over the other classes).",
+                        "Stage")
+    epochs: int = option(15, "Epochs of the students the cache is for: the number of views by default, and with --profile "
+                         "auto what chooses the augmentation, as it would for such a student.", "Stage")
+    batch_size: int = option(128, "Batch size of the teacher's forward passes.", "Stage")
+    shard_size: int = option(4096, "Views per shard file; a killed run resumes at the first shard not written.", "Stage")
+
+    stage = "cache-teacher"
+    # Settings of training that a cache does not use: not offered as flags.
+    unused = ("opt", "lr", "lr_scale", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "momentum", "clip_grad",
+              "ema", "ema_decay", "ema_warmup", "drop_path", "mixup", "cutmix", "mixup_switch_prob", "smoothing",
+              "grad_accum", "save_every", "eval_every", "log_every", "repeated_aug", "model")
+
+    def run_name(self) -> str:
+        return self.name or "teacher-cache"
+
+
 CONFIGS: dict[str, type[StageConfig]] = {
     "teach": TeachConfig, "student": StudentConfig, "finetune": FinetuneConfig, "transfer": TransferConfig,
+    "cache-teacher": CacheConfig,
 }
 
 
@@ -475,7 +503,7 @@ def validate(config: StageConfig) -> None:
         (not (((config.mixup or 0) > 0 or (config.cutmix or 0) > 0) and config.batch_size % 2),
          f"Mixup/CutMix need an even --batch-size, not {config.batch_size} (or pass --mixup 0 --cutmix 0)."),
     ]
-    for name in ("res", "teacher_epochs"):
+    for name in ("res", "teacher_epochs", "views", "top_k", "shard_size"):
         value = getattr(config, name, None)
         if value is not None and value < 1:
             checks.append((False, f"--{name.replace('_', '-')} must be at least 1."))
@@ -528,7 +556,8 @@ def resolve_auto(config: StageConfig, world: int | None = None, train_size: int 
     updates: dict[str, Any] = {}
     notes: list[str] = []
     batch = config.global_batch(world)
-    if config.lr is None:
+    unused = getattr(config, "unused", ())
+    if config.lr is None and "lr" not in unused:
         reference = config.reference_lr
         rate = auto_rate(reference, batch)
         updates["lr"] = rate * LR_REFERENCE_BATCH / batch if config.lr_scale else rate
@@ -540,7 +569,8 @@ def resolve_auto(config: StageConfig, world: int | None = None, train_size: int 
         profile = "deit" if seen is not None and seen >= LONG_RUN_IMAGES else "short"
         why = (f"{config.epochs} epoch(s) x {train_size:,} images {'>=' if profile == 'deit' else '<'} "
                f"{LONG_RUN_IMAGES // 1_000_000}M" if seen is not None else "training-set size unknown before loading")
-    chosen = {key: value for key, value in PROFILES[profile].items() if getattr(config, key, 0) is None}
+    chosen = {key: value for key, value in PROFILES[profile].items()
+              if getattr(config, key, 0) is None and key not in unused}
     updates.update(chosen)
     if chosen:
         notes.append(f"{profile} profile ({why}): " + ", ".join(f"{key.replace('_', '-')} {value:g}" if isinstance(value, float)

@@ -22,6 +22,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from timm.data import Mixup
+from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -65,6 +66,7 @@ class Job:
     class_names: list[str] = field(default_factory=list)
     extra_metrics: dict[str, Any] = field(default_factory=dict)  # e.g. accuracy before fine-tuning
     notes: list[str] = field(default_factory=list)  # the values `auto` chose, printed on the run's first line
+    view_seeds: Any = None  # a teacher cache's [views, images] seeds: epoch e trains on view e % views of each image
 
 
 def make_ema(model: nn.Module, cfg: StageConfig) -> ModelEmaV3:
@@ -76,6 +78,20 @@ def ema_step(cfg: StageConfig, step: int) -> int | None:
     """The step handed to the EMA: none with a fixed decay (timm then uses the decay as given from the first
     update on, as DeiT's ModelEma does), the optimizer step with the warmup."""
     return step if cfg.ema_warmup else None
+
+
+class TargetMixup(Mixup):
+    """timm's Mixup/CutMix ('batch' mode, DeiT's), also mixing dense extra targets (a cached teacher's) with the
+    very lambda and box of the images: each becomes lam * t + (1 - lam) * t.flip(0), as timm mixes the labels.
+    timm returns only the mixed labels, so this calls its `_mix_batch` (which mixes the images in place and
+    returns the lambda, corrected for the CutMix box) and mixes the rest alike."""
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor, extra: list[torch.Tensor] | None = None) -> Any:
+        if not extra:
+            return (*super().__call__(x, target), [])
+        lam = self._mix_batch(x)
+        mixed = mixup_target(target, self.num_classes, lam, self.label_smoothing)
+        return x, mixed, [t * lam + t.flip(0) * (1.0 - lam) for t in extra]
 
 
 class LossWatch:
@@ -123,7 +139,7 @@ class Prepared:
     optimizer: Any
     scheduler: Any
     criterion: nn.Module
-    mixup: Mixup | None
+    mixup: TargetMixup | None
     ema: ModelEmaV3 | None
     loader: Any
     batches: int  # micro-batches per epoch: a whole number of optimizer steps
@@ -155,12 +171,12 @@ class Run:
                                            step_on_epochs=False, updates_per_epoch=steps_per_epoch)
         return optimizer, scheduler
 
-    def _mixup(self, job: Job) -> Mixup | None:
+    def _mixup(self, job: Job) -> TargetMixup | None:
         cfg = self.config
         if not (job.use_mixup and (cfg.mixup > 0 or cfg.cutmix > 0)):
             return None  # an odd --batch-size with Mixup/CutMix is refused by config.validate
-        return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
-                     label_smoothing=cfg.smoothing, num_classes=job.num_classes)
+        return TargetMixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
+                           label_smoothing=cfg.smoothing, num_classes=job.num_classes)
 
     def fit(self, job: Job) -> Checkpoint:
         """Train, evaluate each epoch, save resumable state, and write the final checkpoint."""
@@ -168,7 +184,8 @@ class Run:
         main, world = acc.is_main_process, acc.num_processes
         pin = acc.device.type == "cuda"
         train_dl = train_loader(job.train_set, batch_size=cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
-                                world=world, num_workers=cfg.num_workers, repeated_aug=cfg.repeated_aug, pin_memory=pin)
+                                world=world, num_workers=cfg.num_workers, repeated_aug=cfg.repeated_aug, pin_memory=pin,
+                                view_seeds=job.view_seeds)
         steps_per_epoch = len(train_dl) // cfg.grad_accum
         if steps_per_epoch == 0:
             raise DistillError(f"An epoch has {len(train_dl)} batches, fewer than --grad-accum {cfg.grad_accum}.")
@@ -258,16 +275,17 @@ class Run:
         task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=parts.batches, completed=skip, loss=float("nan"),
                             lr=parts.optimizer.param_groups[0]["lr"], ips=0.0)
         with bar:
-            for batch_index, (images, targets) in enumerate(loader, start=skip):
+            for batch_index, (images, targets, *extra) in enumerate(loader, start=skip):
                 if batch_index >= parts.batches:
                     break
                 images = images.to(acc.device, non_blocking=True)
                 targets = targets.to(acc.device, non_blocking=True)
+                extra = [t.to(acc.device, non_blocking=True) for t in extra]  # a cached teacher's targets
                 if parts.mixup is not None:
-                    images, targets = parts.mixup(images, targets)
+                    images, targets, extra = parts.mixup(images, targets, extra)
                 with acc.accumulate(parts.model):  # accelerate skips the gradient sync and step between updates
                     with acc.autocast():
-                        loss = parts.criterion(images, parts.model(images), targets)
+                        loss = parts.criterion(images, parts.model(images), targets, *extra)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.clip_grad:
                         acc.clip_grad_norm_(parts.model.parameters(), cfg.clip_grad)

@@ -11,6 +11,9 @@ models and the loss, and hands them to the engine.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -19,19 +22,20 @@ import timm
 from torch import nn
 
 from distill.checkpoint import MODEL_FILE, Checkpoint, build_model, find_by_sha256, read_checkpoint, stage_checkpoints
-from distill.config import (FinetuneConfig, FixResConfig, StageConfig, StudentConfig, TeachConfig, TransferConfig,
-                            resolve_auto, to_dict, validate)
+from distill.config import (CacheConfig, FinetuneConfig, FixResConfig, StageConfig, StudentConfig, TeachConfig,
+                            TransferConfig, resolve_auto, to_dict, validate)
 from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
 from distill.data.sources import peek_classes, peek_train_size
 from distill.console import console
-from distill.engine import Job, Run
-from distill.runfolder import FolderStatus, folder_status
+from distill.engine import Job, Run, make_accelerator
+from distill.runfolder import FolderStatus, folder_status, normalise
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
 from distill.students import (attention_parameter_names, build_student, default_patch_size, has_dist_token,
                               head_parameter_names, named_outputs, resize, set_distilled_training, student_args,
                               student_model_name, train_only)
 from distill.teachers import FrozenTeacher, build_teacher, check_model_name, freeze_for_fixres
+from distill.teachers.cache import TeacherCache, fill_shards, read_manifest, shard_count, view_seeds, write_manifest, write_seeds
 
 DEFAULT_IMG_SIZE, DEFAULT_CROP_PCT, DEFAULT_NORM = 32, 0.875, "imagenet"
 Expecting = Mapping[Path, Checkpoint]  # pipeline outputs not written yet, by path: planning reads these instead
@@ -202,10 +206,10 @@ def frozen_teacher(ckpt: Checkpoint, input_norm: tuple[tuple[float, ...], tuple[
 
 
 def criterion_for(cfg: StageConfig, kind: str, teacher: FrozenTeacher | None, alpha: float, tau: float,
-                  use_mixup: bool = True) -> DistillationLoss:
+                  use_mixup: bool = True, cached: bool = False) -> DistillationLoss:
     mixup_active = use_mixup and (cfg.mixup > 0 or cfg.cutmix > 0)
     return DistillationLoss(base_criterion(cfg.smoothing, mixup_active), teacher if kind != "none" else None,
-                            kind, alpha, tau)
+                            kind, alpha, tau, cached=cached)
 
 
 def count_params(model: nn.Module) -> int:
@@ -238,9 +242,12 @@ class StagePlan:
 
     def identity(self) -> dict[str, Any]:
         """A run is its resolved config plus the hashes of its parent and teacher."""
-        return {"stage": self.stage, "config": to_dict(self.config, result_only=True),
-                "parent": self.parent.sha256 if self.parent else None,
-                "teacher": self.teacher.sha256 if self.teacher else None}
+        identity = {"stage": self.stage, "config": to_dict(self.config, result_only=True),
+                    "parent": self.parent.sha256 if self.parent else None,
+                    "teacher": self.teacher.sha256 if self.teacher else None}
+        if "cache" in self.settings:  # a student taught by a cache: the cache (and its teacher) identify it
+            identity["cache"] = self.settings["cache"]["identity"]
+        return identity
 
     def status(self) -> FolderStatus | None:
         return None if self.waiting else folder_status(self.run_dir, self.identity())
@@ -295,6 +302,8 @@ def plan_teach(cfg: TeachConfig, expecting: Expecting = {}) -> StagePlan:
 
 def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
     """Distil a DeiT from a teacher: none, soft, hard, with or without the distillation token."""
+    if cfg.teacher_cache is not None:
+        return plan_cached_student(cfg, expecting)
     if cfg.teacher is not None:  # with --distillation none, a given teacher is only measured against
         teacher = read_teacher(cfg.teacher, expecting=expecting)
     elif cfg.distillation != "none":
@@ -314,6 +323,138 @@ def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
     return _planned(StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes,
                               settings={"distillation": distillation}, model={"name": name, "args": args},
                               classes=classes))
+
+
+# Settings a teacher cache fixes: the training data and every augmentation setting applied before the batch.
+CACHED_SETTINGS = ("dataset", "data_dir", "classes", "train_subset", "img_size", "aa", "reprob", "scale_min", "hflip",
+                   "color_jitter", "interpolation", "norm")
+
+
+def inherit_from_cache(cfg: StageConfig, cache: TeacherCache) -> StageConfig:
+    """Take the cache's data and augmentation where the student left them open; refuse where it asks for others."""
+    made = cache.manifest["config"]
+    updates, differences = {}, []
+    for key in CACHED_SETTINGS:
+        mine, theirs = getattr(cfg, key), made.get(key)
+        if mine is None:
+            updates[key] = Path(theirs) if key == "data_dir" and theirs else theirs
+        elif key == "data_dir" and theirs and Path(mine).resolve() == Path(theirs).resolve():
+            continue
+        elif mine != theirs and not (key == "dataset" and made.get("data_dir")):
+            differences.append(f"{key} {theirs} (asked: {mine})")
+    if differences:
+        raise DistillError(f"The teacher cache {cache.root} was made with other data or augmentation: "
+                           f"{'; '.join(differences[:4])}. Leave these unset to use the cache's, or make a cache with them.")
+    return dataclasses.replace(cfg, **updates)
+
+
+def plan_cached_student(cfg: StudentConfig, expecting: Expecting) -> StagePlan:
+    """A student taught by a teacher cache: the teacher's targets are read, never computed."""
+    if cfg.distillation not in ("soft", "hard"):
+        raise DistillError("--teacher-cache replays a teacher for soft or hard distillation; it has nothing to give "
+                           f"--distillation {cfg.distillation}.")
+    if cfg.repeated_aug > 1:
+        raise DistillError("--teacher-cache replays one view of each image per epoch; it cannot be combined with "
+                           "--repeated-aug.")
+    cache = TeacherCache(cfg.teacher_cache)
+    record = cache.manifest["teacher"]
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = read_teacher(cfg.teacher, expecting=expecting)
+        if teacher.sha256 != record["sha256"]:
+            raise DistillError(f"The teacher cache {cache.root} was made by another teacher ({record['path']}), not "
+                               f"{teacher.path}.")
+    elif Path(record.get("path", "")).exists():  # kept for the evaluation's agreement with the teacher only
+        found = read_teacher(Path(record["path"]))
+        teacher = found if found.sha256 == record["sha256"] else None
+    cfg = inherit_data(inherit_from_cache(cfg, cache), teacher)
+    name = student_model_name(cfg.model, cfg.token)
+    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    classes = cache.manifest["classes"]
+    args = student_args(cfg, len(classes))
+    distillation = {"kind": cfg.distillation, "alpha": cfg.alpha, "tau": cfg.tau, "token": cfg.token}
+    settings = {"distillation": distillation, "cache": {"path": str(cache.root.resolve()),
+                                                         "identity": cache.manifest["identity"], "teacher": record}}
+    plan = StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes, settings=settings,
+                     model={"name": name, "args": args}, classes=classes)
+    plan.settings["cache_object"] = cache
+    return _planned(plan)
+
+
+def targets_digest(labels: list[int]) -> str:
+    """What ties a cache to the exact training split it was made on: the labels in order."""
+    return hashlib.sha256(",".join(map(str, labels)).encode()).hexdigest()
+
+
+def plan_cache(cfg: CacheConfig, expecting: Expecting = {}) -> StagePlan:
+    """A teacher run once over K augmented views of every training image."""
+    if cfg.teacher is not None:
+        teacher = read_teacher(cfg.teacher, expecting=expecting)
+    else:
+        teacher = default_parent(cfg.workdir, "teach", "teacher", "--teacher", "train one with `distill teach`", "teacher",
+                                 expecting)
+    cfg = inherit_data(cfg, teacher)
+    cfg = dataclasses.replace(cfg, views=cfg.views or cfg.epochs)
+    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    classes = planned_classes(cfg)
+    check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
+    return _planned(StagePlan("cache-teacher", cfg, parent=teacher, teacher=teacher, notes=notes,
+                              classes=classes or teacher.classes or None))
+
+
+def execute_cache(plan: StagePlan) -> None:
+    """Write the cache shard by shard (resuming a killed run), then mark it complete."""
+    cfg, teacher = plan.config, plan.teacher
+    root = cfg.run_dir()
+    identity = normalise(plan.identity())
+    existing = read_manifest(root)
+    if existing is not None and existing.get("identity") != identity:
+        if not cfg.overwrite:
+            raise DistillError(f"{root} already holds a teacher cache made with other settings; pass --overwrite to "
+                               "replace it, or --name to write elsewhere.")
+        shutil.rmtree(root)
+        existing = None
+    if existing is not None and existing.get("complete"):
+        console.print(f"[bold]cache-teacher[/]: {root} is already complete with these settings; reusing it.")
+        return None
+    acc = make_accelerator(cfg.mixed_precision)
+    with acc.main_process_first():
+        data = load_data(cfg)
+    check_classes(teacher, data.classes, f"the dataset {cfg.data_dir or cfg.dataset}")
+    mean, std = resolve_norm(cfg, data)
+    seeds = view_seeds(cfg.seed, cfg.views, len(data.train))
+    manifest = {"identity": identity, "complete": False, "views": cfg.views, "images": len(data.train),
+                "num_classes": len(data.classes), "classes": data.classes, "top_k": cfg.top_k, "seed": cfg.seed,
+                "shard_size": cfg.shard_size,
+                "teacher": teacher.lineage(), "config": to_dict(cfg, result_only=True),
+                "data": data_record(cfg, data.classes, mean, std, data.info),
+                "targets_sha256": targets_digest(data.train.targets)}
+    if acc.is_main_process:
+        console.print(source_line("teacher", teacher), soft_wrap=True)
+        console.print(f"[bold]cache-teacher[/] -> {root}  ({cfg.views} views x {len(data.train):,} images, top-{cfg.top_k}, "
+                      f"{acc.num_processes} process(es), precision {cfg.mixed_precision})"
+                      + "".join(f"\n  {note}" for note in plan.notes), soft_wrap=True)
+        root.mkdir(parents=True, exist_ok=True)
+        if existing is None:
+            write_seeds(root, seeds)
+            write_manifest(root, manifest)
+    acc.wait_for_everyone()
+    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size).to(acc.device)
+    dataset = Transformed(data.train, training_transform(cfg, mean, std))
+    total = shard_count(cfg.views, len(data.train), cfg.shard_size)
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True, disable=not (acc.is_main_process and console.is_terminal)) as bar:
+        task = bar.add_task("teacher views", total=-(-total // acc.num_processes))
+        written = fill_shards(root, dataset, seeds, frozen, acc, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                              top_k=cfg.top_k, shard_size=cfg.shard_size, progress=lambda shard: bar.advance(task))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_manifest(root, {**manifest, "complete": True})
+        console.print(f"teacher cache: {root}, {total} shards ({written} written now), "
+                      f"{cfg.views * len(data.train):,} views", soft_wrap=True)
+    acc.wait_for_everyone()
+    return None
 
 
 def locate_teacher(parent: Checkpoint, workdir: Path) -> Checkpoint | None:
@@ -434,6 +575,7 @@ def plan_transfer(cfg: TransferConfig, expecting: Expecting = {}) -> StagePlan:
 
 PLANNERS: dict[str, Callable[..., StagePlan]] = {
     "teach": plan_teach, "student": plan_student, "finetune": plan_finetune, "transfer": plan_transfer,
+    "cache-teacher": plan_cache,
 }
 
 
@@ -466,6 +608,10 @@ def open_run(plan: StagePlan) -> tuple[Run, Checkpoint | None]:
             console.print(source_line("teacher" if plan.parent is plan.teacher else "parent", plan.parent), soft_wrap=True)
         if plan.teacher is not None and plan.teacher is not plan.parent:
             console.print(source_line("teacher", plan.teacher), soft_wrap=True)
+        if "cache" in plan.settings:
+            cache = plan.settings["cache"]
+            console.print(f"teacher cache: {cache['path']} (made by {cache['teacher'].get('path')}; the teacher does not run)",
+                          soft_wrap=True)
     return run, None
 
 
@@ -534,17 +680,27 @@ def execute_student(plan: StagePlan) -> Checkpoint:
     set_distilled_training(model, True)
     frozen = frozen_teacher(teacher, (mean, std), cfg.img_size) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
+    cache: TeacherCache | None = plan.settings.get("cache_object")
+    view_seeds_ = None
+    if cache is not None:  # the teacher's targets come from the cache: it never runs in training
+        if data.classes != cache.manifest["classes"] or targets_digest(data.train.targets) != cache.manifest["targets_sha256"]:
+            raise DistillError(f"The training data is not the one the teacher cache {cache.root} was made on (its images or "
+                               "labels changed); make the cache again.")
+        train_set.view_target = functools.partial(cache.target, kind=cfg.distillation)
+        view_seeds_ = cache.seeds()
+    record = teacher.lineage() if teacher else (plan.settings.get("cache") or {}).get("teacher")
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "student", "model": {"name": name, "args": args},
                 "params": count_params(model), "data": data_record(cfg, data.classes, mean, std, data.info),
-                "parent": teacher.lineage() if teacher else None, "teacher": teacher.lineage() if teacher else None,
-                "distillation": plan.settings["distillation"]}
+                "parent": record, "teacher": record, "distillation": plan.settings["distillation"],
+                "teacher_cache": {k: v for k, v in (plan.settings.get("cache") or {}).items() if k != "teacher"} or None}
 
     job = Job(model=model, train_set=train_set, eval_set=test_set,
-              criterion=criterion_for(cfg, cfg.distillation, frozen, cfg.alpha, cfg.tau),
+              criterion=criterion_for(cfg, cfg.distillation, frozen if cache is None else None, cfg.alpha, cfg.tau,
+                                      cached=cache is not None),
               num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
-              class_names=data.classes, notes=plan.notes)
+              class_names=data.classes, notes=plan.notes, view_seeds=view_seeds_)
     return run.fit(job)
 
 
@@ -623,7 +779,7 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
 
 EXECUTORS: dict[str, Callable[[StagePlan], Checkpoint]] = {
     "teach": execute_teach, "teach-fixres": execute_teach, "student": execute_student, "finetune": execute_finetune,
-    "transfer": execute_transfer,
+    "transfer": execute_transfer, "cache-teacher": execute_cache,
 }
 
 
@@ -642,3 +798,7 @@ def finetune(cfg: FinetuneConfig) -> Checkpoint:
 
 def transfer(cfg: TransferConfig) -> Checkpoint:
     return run_stage(lambda: plan_transfer(cfg))
+
+
+def cache_teacher(cfg: CacheConfig) -> None:
+    return run_stage(lambda: plan_cache(cfg))
