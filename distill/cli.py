@@ -225,6 +225,44 @@ def evaluate(
                                             mixed_precision=mixed_precision, per_class=per_class))
 
 
+@app.command()
+def benchmark(
+    models: list[str] = typer.Argument(..., help="timm model names (deit_tiny_patch16_224, regnety_002, ...) or distill "
+                                       "checkpoints."),
+    batch_size: int = typer.Option(64, help="Batch size of every measurement."),
+    res: int = typer.Option(224, help="Resolution in pixels (a checkpoint's ViT is resampled to it)."),
+    steps: int = typer.Option(10, help="Timed steps per measurement, after the warm-up steps."),
+    warmup: int = typer.Option(3, help="Untimed steps before each measurement."),
+    mixed_precision: str = typer.Option("no", help="Precision: no, bf16 or fp16 (GPU)."),
+    teacher: str = typer.Option("regnety_002", help="Teacher of the on-the-fly distillation step: a timm name or a "
+                                "checkpoint."),
+    training: bool = typer.Option(True, "--training/--no-training", help="Also time training steps, not only inference."),
+    data_dir: Optional[Path] = typer.Option(None, help="Image folder for the measurements with data loading "
+                                            "(default: the embedded digits)."),
+    num_workers: int = typer.Option(2, help="Data-loading workers of the measurements with data loading."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the models and the teacher."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON."),
+) -> None:
+    """Throughput, parameters, GFLOPs and peak memory of models (the paper's Table 3.5), inference and training:
+    the student alone, with a teacher on the fly, with a cached teacher; with data loading and without."""
+    from distill import benchmark as bench
+
+    def action() -> None:
+        if mixed_precision not in ("no", "bf16", "fp16"):
+            raise DistillError(f"--mixed-precision must be one of no, bf16, fp16, not '{mixed_precision}'.")
+        settings = bench.BenchSettings(batch_size=batch_size, res=res, steps=steps, warmup=warmup,
+                                       mixed_precision=mixed_precision, teacher=teacher, training=training,
+                                       data_dir=data_dir, num_workers=num_workers, compile=compile,
+                                       channels_last=channels_last)
+        rows = bench.run(models, settings)
+        _console().print(bench.table(rows))
+        bench.save(rows, csv_path, json_path)
+
+    run_guarded(action)
+
+
 def main() -> None:
     app(prog_name="distill")
 

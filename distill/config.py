@@ -75,6 +75,10 @@ class StageConfig:
     num_workers: int = option(2, "Data-loading worker processes per training process.", "Run", result=False)
     eval_every: int = option(1, "Evaluate on the test split every N epochs (and always after the last).", "Run",
                              result=False)
+    compile: bool = option(False, "torch.compile the model being trained and the teacher (inductor; the first steps "
+                           "compile for a while). Measured in docs/results.md.", "Run", result=False)
+    channels_last: bool = option(False, "Channels-last memory format for convolutional models and teachers (faster "
+                                 "convolutions on many GPUs and CPUs). Measured in docs/results.md.", "Run", result=False)
     log_every: int = option(20, "Read the training loss (for the log and its NaN/inf check) every N optimizer steps: the "
                             "one host sync of the loop. A bad loss still stops the run naming the step it happened.", "Run",
                             result=False)

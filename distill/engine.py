@@ -34,19 +34,21 @@ from distill.config import StageConfig, to_dict
 from distill.console import console
 from distill.data.loaders import eval_loader, train_loader
 from distill.errors import DistillError
-from distill.evaluation import Predict, evaluate, flatten, plain_logits
+from distill.evaluation import Predict, bare, evaluate, flatten, plain_logits
 from distill.runfolder import RunFolder
 
 
-def make_accelerator(mixed_precision: str, grad_accum: int = 1) -> Accelerator:
-    """A fresh Accelerator for one run (a pipeline may change precision between stages)."""
+def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = False) -> Accelerator:
+    """A fresh Accelerator for one run (a pipeline may change precision between stages); with `compile`,
+    accelerate's prepare() hands the model to torch.compile (inductor)."""
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DistillError("fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16.")
     AcceleratorState._reset_state(reset_partial_state=False)  # keeps the process group, forgets the precision
     # Several processes without CUDA (torchrun on a CPU): accelerate joins them over gloo only when told
     # it runs on the CPU; a single process keeps accelerate's own device choice (CUDA, MPS, XPU, CPU).
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes, gradient_accumulation_steps=grad_accum)
+    return Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes, gradient_accumulation_steps=grad_accum,
+                       dynamo_backend="inductor" if compile else None)
 
 
 @dataclass
@@ -150,7 +152,7 @@ class Run:
 
     def __init__(self, config: StageConfig, identity: dict[str, Any]):
         self.config = config
-        self.accelerator = make_accelerator(config.mixed_precision, config.grad_accum)
+        self.accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.compile)
         self.folder = RunFolder(config, identity, self.accelerator)
         self.dir = self.folder.dir
         self.finished: Checkpoint | None = self.folder.open()
@@ -193,12 +195,14 @@ class Run:
         optimizer, scheduler = self._optimisation(job.model, steps_per_epoch, lr)
         mixup = self._mixup(job)
         self.folder.start()  # only once the inputs have proved usable
+        if cfg.channels_last:
+            job.model.to(memory_format=torch.channels_last)
         model, optimizer = acc.prepare(job.model, optimizer)
         test_dl = acc.prepare(eval_loader(job.eval_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                           pin_memory=pin))
         criterion = job.criterion.to(acc.device)
         reference = job.reference.to(acc.device) if job.reference is not None else None
-        ema = make_ema(acc.unwrap_model(model), cfg) if cfg.ema else None
+        ema = make_ema(bare(acc, model), cfg) if cfg.ema else None
         if main:
             console.print(f"[bold]{cfg.stage}[/] -> {self.dir}  ({world} process{'es' if world > 1 else ''}, "
                           f"{acc.device.type}, precision {cfg.mixed_precision}, global batch "
@@ -249,7 +253,7 @@ class Run:
             ema_final = evaluate(ema.module, test_dl, acc, job.predict, per_class=True)
             ema_record = {"decay": cfg.ema_decay, "warmup": cfg.ema_warmup, "step": progress["step"],
                           "last_decay": ema.get_decay(ema_step(cfg, progress["step"]))}
-        path = self._write_checkpoints(job, acc.unwrap_model(model), ema, final, ema_final, lr, ema_record)
+        path = self._write_checkpoints(job, bare(acc, model), ema, final, ema_final, lr, ema_record)
         acc.wait_for_everyone()
         acc.end_training()
         acc.free_memory()
@@ -275,31 +279,19 @@ class Run:
         task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=parts.batches, completed=skip, loss=float("nan"),
                             lr=parts.optimizer.param_groups[0]["lr"], ips=0.0)
         with bar:
-            for batch_index, (images, targets, *extra) in enumerate(loader, start=skip):
+            for batch_index, batch in enumerate(loader, start=skip):
                 if batch_index >= parts.batches:
                     break
-                images = images.to(acc.device, non_blocking=True)
-                targets = targets.to(acc.device, non_blocking=True)
-                extra = [t.to(acc.device, non_blocking=True) for t in extra]  # a cached teacher's targets
-                if parts.mixup is not None:
-                    images, targets, extra = parts.mixup(images, targets, extra)
-                with acc.accumulate(parts.model):  # accelerate skips the gradient sync and step between updates
-                    with acc.autocast():
-                        loss = parts.criterion(images, parts.model(images), targets, *extra)
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.clip_grad:
-                        acc.clip_grad_norm_(parts.model.parameters(), cfg.clip_grad)
-                    parts.optimizer.step()
-                    parts.optimizer.zero_grad(set_to_none=True)
+                loss = train_step(acc, parts, batch, cfg.clip_grad, cfg.channels_last)
                 watch.add(loss, progress["step"] + 1)
-                seen += images.shape[0]
+                seen += len(batch[0])
                 if not acc.sync_gradients:
                     bar.update(task, advance=1)
                     continue
                 progress["step"] += 1
                 parts.scheduler.step_update(num_updates=progress["step"])
                 if parts.ema is not None:
-                    parts.ema.update(acc.unwrap_model(parts.model), step=ema_step(cfg, progress["step"]))
+                    parts.ema.update(bare(acc, parts.model), step=ema_step(cfg, progress["step"]))
                 saving = cfg.save_every and progress["step"] % cfg.save_every == 0 and batch_index + 1 < parts.batches
                 if saving or progress["step"] % cfg.log_every == 0:
                     check()  # never save a state past a bad step
@@ -335,6 +327,29 @@ class Run:
 
         self.folder.on_main(write)
         return path
+
+
+def train_step(acc: Accelerator, parts: Prepared, batch: Any, clip_grad: float | None = None,
+               channels_last: bool = False) -> torch.Tensor:
+    """One micro-batch: to the device, Mixup/CutMix, forward, loss, backward, and (at an update) the optimizer
+    step. Returns the loss, left on the device. `distill benchmark` times this very function."""
+    images, targets, *extra = batch  # extra: a cached teacher's targets
+    images = images.to(acc.device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = targets.to(acc.device, non_blocking=True)
+    extra = [t.to(acc.device, non_blocking=True) for t in extra]
+    if parts.mixup is not None:
+        images, targets, extra = parts.mixup(images, targets, extra)
+    with acc.accumulate(parts.model):  # accelerate skips the gradient sync and step between updates
+        with acc.autocast():
+            loss = parts.criterion(images, parts.model(images), targets, *extra)
+        acc.backward(loss)
+        if acc.sync_gradients and clip_grad:
+            acc.clip_grad_norm_(parts.model.parameters(), clip_grad)
+        parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def _progress_bar(disable: bool) -> Progress:

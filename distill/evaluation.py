@@ -12,6 +12,11 @@ from torch import nn
 Predict = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
 
 
+def bare(acc: Accelerator, model: nn.Module) -> nn.Module:
+    """The model as timm built it: without accelerate's wrappers (DDP) and without torch.compile's."""
+    return acc.unwrap_model(model, keep_torch_compile=False)
+
+
 def plain_logits(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"top": model(images)}
 
@@ -23,7 +28,7 @@ def evaluate(model: nn.Module, loader: Any, acc: Accelerator, predict: Predict =
 
     With a `reference` (a teacher), also its accuracy and how often each head disagrees with it.
     """
-    net = acc.unwrap_model(model)
+    net = bare(acc, model)
     was_training = net.training
     net.eval()
     parts: dict[str, list[torch.Tensor]] = {}

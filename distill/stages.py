@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import timm
+import torch
 from torch import nn
 
 from distill.checkpoint import MODEL_FILE, Checkpoint, build_model, find_by_sha256, read_checkpoint, stage_checkpoints
@@ -197,12 +198,18 @@ def datasets_for(cfg: StageConfig, data: DataSplits, mean: tuple[float, ...], st
     return Transformed(data.train, train_tf), Transformed(data.test, test_tf)
 
 
-def frozen_teacher(ckpt: Checkpoint, input_norm: tuple[tuple[float, ...], tuple[float, ...]],
-                   img_size: int) -> FrozenTeacher:
+def frozen_teacher(ckpt: Checkpoint, input_norm: tuple[tuple[float, ...], tuple[float, ...]], img_size: int,
+                   cfg: StageConfig | None = None) -> FrozenTeacher:
+    """The teacher, frozen, renormalising the student's input; compiled and channels-last as the run asks."""
     model = build_model(ckpt)
     if hasattr(model, "set_input_size") and hasattr(model, "pos_embed") and ckpt.img_size != img_size:
         resize(model, img_size)  # a ViT teacher must see the student's resolution too
-    return FrozenTeacher(model, (ckpt.data["mean"], ckpt.data["std"]), input_norm)
+    if cfg is not None and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    teacher = FrozenTeacher(model, (ckpt.data["mean"], ckpt.data["std"]), input_norm)
+    if cfg is not None and cfg.compile:
+        teacher.model = torch.compile(teacher.model)
+    return teacher
 
 
 def criterion_for(cfg: StageConfig, kind: str, teacher: FrozenTeacher | None, alpha: float, tau: float,
@@ -439,7 +446,7 @@ def execute_cache(plan: StagePlan) -> None:
             write_seeds(root, seeds)
             write_manifest(root, manifest)
     acc.wait_for_everyone()
-    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size).to(acc.device)
+    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg).to(acc.device)
     dataset = Transformed(data.train, training_transform(cfg, mean, std))
     total = shard_count(cfg.views, len(data.train), cfg.shard_size)
     from rich.progress import Progress
@@ -678,7 +685,7 @@ def execute_student(plan: StagePlan) -> Checkpoint:
     model, args = build_student(name, len(data.classes), cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                                 depth=cfg.depth, num_heads=cfg.num_heads, drop_path=cfg.drop_path)
     set_distilled_training(model, True)
-    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size) if teacher is not None else None
+    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
     cache: TeacherCache | None = plan.settings.get("cache_object")
     view_seeds_ = None
@@ -715,7 +722,7 @@ def execute_finetune(plan: StagePlan) -> Checkpoint:
     model = build_model(parent, drop_path_rate=cfg.drop_path)
     resize(model, cfg.res)
     set_distilled_training(model, True)
-    frozen = frozen_teacher(teacher, (mean, std), cfg.res) if teacher is not None else None
+    frozen = frozen_teacher(teacher, (mean, std), cfg.res, cfg) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
     kind, alpha, tau = cfg.distillation, cfg.alpha, cfg.tau
     distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": has_dist_token(model)}
@@ -758,7 +765,7 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
         train_only(model, attention_parameter_names(model) + head_parameter_names(model))
         trainable = "attn"
     set_distilled_training(model, True)
-    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size) if teacher is not None else None
+    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
     kind, alpha, tau = cfg.distillation, cfg.alpha, cfg.tau
     distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": has_dist_token(model)}
