@@ -56,12 +56,15 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
     root = make_image_folder(tmp_path / "data", ["a", "b"])
     bad = root / "train" / "a" / "broken.png"
     bad.write_bytes(b"not an image at all")
-    splits = open_dataset(None, root)
-    index = [str(p) for p in splits.train.files].index(str(bad))
-    with pytest.raises(DistillError, match="broken.png"):
-        splits.train.load(index)
+    with pytest.raises(DistillError, match="(?s)1 image in .* cannot be read.*--skip-corrupt.*broken.png"):
+        open_dataset(None, root)  # found by the scan before any training
     skipped = open_dataset(None, root, skip_corrupt=True)
-    assert skipped.info["skipped_corrupt"] == 1 and len(skipped.train) == len(splits.train) - 1
+    assert skipped.info["skipped_corrupt"] == 1 and len(skipped.train) == 2 * 12  # the readable ones
+    assert skipped.info["skipped_examples"] == [str(bad)]
+    from distill.data.sources import FolderImages
+
+    with pytest.raises(DistillError, match="Cannot read image .*broken.png"):  # and by the loader, should one pass
+        FolderImages(root, [bad], [0]).load(0)
 
 
 def _hub_copy(tmp_path, as_parquet: bool):
