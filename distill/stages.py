@@ -213,6 +213,14 @@ def taught(kind: str) -> str:
     return "teacher" if kind != "none" else "recipe"
 
 
+def parent_accuracy(parent: Checkpoint) -> dict[str, Any]:
+    """The parent's recorded top-1 and how it was measured, kept beside a resolution change's own figures."""
+    metrics = parent.meta.get("metrics") or {}
+    precision = metrics.get("precision") or precision_name((parent.meta.get("config") or {}).get("mixed_precision", "no"))
+    return {"parent_top1": metrics.get("top1"), "parent_img_size": metrics.get("img_size") or parent.img_size,
+            "parent_precision": precision}
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -529,7 +537,7 @@ def execute_teach(plan: StagePlan) -> Checkpoint:
     job = Job(model=model, train_set=train_set, eval_set=test_set,
               criterion=criterion_for(cfg, "none", None, 0.0, 1.0, use_mixup=not fixres), num_classes=len(data.classes),
               describe=describe, use_mixup=not fixres, class_names=data.classes, notes=plan.notes,
-              evaluate_first=fixres)
+              evaluate_first=fixres, extra_metrics=parent_accuracy(init) if fixres else {})
     return run.fit(job)
 
 
@@ -582,13 +590,10 @@ def execute_finetune(plan: StagePlan) -> Checkpoint:
                 "teacher": teacher.lineage(taught(kind)) if teacher else None, "distillation": distillation,
                 "from_img_size": parent.img_size}
 
-    parent_metrics = parent.meta.get("metrics", {})
     job = Job(model=model, train_set=train_set, eval_set=test_set, criterion=criterion_for(cfg, kind, frozen, alpha, tau),
               num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
               class_names=data.classes, evaluate_first=True, notes=plan.notes,
-              extra_metrics={"parent_top1": parent_metrics.get("top1"), "parent_img_size": parent.img_size,
-                             "parent_precision": parent_metrics.get("precision") or precision_name(
-                                 (parent.meta.get("config") or {}).get("mixed_precision", "no"))})
+              extra_metrics=parent_accuracy(parent))
     return run.fit(job)
 
 
