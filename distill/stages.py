@@ -471,8 +471,8 @@ def open_run(plan: StagePlan) -> tuple[Run, Checkpoint | None]:
     if run.finished is not None:
         ckpt = run.finished
         if run.accelerator.is_main_process:
-            console.print(f"[bold]{plan.stage}[/]: {escape(str(ckpt.path))} is already finished with these settings "
-                          f"({escape(ckpt.accuracy() or 'no accuracy recorded')}); reusing it.", soft_wrap=True)
+            console.print(f"[bold]{plan.stage}[/]: {escape(str(ckpt.path))} is already finished with these settings: "
+                          f"{escape(ckpt.accuracy() or 'no accuracy recorded')}; reusing it.", soft_wrap=True)
         return run, ckpt
     if run.accelerator.is_main_process:
         if plan.parent is not None:
