@@ -47,7 +47,8 @@ def run_guarded(action: Callable[[], Any]) -> Any:
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         if _is_main_process():
-            _console().print("[yellow]Interrupted.[/] Run the same command again to resume from the last saved state.")
+            _console().print("[yellow]Interrupted.[/] Run the same command again: it resumes from the last saved state "
+                             "where one was saved, and starts afresh where none was.")
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
