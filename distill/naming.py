@@ -57,9 +57,10 @@ def family(name: str) -> str | None:
 
 
 def _first(value: Any) -> int | None:
-    if value is None:
-        return None
-    return int(value[0]) if isinstance(value, (tuple, list)) else int(value)
+    """224 from 224, (224, 224) or [224]; None from None or an empty sequence."""
+    if isinstance(value, (tuple, list)):
+        value = value[0] if value else None
+    return None if value is None else int(value)
 
 
 @functools.lru_cache(maxsize=128)
@@ -78,9 +79,10 @@ def _shape(name: str, args_json: str) -> Shape | None:
     patch = _first(getattr(patch_embed, "patch_size", None))
     img_size = _first(getattr(patch_embed, "img_size", None))
     if img_size is None:
-        img_size = _first((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None,))[-1:])
+        img_size = _first(((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or ())[-1:])
     blocks = getattr(model, "blocks", None)
-    transformer = isinstance(blocks, torch.nn.Sequential) and len(blocks) > 0 and hasattr(blocks[0], "attn")
+    transformer = (isinstance(blocks, (torch.nn.Sequential, torch.nn.ModuleList)) and len(blocks) > 0
+                   and hasattr(blocks[0], "attn"))
     width = getattr(model, "embed_dim", None) if transformer else None
     heads = getattr(blocks[0].attn, "num_heads", None) if transformer else None
     return Shape(params=params, patch=patch, width=width if isinstance(width, int) else None,
