@@ -47,7 +47,8 @@ def run_guarded(action: Callable[[], Any]) -> Any:
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         if _is_main_process():
-            _console().print("[yellow]Interrupted.[/] Run the same command again to resume from the last saved state.")
+            _console().print("[yellow]Interrupted.[/] Run the same command again: it resumes from the last saved state "
+                             "where one was saved, and starts afresh where none was.")
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
@@ -153,12 +154,12 @@ stage_command("transfer", _lazy("transfer"),
 
 @app.command()
 def pipeline(
-    recipe: Optional[str] = typer.Argument(None, help="A recipe file, or the name of a shipped one (quickstart, "
-                                           "cifar10-cpu, deit-ti, deit-s, deit-b) [default: quickstart]."),
+    recipe: Optional[str] = typer.Argument(None, help=escape("A recipe file, or the name of a shipped one (quickstart, "
+                                           "cifar10-cpu, deit-ti, deit-s, deit-b) [default: quickstart].")),
     only: Optional[str] = typer.Option(None, "--only", help="Run just this stage (its parent must exist)."),
     start: Optional[str] = typer.Option(None, "--from", help="Start at this stage; earlier outputs are taken as they are."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, be reused or resumed, and why."),
-    workdir: Optional[Path] = typer.Option(None, help="Work folder [default: the recipe's]."),
+    workdir: Optional[Path] = typer.Option(None, help=escape("Work folder [default: the recipe's].")),
     mixed_precision: Optional[str] = typer.Option(None, help="Override every stage's precision: no, bf16 or fp16."),
     num_workers: Optional[int] = typer.Option(None, help="Override every stage's data-loading workers."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe value: KEY=VALUE for every stage "
@@ -206,23 +207,31 @@ def info(checkpoint: Path = typer.Argument(..., help="A distill checkpoint (.saf
 @app.command()
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A distill checkpoint (.safetensors) or its run folder."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset [default: the checkpoint's]."),
-    data_dir: Optional[Path] = typer.Option(None, help="Local image folder [default: the checkpoint's]."),
-    res: Optional[int] = typer.Option(None, help="Evaluation resolution [default: the checkpoint's]; a ViT's position "
-                                      "embeddings are resampled."),
-    crop_pct: Optional[float] = typer.Option(None, help="Test crop ratio [default: the checkpoint's]."),
+    dataset: Optional[str] = typer.Option(None, help=escape("Dataset to test on, a name or hub id as for the stages "
+                                          "[default: the checkpoint's].")),
+    data_dir: Optional[Path] = typer.Option(None, help=escape("Local image folder to test on (its test/ or val/ split) "
+                                            "[default: the checkpoint's].")),
+    res: Optional[int] = typer.Option(None, help=escape("Evaluation resolution in pixels [default: the checkpoint's]; a "
+                                      "ViT's position embeddings are resampled.")),
+    crop_pct: Optional[float] = typer.Option(None, help=escape("Test crop ratio [default: the checkpoint's].")),
     teacher: Optional[Path] = typer.Option(None, help="Also report this teacher's accuracy and how often it disagrees."),
     batch_size: int = typer.Option(128, help="Batch size."),
-    num_workers: int = typer.Option(2, help="Data-loading workers."),
-    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
+    num_workers: int = typer.Option(2, help="Data-loading worker processes."),
+    mixed_precision: str = typer.Option("no", help="Precision of the evaluation: no (fp32), bf16 or fp16; the "
+                                        "accuracy says which."),
+    skip_corrupt: Optional[bool] = typer.Option(None, "--skip-corrupt/--no-skip-corrupt", show_default=False,
+                                                help=escape("Leave unreadable test images out [default: as the "
+                                                            "checkpoint was trained, on its own data; else no].")),
     per_class: bool = typer.Option(False, "--per-class", help="Print the accuracy of each class."),
 ) -> None:
-    """Top-1/top-5 of any checkpoint on any dataset and resolution, per head for token students."""
+    """Top-1 (and top-5, with more than 5 classes) of any checkpoint on any dataset and resolution, per head for
+    token students."""
     from distill.report import evaluate_checkpoint
 
     run_guarded(lambda: evaluate_checkpoint(checkpoint, dataset=dataset, data_dir=data_dir, res=res, crop_pct=crop_pct,
                                             teacher=teacher, batch_size=batch_size, num_workers=num_workers,
-                                            mixed_precision=mixed_precision, per_class=per_class))
+                                            mixed_precision=mixed_precision, per_class=per_class,
+                                            skip_corrupt=skip_corrupt))
 
 
 @app.command()

@@ -83,7 +83,9 @@ class StageConfig:
                             "one host sync of the loop. A bad loss still stops the run naming the step it happened.", "Run",
                             result=False)
     overwrite: bool = option(False, "Replace a finished or interrupted run in the same folder whose config differs.", "Run", result=False)
-    skip_corrupt: bool = option(False, "Skip unreadable images (counted and reported) instead of stopping on the first one.", "Data")
+    skip_corrupt: bool = option(False, "Leave out the images the check before training finds unreadable (their count and "
+                                "first paths are printed and shown by distill info) instead of stopping with the list of "
+                                "them.", "Data")
     # Data
     dataset: str | None = option(None, "Dataset: digits (embedded), cifar10, cifar100, flowers102, stanford_cars, imagenet-1k, "
                                  "any Hugging Face hub id or a local copy of one [default: the parent's, else digits].", "Data")
@@ -236,7 +238,7 @@ class FinetuneConfig(DistillFields, StageConfig):
     teacher_bn: str = option("last", "BatchNorm layers the FixRes adaptation re-estimates and trains beside the classifier: "
                              "last (the one before the global pooling, as FixRes does) or all.", "Distillation",
                              choices=("last", "all"))
-    distillation: str | None = option(None, "none, soft or hard [default: the student's].", "Distillation",
+    distillation: str | None = option(None, "Distillation: none, soft or hard [default: the student's].", "Distillation",
                                       choices=("none", "soft", "hard"))
     alpha: float | None = option(None, "Weight of the teacher term [default: the student's].", "Distillation")
     tau: float | None = option(None, "Soft-distillation temperature [default: the student's].", "Distillation")
@@ -269,7 +271,8 @@ class TransferConfig(DistillFields, StageConfig):
     head_only: bool = option(False, "Train only the head(s): a linear probe.", "Stage")
     from_scratch: bool = option(False, "Re-initialise the model's weights (a baseline with the same architecture and budget).",
                                 "Stage")
-    distillation: str | None = option(None, "none, soft or hard [default: hard when --teacher is given, else none].",
+    distillation: str | None = option(None, "Distillation: none, soft or hard [default: hard when --teacher is given, "
+                                      "else none].",
                                       "Distillation", choices=("none", "soft", "hard"))
     alpha: float | None = option(None, "Weight of the teacher term [default: the parent's, else 0.5].", "Distillation")
     tau: float | None = option(None, "Soft-distillation temperature [default: the parent's, else 1.0].", "Distillation")

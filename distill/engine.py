@@ -35,6 +35,7 @@ from distill.console import console
 from distill.data.loaders import eval_loader, train_loader
 from distill.errors import DistillError
 from distill.evaluation import Predict, bare, evaluate, flatten, plain_logits
+from distill.naming import precision_name
 from distill.runfolder import RunFolder
 
 
@@ -181,7 +182,15 @@ class Run:
                            label_smoothing=cfg.smoothing, num_classes=job.num_classes)
 
     def fit(self, job: Job) -> Checkpoint:
-        """Train, evaluate each epoch, save resumable state, and write the final checkpoint."""
+        """Train, evaluate each epoch, save resumable state, and write the final checkpoint. A run that fails
+        or is interrupted before it saved a state takes back the folder it made."""
+        try:
+            return self._fit(job)
+        except BaseException:
+            self.folder.abandon()
+            raise
+
+    def _fit(self, job: Job) -> Checkpoint:
         cfg, acc = self.config, self.accelerator
         main, world = acc.is_main_process, acc.num_processes
         pin = acc.device.type == "cuda"
@@ -205,7 +214,7 @@ class Run:
         ema = make_ema(bare(acc, model), cfg) if cfg.ema else None
         if main:
             console.print(f"[bold]{cfg.stage}[/] -> {self.dir}  ({world} process{'es' if world > 1 else ''}, "
-                          f"{acc.device.type}, precision {cfg.mixed_precision}, global batch "
+                          f"{acc.device.type}, precision {precision_name(cfg.mixed_precision)}, global batch "
                           f"{cfg.global_batch(world)}, lr {lr:.3g})" + "".join(f"\n  {note}" for note in job.notes),
                           soft_wrap=True)
 
@@ -222,8 +231,8 @@ class Run:
                 before = evaluate(model, test_dl, acc, job.predict)
                 self.folder.append_metrics({"epoch": 0, "step": 0, **flatten(before)}, keep_epochs_below=0)
                 if main:
-                    console.print(f"before training, at {cfg.img_size} px: test top-1 [bold]{before['top1']:.2f}[/]  "
-                                  f"top-5 {before['top5']:.2f}")
+                    console.print(f"before training, at {cfg.img_size} px: test top-1 [bold]{before['top1']:.2f}[/]"
+                                  + (f"  top-5 {before['top5']:.2f}" if "top5" in before else ""))
 
         parts = Prepared(model, optimizer, scheduler, criterion, mixup, ema, train_dl, steps_per_epoch * cfg.grad_accum)
         final: dict[str, Any] | None = None
@@ -272,8 +281,10 @@ class Run:
         def check() -> None:
             bad = watch.read()
             if bad is not None:
-                raise DistillError(f"The loss became {bad[1]} at step {bad[0]} (epoch {epoch + 1}); stopped, and the last "
-                                   f"good state in {self.dir} is kept. Try a lower --lr or --mixed-precision no.")
+                kept = (f"the last good state in {self.dir} is kept" if self.folder.has_state()
+                        else "nothing had been saved yet")
+                raise DistillError(f"The loss became {bad[1]} at step {bad[0]} (epoch {epoch + 1}); stopped, and {kept}. "
+                                   "Try a lower --lr or --mixed-precision no.")
 
         bar = _progress_bar(disable=not (acc.is_main_process and console.is_terminal))
         task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=parts.batches, completed=skip, loss=float("nan"),
@@ -316,7 +327,8 @@ class Run:
             final["train_seconds"] = round(sum(r.get("epoch_time_s", 0) for r in history), 1)
             before = next((r for r in history if r.get("epoch") == 0), None)
             if before is not None:
-                final["before_top1"], final["before_top5"] = before["top1"], before["top5"]
+                final.update({f"before_{key}": before[key] for key in ("top1", "top5", "precision", "img_size")
+                              if key in before})
             meta = {**job.describe(final), "identity": self.folder.identity, "config": to_dict(self.config),
                     "metrics": final, "lr_effective": lr, "processes": self.accelerator.num_processes}
             if ema is not None:
@@ -367,6 +379,7 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     heads = [h for h in ("cls", "dist") if f"{h}_top1" in record]
     extra = "  ".join(f"{h} {record[f'{h}_top1']:.2f}" for h in heads)
     ema = f"  ema {record['ema_top1']:.2f}" if "ema_top1" in record else ""
+    top5 = f"  top-5 {record['top5']:.2f}" if "top5" in record else ""
     return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
-            f"test top-1 [bold]{record['top1']:.2f}[/]  top-5 {record['top5']:.2f}  loss {record['test_loss']:.4f}"
+            f"test top-1 [bold]{record['top1']:.2f}[/]{top5}  loss {record['test_loss']:.4f}"
             f"{('  ' + extra) if extra else ''}{ema}  {timing}")

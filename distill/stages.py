@@ -20,18 +20,20 @@ from typing import Any, Callable, Mapping
 
 import timm
 import torch
+from rich.markup import escape
 from torch import nn
 
 from distill.checkpoint import MODEL_FILE, Checkpoint, build_model, find_by_sha256, read_checkpoint, stage_checkpoints
 from distill.config import (CacheConfig, FinetuneConfig, FixResConfig, StageConfig, StudentConfig, TeachConfig,
                             TransferConfig, resolve_auto, to_dict, validate)
 from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
-from distill.data.sources import peek_classes, peek_train_size
+from distill.data.sources import describe_skipped, peek_classes, peek_train_size
 from distill.console import console
 from distill.engine import Job, Run, make_accelerator
 from distill.runfolder import FolderStatus, folder_status, normalise
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
+from distill.naming import precision_name
 from distill.students import (attention_parameter_names, build_student, default_patch_size, has_dist_token,
                               head_parameter_names, named_outputs, resize, set_distilled_training, student_args,
                               student_model_name, train_only)
@@ -103,13 +105,11 @@ def transfer_parent(workdir: Path, expecting: Expecting) -> Checkpoint:
 def source_line(role: str, ckpt: Checkpoint) -> str:
     """One line saying which checkpoint a stage uses: path, model, resolution, data, accuracy."""
     if isinstance(ckpt, Expected):
-        return f"{role}: {ckpt.path} (written by the stage before)"
+        return escape(f"{role}: {ckpt.path} (written by the stage before)")
     data = ckpt.data
     where = data.get("dataset") or data.get("data_dir") or "?"
-    top1 = (ckpt.meta.get("metrics") or {}).get("top1")
-    accuracy = f", test top-1 {top1:.2f}" if isinstance(top1, (int, float)) else ""
-    return (f"{role}: {ckpt.path} ({ckpt.model_name} at {ckpt.img_size} px, {where}, {len(ckpt.classes)} classes"
-            f"{accuracy})")
+    accuracy = f", {ckpt.accuracy()}" if ckpt.accuracy() else ""
+    return escape(f"{role}: {ckpt.path} ({ckpt.label()}; {where}, {len(ckpt.classes)} classes{accuracy})")
 
 
 # -- data settings --------------------------------------------------------------------------------
@@ -217,6 +217,19 @@ def criterion_for(cfg: StageConfig, kind: str, teacher: FrozenTeacher | None, al
     mixup_active = use_mixup and (cfg.mixup > 0 or cfg.cutmix > 0)
     return DistillationLoss(base_criterion(cfg.smoothing, mixup_active), teacher if kind != "none" else None,
                             kind, alpha, tau, cached=cached)
+
+
+def taught(kind: str) -> str:
+    """What a run takes from its teacher: its outputs when it distils, else only the settings it was checked with."""
+    return "teacher" if kind != "none" else "recipe"
+
+
+def parent_accuracy(parent: Checkpoint) -> dict[str, Any]:
+    """The parent's recorded top-1 and how it was measured, kept beside a resolution change's own figures."""
+    metrics = parent.meta.get("metrics") or {}
+    precision = metrics.get("precision") or precision_name((parent.meta.get("config") or {}).get("mixed_precision", "no"))
+    return {"parent_top1": metrics.get("top1"), "parent_img_size": metrics.get("img_size") or parent.img_size,
+            "parent_precision": precision}
 
 
 def count_params(model: nn.Module) -> int:
@@ -433,7 +446,7 @@ def execute_cache(plan: StagePlan) -> None:
     manifest = {"identity": identity, "complete": False, "views": cfg.views, "images": len(data.train),
                 "num_classes": len(data.classes), "classes": data.classes, "top_k": cfg.top_k, "seed": cfg.seed,
                 "shard_size": cfg.shard_size,
-                "teacher": teacher.lineage(), "config": to_dict(cfg, result_only=True),
+                "teacher": teacher.lineage("teacher"), "config": to_dict(cfg, result_only=True),
                 "data": data_record(cfg, data.classes, mean, std, data.info),
                 "targets_sha256": targets_digest(data.train.targets)}
     if acc.is_main_process:
@@ -607,12 +620,15 @@ def open_run(plan: StagePlan) -> tuple[Run, Checkpoint | None]:
     if run.finished is not None:
         ckpt = run.finished
         if run.accelerator.is_main_process:
-            console.print(f"[bold]{plan.stage}[/]: {ckpt.path} is already finished with these settings (top-1 "
-                          f"{ckpt.meta.get('metrics', {}).get('top1', float('nan')):.2f}); reusing it.")
+            console.print(f"[bold]{plan.stage}[/]: {escape(str(ckpt.path))} is already finished with these settings: "
+                          f"{escape(ckpt.accuracy() or 'no accuracy recorded')}; reusing it.", soft_wrap=True)
         return run, ckpt
     if run.accelerator.is_main_process:
         if plan.parent is not None:
-            console.print(source_line("teacher" if plan.parent is plan.teacher else "parent", plan.parent), soft_wrap=True)
+            role = ("teacher" if plan.parent is plan.teacher else
+                    "architecture from (its weights are not used)" if getattr(plan.config, "from_scratch", False)
+                    else "parent")
+            console.print(source_line(role, plan.parent), soft_wrap=True)
         if plan.teacher is not None and plan.teacher is not plan.parent:
             console.print(source_line("teacher", plan.teacher), soft_wrap=True)
         if "cache" in plan.settings:
@@ -627,6 +643,9 @@ def load_with_norm(run: Run, teacher: Checkpoint | None, where: str) -> tuple[Da
     cfg = run.config
     with run.accelerator.main_process_first():  # a hub dataset is downloaded and cached once
         data = load_data(cfg)
+    skipped = describe_skipped(data.info)
+    if skipped and run.accelerator.is_main_process:
+        console.print(f"--skip-corrupt: {escape(skipped)}", soft_wrap=True)
     if teacher is not None:
         check_classes(teacher, data.classes, where)
     mean, std = resolve_norm(cfg, data)
@@ -666,12 +685,12 @@ def execute_teach(plan: StagePlan) -> Checkpoint:
                              "before_top1": metrics.get("before_top1"), "after_top1": metrics.get("top1")}
         return {"kind": "teacher", "stage": plan.stage, "model": {"name": cfg.model, "args": args},
                 "params": count_params(model), "data": data_record(cfg, data.classes, mean, std, data.info),
-                "parent": init.lineage() if init else None, "fixres": fixres_record}
+                "parent": init.lineage("weights") if init else None, "fixres": fixres_record}
 
     job = Job(model=model, train_set=train_set, eval_set=test_set,
               criterion=criterion_for(cfg, "none", None, 0.0, 1.0, use_mixup=not fixres), num_classes=len(data.classes),
               describe=describe, use_mixup=not fixres, class_names=data.classes, notes=plan.notes,
-              evaluate_first=fixres)
+              evaluate_first=fixres, extra_metrics=parent_accuracy(init) if fixres else {})
     return run.fit(job)
 
 
@@ -695,7 +714,9 @@ def execute_student(plan: StagePlan) -> Checkpoint:
                                "labels changed); make the cache again.")
         train_set.view_target = functools.partial(cache.target, kind=cfg.distillation)
         view_seeds_ = cache.seeds()
-    record = teacher.lineage() if teacher else (plan.settings.get("cache") or {}).get("teacher")
+    cached_teacher = (plan.settings.get("cache") or {}).get("teacher")
+    record = (teacher.lineage(taught(cfg.distillation)) if teacher else
+              {**cached_teacher, "inherited": taught(cfg.distillation)} if cached_teacher else None)
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "student", "model": {"name": name, "args": args},
@@ -729,15 +750,14 @@ def execute_finetune(plan: StagePlan) -> Checkpoint:
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "finetune", "model": plan.model, "params": count_params(model),
-                "data": data_record(cfg, data.classes, mean, std, data.info), "parent": parent.lineage(),
-                "teacher": teacher.lineage() if teacher else None, "distillation": distillation,
+                "data": data_record(cfg, data.classes, mean, std, data.info), "parent": parent.lineage("weights"),
+                "teacher": teacher.lineage(taught(kind)) if teacher else None, "distillation": distillation,
                 "from_img_size": parent.img_size}
 
-    parent_metrics = parent.meta.get("metrics", {})
     job = Job(model=model, train_set=train_set, eval_set=test_set, criterion=criterion_for(cfg, kind, frozen, alpha, tau),
               num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
               class_names=data.classes, evaluate_first=True, notes=plan.notes,
-              extra_metrics={"parent_top1": parent_metrics.get("top1"), "parent_img_size": parent.img_size})
+              extra_metrics=parent_accuracy(parent))
     return run.fit(job)
 
 
@@ -774,8 +794,11 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
         return {"kind": "student", "stage": "transfer", "model": {"name": parent.model_name, "args": args},
                 "params": count_params(model),
                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "data": data_record(cfg, data.classes, mean, std, data.info), "parent": parent.lineage(),
-                "teacher": teacher.lineage() if teacher else None, "distillation": distillation,
+                "data": data_record(cfg, data.classes, mean, std, data.info),
+                # a from-scratch baseline copies only the architecture: it has no parent, it names where it came from
+                "parent": None if cfg.from_scratch else parent.lineage("weights"),
+                "architecture_from": parent.lineage("recipe") if cfg.from_scratch else None,
+                "teacher": teacher.lineage(taught(kind)) if teacher else None, "distillation": distillation,
                 "trainable": trainable, "from_scratch": cfg.from_scratch}
 
     job = Job(model=model, train_set=train_set, eval_set=test_set, criterion=criterion_for(cfg, kind, frozen, alpha, tau),

@@ -58,7 +58,7 @@ def test_the_default_teacher_is_runs_teach_even_beside_a_newer_teacher(taught, t
     result = invoke("student", "--workdir", root / "runs", "--name", "auto", *TINY, *TINY_VIT)
     assert result.exit_code == 0, result.output
     teacher = read_checkpoint(root / "runs" / "teach")
-    assert f"teacher: {root / 'runs' / 'teach' / 'model.safetensors'} (regnety_002 at 16 px" in result.output
+    assert f"teacher: {root / 'runs' / 'teach' / 'model.safetensors'} (RegNetY-200MF @ 16px (regnety_002, 2.8M params)" in result.output
     assert "3 classes, test top-1" in result.output
     ckpt = read_checkpoint(root / "runs" / "auto")
     assert ckpt.meta["teacher"]["sha256"] == teacher.sha256
