@@ -452,7 +452,7 @@ def execute_cache(plan: StagePlan) -> None:
     if acc.is_main_process:
         console.print(source_line("teacher", teacher), soft_wrap=True)
         console.print(f"[bold]cache-teacher[/] -> {root}  ({cfg.views} views x {len(data.train):,} images, top-{cfg.top_k}, "
-                      f"{acc.num_processes} process(es), precision {cfg.mixed_precision})"
+                      f"{acc.num_processes} process(es), precision {precision_name(cfg.mixed_precision)})"
                       + "".join(f"\n  {note}" for note in plan.notes), soft_wrap=True)
         root.mkdir(parents=True, exist_ok=True)
         if existing is None:
