@@ -89,7 +89,8 @@ def info_table(ckpt: Checkpoint) -> None:
         ("normalisation", f"{data.get('norm')}: mean {data.get('mean')}, std {data.get('std')}"),
         ("distillation", "none" if not distillation else
          f"{distillation.get('kind')} (alpha {distillation.get('alpha')}, tau {distillation.get('tau')}, "
-         f"token {'yes' if distillation.get('token') else 'no'})"),
+         f"token {'yes' if distillation.get('token') else 'no'}"
+         + (f", feature loss {distillation['feature_loss']}" if distillation.get("feature_loss") else "") + ")"),
         ("parent", _short(meta.get("parent"))),
         ("teacher", _short(meta.get("teacher"))),
     ]
