@@ -10,7 +10,6 @@ variant changes one part of it:
     3-Augment            --aa 3a                                   (DeiT III's augmentation for RandAugment)
     BCE                  --loss bce --bce-target-thresh 0 --smoothing 0   (DeiT III's loss, as its code runs it)
     feature              --distillation feature                     (timm's feature distillation, MSE)
-    hard+feature         --distillation hard+feature                (both teacher terms)
     simple random crop   --crop src                                 (DeiT III's crop for ImageNet-21k)
 
 Random erasing is off in all of them (DeiT III drops it), warmup is one epoch of the four.
@@ -45,12 +44,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "3-Augment": ("--aa 3a", {"aa": "3a"}),
     "BCE": ("--loss bce --bce-target-thresh 0 --smoothing 0", {"loss": "bce", "bce_target_thresh": 0.0, "smoothing": 0.0}),
     "feature": ("--distillation feature (MSE)", {"distillation": "feature"}),
-    "hard+feature": ("--distillation hard+feature", {"distillation": "hard+feature"}),
     "simple random crop": ("--crop src", {"crop": "src"}),
 }
 PAIRS = [("RandAugment against 3-Augment", "base", "3-Augment"), ("CE against BCE", "base", "BCE"),
          ("hard against feature distillation", "base", "feature"),
-         ("hard against hard + feature", "base", "hard+feature"),
          ("random-resized crop against simple random crop", "base", "simple random crop")]
 
 
