@@ -2,9 +2,11 @@
 
 The engine knows nothing of which stage it runs: a stage hands it a `Job` (a model, two datasets, a
 criterion `(inputs, outputs, targets) -> loss`, a way to read predictions, and a function that
-describes the final checkpoint). A criterion may train parameters of its own (`criterion.learned`, a
-feature-distillation projection): they are optimised with the model's, prepared by accelerate like it
-(synchronised across processes, saved in and restored from the resumable state) and never exported. The run folder is `runfolder.RunFolder`, evaluation `evaluation.evaluate`.
+describes the final checkpoint). The run folder is `runfolder.RunFolder`, evaluation `evaluation.evaluate`.
+
+A criterion may train parameters of its own (`criterion.learned`, a feature-distillation projection): they
+are optimised with the model's, prepared by accelerate like it (synchronised across processes, saved in and
+restored from the resumable state) and never exported.
 
 The step never waits for the device: losses stay there and are read, with their NaN/inf check, every
 --log-every steps and before every save, so a GPU is never stalled by the host in between.
