@@ -145,7 +145,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
             criterion = DistillationLoss(base_criterion(0.1, True), teacher if variant == "teacher" else None, kind,
                                          cached=variant == "cached")
             mixup = TargetMixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=classes)
-            parts = Prepared(prepared, optimizer, None, criterion, mixup, None, None, 0)
+            parts = Prepared(prepared, optimizer, None, criterion, mixup, None, None, 0, [prepared])
             labels = torch.randint(0, classes, (settings.batch_size,))
             cached = [torch.softmax(torch.randn(settings.batch_size, classes), dim=1)] if variant == "cached" else []
 

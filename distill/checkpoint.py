@@ -1,7 +1,8 @@
 """Self-describing safetensors checkpoints, atomic writes, and finding a stage's parent.
 
 A checkpoint's tensors are exactly timm's state dict, so `timm.create_model(name, **args)` plus
-`load_state_dict(strict=True)` rebuilds it. Its header metadata (one JSON document under the key
+`load_state_dict(strict=True)` rebuilds it (`distill.models.create` for a deit3_* student with the distillation
+token, whose position embedding timm sizes wrongly; the keys are still timm's). Its header metadata (one JSON document under the key
 "distill") says what it is, how it was built and from which parent.
 """
 
@@ -211,11 +212,11 @@ def read_checkpoint(path: Path | str, expect_kind: str | None = None, role: str 
 
 def build_model(ckpt: Checkpoint, **overrides: Any) -> torch.nn.Module:
     """Rebuild the timm model a checkpoint describes and load its weights strictly (returned in eval mode)."""
-    import timm
+    from distill.models import create
 
     args = {**ckpt.model_args, **overrides}
     try:
-        model = timm.create_model(ckpt.model_name, pretrained=False, **args)
+        model = create(ckpt.model_name, **args)
     except Exception as error:  # an unknown name or argument from a foreign or future file
         raise DistillError(f"timm cannot build '{ckpt.model_name}' with {args} from {ckpt.path}: {error}") from None
     try:

@@ -155,7 +155,7 @@ stage_command("transfer", _lazy("transfer"),
 @app.command()
 def pipeline(
     recipe: Optional[str] = typer.Argument(None, help=escape("A recipe file, or the name of a shipped one (quickstart, "
-                                           "cifar10-cpu, deit-ti, deit-s, deit-b) [default: quickstart].")),
+                                           "cifar10-cpu, deit-ti, deit-s, deit-b, deit3-s, deit3-b) [default: quickstart].")),
     only: Optional[str] = typer.Option(None, "--only", help="Run just this stage (its parent must exist)."),
     start: Optional[str] = typer.Option(None, "--from", help="Start at this stage; earlier outputs are taken as they are."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, be reused or resumed, and why."),

@@ -4,12 +4,17 @@ The engine knows nothing of which stage it runs: a stage hands it a `Job` (a mod
 criterion `(inputs, outputs, targets) -> loss`, a way to read predictions, and a function that
 describes the final checkpoint). The run folder is `runfolder.RunFolder`, evaluation `evaluation.evaluate`.
 
+A criterion may train parameters of its own (`criterion.learned`, a feature-distillation projection): they
+are optimised with the model's, prepared by accelerate like it (synchronised across processes, saved in and
+restored from the resumable state) and never exported.
+
 The step never waits for the device: losses stay there and are read, with their NaN/inf check, every
 --log-every steps and before every save, so a GPU is never stalled by the host in between.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +28,7 @@ from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -146,6 +151,7 @@ class Prepared:
     ema: ModelEmaV3 | None
     loader: Any
     batches: int  # micro-batches per epoch: a whole number of optimizer steps
+    trained: list[nn.Module]  # the model and any module the criterion trains beside it
 
 
 class Run:
@@ -159,13 +165,18 @@ class Run:
         self.finished: Checkpoint | None = self.folder.open()
         set_seed(config.seed)  # the same initial weights on every process
 
-    def _optimisation(self, model: nn.Module, steps_per_epoch: int, lr: float) -> tuple[Any, Any]:
-        """timm's optimizer (no weight decay on biases, norms, tokens) and per-step cosine with warmup."""
+    def _optimisation(self, model: nn.Module, learned: nn.Module | None, steps_per_epoch: int, lr: float
+                      ) -> tuple[Any, Any]:
+        """timm's optimizer (no weight decay on biases, norms, tokens) and per-step cosine with warmup; the
+        criterion's own parameters (`learned`) join it as further groups, decayed the same way."""
         cfg = self.config
         try:
             optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         except (ValueError, AssertionError, KeyError) as error:
             raise DistillError(f"timm cannot make the optimizer '{cfg.opt}': {error}.") from None
+        if learned is not None:  # before the scheduler, which reads every group's base rate
+            for group in param_groups_weight_decay(learned, cfg.weight_decay):
+                optimizer.add_param_group(group)
         # --warmup-lr and --min-lr are absolute (as in DeiT's code) while the peak follows the lr rule; at a
         # small batch the paper's fine-tune lr (5e-6 per 512) falls below them, and the schedule would then
         # rise instead of fall. Capping them at the peak keeps every rate at or below it.
@@ -201,15 +212,19 @@ class Run:
         if steps_per_epoch == 0:
             raise DistillError(f"An epoch has {len(train_dl)} batches, fewer than --grad-accum {cfg.grad_accum}.")
         lr = cfg.effective_lr(world)
-        optimizer, scheduler = self._optimisation(job.model, steps_per_epoch, lr)
+        learned = getattr(job.criterion, "learned", None)
+        optimizer, scheduler = self._optimisation(job.model, learned, steps_per_epoch, lr)
         mixup = self._mixup(job)
         self.folder.start()  # only once the inputs have proved usable
         if cfg.channels_last:
             job.model.to(memory_format=torch.channels_last)
-        model, optimizer = acc.prepare(job.model, optimizer)
+        criterion = job.criterion.to(acc.device)
+        if learned is None:
+            model, optimizer = acc.prepare(job.model, optimizer)
+        else:  # prepared after the model, so the resumable state holds it as model_1
+            model, criterion.learned, optimizer = acc.prepare(job.model, learned, optimizer)
         test_dl = acc.prepare(eval_loader(job.eval_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                           pin_memory=pin))
-        criterion = job.criterion.to(acc.device)
         reference = job.reference.to(acc.device) if job.reference is not None else None
         ema = make_ema(bare(acc, model), cfg) if cfg.ema else None
         if main:
@@ -234,7 +249,8 @@ class Run:
                     console.print(f"before training, at {cfg.img_size} px: test top-1 [bold]{before['top1']:.2f}[/]"
                                   + (f"  top-5 {before['top5']:.2f}" if "top5" in before else ""))
 
-        parts = Prepared(model, optimizer, scheduler, criterion, mixup, ema, train_dl, steps_per_epoch * cfg.grad_accum)
+        parts = Prepared(model, optimizer, scheduler, criterion, mixup, ema, train_dl, steps_per_epoch * cfg.grad_accum,
+                         [model] + ([criterion.learned] if learned is not None else []))
         final: dict[str, Any] | None = None
         first_epoch = progress["epoch"]
         for epoch in range(first_epoch, cfg.epochs):
@@ -353,12 +369,12 @@ def train_step(acc: Accelerator, parts: Prepared, batch: Any, clip_grad: float |
     extra = [t.to(acc.device, non_blocking=True) for t in extra]
     if parts.mixup is not None:
         images, targets, extra = parts.mixup(images, targets, extra)
-    with acc.accumulate(parts.model):  # accelerate skips the gradient sync and step between updates
+    with acc.accumulate(*parts.trained):  # accelerate skips the gradient sync and step between updates
         with acc.autocast():
             loss = parts.criterion(images, parts.model(images), targets, *extra)
         acc.backward(loss)
         if acc.sync_gradients and clip_grad:
-            acc.clip_grad_norm_(parts.model.parameters(), clip_grad)
+            acc.clip_grad_norm_(list(itertools.chain.from_iterable(m.parameters() for m in parts.trained)), clip_grad)
         parts.optimizer.step()
         parts.optimizer.zero_grad(set_to_none=True)
     return loss

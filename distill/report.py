@@ -129,9 +129,10 @@ def distillation_text(distillation: dict[str, Any] | None) -> str:
         token = distillation and distillation.get("token")
         return "none" + (" (with a distillation token: both heads learn from the labels)" if token else "")
     kind = distillation["kind"]
-    tau = f", tau {distillation.get('tau')}" if kind == "soft" else ""
+    tau = f", tau {distillation.get('tau')}" if kind.startswith("soft") else ""
+    feature = f", feature loss {distillation['feature_loss']}" if distillation.get("feature_loss") else ""
     token = "distillation token" if distillation.get("token") else "no distillation token"
-    return f"{kind} (alpha {distillation.get('alpha')}{tau}, {token})"
+    return f"{kind} (alpha {distillation.get('alpha')}{tau}{feature}, {token})"
 
 
 def info_table(ckpt: Checkpoint) -> None:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import timm
 import torch
 from rich.markup import escape
 from torch import nn
@@ -34,10 +33,11 @@ from distill.runfolder import FolderStatus, folder_status, normalise
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
 from distill.naming import precision_name
-from distill.students import (attention_parameter_names, build_student, default_patch_size, has_dist_token,
-                              head_parameter_names, named_outputs, resize, set_distilled_training, student_args,
-                              student_model_name, train_only)
-from distill.teachers import FrozenTeacher, build_teacher, check_model_name, freeze_for_fixres
+from distill.models import check_model_name, create
+from distill.students import (PreLogits, attention_parameter_names, build_student, default_patch_size, has_dist_token,
+                              head_parameter_names, named_outputs, records_token, resize, set_distilled_training,
+                              student_args, student_model, train_only)
+from distill.teachers import FrozenTeacher, build_teacher, freeze_for_fixres
 from distill.teachers.cache import TeacherCache, fill_shards, read_manifest, shard_count, view_seeds, write_manifest, write_seeds
 
 DEFAULT_IMG_SIZE, DEFAULT_CROP_PCT, DEFAULT_NORM = 32, 0.875, "imagenet"
@@ -185,10 +185,10 @@ def training_transform(cfg: StageConfig, mean: tuple[float, ...], std: tuple[flo
     try:
         return train_transform(cfg.img_size, mean=mean, std=std, aa=cfg.aa, reprob=cfg.reprob,
                                color_jitter=cfg.color_jitter, scale_min=cfg.scale_min, hflip=cfg.hflip,
-                               interpolation=cfg.interpolation)
-    except (AssertionError, ValueError, KeyError) as error:  # timm's parser of the RandAugment string
+                               interpolation=cfg.interpolation, crop=cfg.crop)
+    except (AssertionError, ValueError, KeyError) as error:  # timm's parser of the augmentation string
         raise DistillError(f"timm cannot read the augmentation policy --aa {cfg.aa} ({error or 'bad format'}); "
-                           "use e.g. rand-m9-mstd0.5-inc1, or none.") from None
+                           "use e.g. rand-m9-mstd0.5-inc1, 3a, or none.") from None
 
 
 def datasets_for(cfg: StageConfig, data: DataSplits, mean: tuple[float, ...], std: tuple[float, ...],
@@ -213,11 +213,30 @@ def frozen_teacher(ckpt: Checkpoint, input_norm: tuple[tuple[float, ...], tuple[
 
 
 def criterion_for(cfg: StageConfig, kind: str, teacher: FrozenTeacher | None, alpha: float, tau: float,
-                  use_mixup: bool = True, cached: bool = False) -> DistillationLoss:
+                  use_mixup: bool = True, student: nn.Module | None = None, cached: bool = False) -> DistillationLoss:
+    """The stage's loss; feature distillation reads the student's pre-logits (its projection is built here)."""
     mixup_active = use_mixup and (cfg.mixup > 0 or cfg.cutmix > 0)
-    return DistillationLoss(base_criterion(cfg.smoothing, mixup_active), teacher if kind != "none" else None,
-                            kind, alpha, tau, cached=cached)
+    base = base_criterion(cfg.smoothing, mixup_active, cfg.loss, cfg.bce_target_thresh)
+    features = PreLogits(student) if "feature" in kind else None
+    return DistillationLoss(base, teacher if kind != "none" else None, kind, alpha, tau, features,
+                            getattr(cfg, "feature_loss", None) or "mse", cached=cached)
 
+
+def distillation_record(kind: str, alpha: float, tau: float, token: bool, feature_loss: str | None) -> dict[str, Any]:
+    """What a checkpoint says about how it learned from its teacher."""
+    record = {"kind": kind, "alpha": alpha, "tau": tau, "token": token}
+    if "feature" in kind:
+        record["feature_loss"] = feature_loss
+    return record
+
+
+def inherit_distillation(cfg: FinetuneConfig | TransferConfig, parent: Checkpoint, kind: str) -> StageConfig:
+    """alpha, tau and the feature loss the user left open: the parent's, else the defaults."""
+    inherited = parent.meta.get("distillation") or {}
+    return dataclasses.replace(
+        cfg, distillation=kind, alpha=cfg.alpha if cfg.alpha is not None else inherited.get("alpha", 0.5),
+        tau=cfg.tau if cfg.tau is not None else inherited.get("tau", 1.0),
+        feature_loss=cfg.feature_loss or inherited.get("feature_loss") or "mse")
 
 def taught(kind: str) -> str:
     """What a run takes from its teacher: its outputs when it distils, else only the settings it was checked with."""
@@ -304,7 +323,7 @@ def plan_teach(cfg: TeachConfig, expecting: Expecting = {}) -> StagePlan:
         cfg = dataclasses.replace(cfg, model=init.model_name)
     cfg = inherit_data(cfg, init, img_size=not fixres)
     if init is None:
-        name = student_model_name(cfg.model, token=False) if cfg.model.startswith("deit") else cfg.model
+        name = student_model(cfg.model, token=False)[0] if cfg.model.startswith(("deit", "vit")) else cfg.model
         check_model_name(name)
         cfg = dataclasses.replace(cfg, model=name)
     cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
@@ -332,14 +351,14 @@ def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
     else:
         teacher = None
     cfg = inherit_data(cfg, teacher)
-    name = student_model_name(cfg.model, cfg.token)
+    name, token_args = student_model(cfg.model, cfg.token)
     cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
     classes = planned_classes(cfg)
     if teacher is not None:
         check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
         classes = classes or teacher.classes or None
-    args = student_args(cfg, len(classes) if classes else None)
-    distillation = {"kind": cfg.distillation, "alpha": cfg.alpha, "tau": cfg.tau, "token": cfg.token}
+    args = {**student_args(cfg, len(classes) if classes else None), **token_args}
+    distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss)
     return _planned(StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes,
                               settings={"distillation": distillation}, model={"name": name, "args": args},
                               classes=classes))
@@ -388,11 +407,14 @@ def plan_cached_student(cfg: StudentConfig, expecting: Expecting) -> StagePlan:
         found = read_teacher(Path(record["path"]))
         teacher = found if found.sha256 == record["sha256"] else None
     cfg = inherit_data(inherit_from_cache(cfg, cache), teacher)
-    name = student_model_name(cfg.model, cfg.token)
+    if "feature" in cfg.distillation:
+        raise DistillError(f"A teacher cache holds the teacher's probabilities, not its features: --distillation "
+                           f"{cfg.distillation} needs the teacher itself (--teacher, without --teacher-cache).")
+    name, token_args = student_model(cfg.model, cfg.token)
     cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
     classes = cache.manifest["classes"]
-    args = student_args(cfg, len(classes))
-    distillation = {"kind": cfg.distillation, "alpha": cfg.alpha, "tau": cfg.tau, "token": cfg.token}
+    args = {**student_args(cfg, len(classes)), **token_args}
+    distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss)
     settings = {"distillation": distillation, "cache": {"path": str(cache.root.resolve()),
                                                          "identity": cache.manifest["identity"], "teacher": record}}
     plan = StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes, settings=settings,
@@ -532,9 +554,7 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
                            f"try {max(patch, cfg.res // patch * patch)} or {(cfg.res // patch + 1) * patch}.")
     inherited = parent.meta.get("distillation") or {}
     kind = "none" if cfg.no_teacher else (cfg.distillation or inherited.get("kind") or "none")
-    alpha = cfg.alpha if cfg.alpha is not None else inherited.get("alpha", 0.5)
-    tau = cfg.tau if cfg.tau is not None else inherited.get("tau", 1.0)
-    cfg = dataclasses.replace(cfg, distillation=kind, alpha=alpha, tau=tau)
+    cfg = inherit_distillation(cfg, parent, kind)
     cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
     teacher: Checkpoint | None = None
     before: list[StagePlan] = []
@@ -551,8 +571,8 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
             teacher = finished(adapt) or adapt.expected()
         check_classes(teacher, parent.classes or None, f"the student {parent.path}")
     model = {"name": parent.model_name, "args": {**parent.model_args, "img_size": cfg.res}}
-    distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": "dist_token" in parent.model_name or
-                    "distilled" in parent.model_name}
+    distillation = distillation_record(kind, cfg.alpha, cfg.tau, records_token(parent.model_name, parent.model_args),
+                                       cfg.feature_loss)
     return _planned(StagePlan("finetune", cfg, parent=parent, teacher=teacher, notes=notes, before=before,
                               settings={"distillation": distillation}, model=model, classes=parent.classes or None))
 
@@ -577,9 +597,7 @@ def plan_transfer(cfg: TransferConfig, expecting: Expecting = {}) -> StagePlan:
                            "(make one with `distill teach --dataset X --init TEACHER`).")
     kind = (cfg.distillation or (inherited.get("kind") if inherited.get("kind") not in (None, "none") else "hard")) \
         if teacher else "none"
-    alpha = cfg.alpha if cfg.alpha is not None else inherited.get("alpha", 0.5)
-    tau = cfg.tau if cfg.tau is not None else inherited.get("tau", 1.0)
-    cfg = dataclasses.replace(cfg, distillation=kind, alpha=alpha, tau=tau)
+    cfg = inherit_distillation(cfg, parent, kind)
     cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
     classes = planned_classes(cfg)
     if teacher is not None:
@@ -587,7 +605,8 @@ def plan_transfer(cfg: TransferConfig, expecting: Expecting = {}) -> StagePlan:
     args = {**parent.model_args, "num_classes": len(classes) if classes else None}
     if args.get("img_size"):
         args["img_size"] = cfg.img_size
-    distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": "distilled" in parent.model_name}
+    distillation = distillation_record(kind, cfg.alpha, cfg.tau, records_token(parent.model_name, parent.model_args),
+                                       cfg.feature_loss)
     return _planned(StagePlan("transfer", cfg, parent=parent, teacher=teacher, notes=notes,
                               settings={"distillation": distillation}, model={"name": parent.model_name, "args": args},
                               classes=classes))
@@ -671,7 +690,7 @@ def execute_teach(plan: StagePlan) -> Checkpoint:
     elif cfg.model.startswith(("deit", "vit")):
         model, args = build_student(cfg.model, len(data.classes), cfg.img_size, patch_size=cfg.patch_size,
                                     embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                                    drop_path=cfg.drop_path)
+                                    layer_scale=cfg.layer_scale, drop_path=cfg.drop_path)
     else:
         model, args = build_teacher(cfg.model, len(data.classes), cfg.drop_path)
     trainable = freeze_for_fixres(model, cfg.bn, cfg.img_size) if fixres else None
@@ -700,9 +719,10 @@ def execute_student(plan: StagePlan) -> Checkpoint:
     if done is not None:
         return done
     data, mean, std = load_with_norm(run, teacher, f"the dataset {cfg.data_dir or cfg.dataset}")
-    name = plan.model["name"]
+    name, token_args = student_model(cfg.model, cfg.token)
     model, args = build_student(name, len(data.classes), cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                                depth=cfg.depth, num_heads=cfg.num_heads, drop_path=cfg.drop_path)
+                                depth=cfg.depth, num_heads=cfg.num_heads, layer_scale=cfg.layer_scale,
+                                drop_path=cfg.drop_path, extra=token_args)
     set_distilled_training(model, True)
     frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
@@ -726,7 +746,7 @@ def execute_student(plan: StagePlan) -> Checkpoint:
 
     job = Job(model=model, train_set=train_set, eval_set=test_set,
               criterion=criterion_for(cfg, cfg.distillation, frozen if cache is None else None, cfg.alpha, cfg.tau,
-                                      cached=cache is not None),
+                                      student=model, cached=cache is not None),
               num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
               class_names=data.classes, notes=plan.notes, view_seeds=view_seeds_)
     return run.fit(job)
@@ -746,7 +766,7 @@ def execute_finetune(plan: StagePlan) -> Checkpoint:
     frozen = frozen_teacher(teacher, (mean, std), cfg.res, cfg) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
     kind, alpha, tau = cfg.distillation, cfg.alpha, cfg.tau
-    distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": has_dist_token(model)}
+    distillation = distillation_record(kind, alpha, tau, has_dist_token(model), cfg.feature_loss)
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "finetune", "model": plan.model, "params": count_params(model),
@@ -754,7 +774,8 @@ def execute_finetune(plan: StagePlan) -> Checkpoint:
                 "teacher": teacher.lineage(taught(kind)) if teacher else None, "distillation": distillation,
                 "from_img_size": parent.img_size}
 
-    job = Job(model=model, train_set=train_set, eval_set=test_set, criterion=criterion_for(cfg, kind, frozen, alpha, tau),
+    job = Job(model=model, train_set=train_set, eval_set=test_set,
+              criterion=criterion_for(cfg, kind, frozen, alpha, tau, student=model),
               num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
               class_names=data.classes, evaluate_first=True, notes=plan.notes,
               extra_metrics=parent_accuracy(parent))
@@ -768,7 +789,7 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
         return done
     data, mean, std = load_with_norm(run, teacher, f"the target {cfg.dataset or cfg.data_dir}")
     if cfg.from_scratch:
-        model = timm.create_model(parent.model_name, pretrained=False, drop_path_rate=cfg.drop_path, **parent.model_args)
+        model = create(parent.model_name, drop_path_rate=cfg.drop_path, **parent.model_args)
     else:
         model = build_model(parent, drop_path_rate=cfg.drop_path)
     args = dict(parent.model_args)
@@ -788,7 +809,7 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
     frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
     kind, alpha, tau = cfg.distillation, cfg.alpha, cfg.tau
-    distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": has_dist_token(model)}
+    distillation = distillation_record(kind, alpha, tau, has_dist_token(model), cfg.feature_loss)
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "transfer", "model": {"name": parent.model_name, "args": args},
@@ -801,7 +822,8 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
                 "teacher": teacher.lineage(taught(kind)) if teacher else None, "distillation": distillation,
                 "trainable": trainable, "from_scratch": cfg.from_scratch}
 
-    job = Job(model=model, train_set=train_set, eval_set=test_set, criterion=criterion_for(cfg, kind, frozen, alpha, tau),
+    job = Job(model=model, train_set=train_set, eval_set=test_set,
+              criterion=criterion_for(cfg, kind, frozen, alpha, tau, student=model),
               num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
               class_names=data.classes, notes=plan.notes)
     return run.fit(job)
