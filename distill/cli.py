@@ -47,7 +47,8 @@ def run_guarded(action: Callable[[], Any]) -> Any:
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         if _is_main_process():
-            _console().print("[yellow]Interrupted.[/] Run the same command again to resume from the last saved state.")
+            _console().print("[yellow]Interrupted.[/] Run the same command again: it resumes from the last saved state "
+                             "where one was saved, and starts afresh where none was.")
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
@@ -98,18 +99,19 @@ def stage_command(stage: str, runner: Callable[[StageConfig], Any], doc: str) ->
                                 default=typer.Option(None, "--recipe", help=escape("TOML recipe: flat keys, or a pipeline recipe's "
                                                      "top level plus its [" + stage + "] section. Flags override it."),
                                                      rich_help_panel="Run"))]
-    params += [_option_for(f, kinds[f.name]) for f in config_fields(cls)]
+    params += [_option_for(f, kinds[f.name]) for f in config_fields(cls) if f.name not in getattr(cls, "unused", ())]
     params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                                     default=typer.Option(False, "--debug", help="Show full tracebacks.", rich_help_panel="Run")))
 
     def command(**kwargs: Any) -> None:
         recipe, debug = kwargs.pop("recipe"), kwargs.pop("debug")
+        kwargs.update({name: None for name in getattr(cls, "unused", ())})
         _debug["on"] = _debug["on"] or debug
 
         def action() -> None:
             config = resolve(cls, recipe, kwargs)
             ckpt = runner(config)
-            if _is_main_process():
+            if _is_main_process() and ckpt is not None:
                 from distill.report import print_summary
 
                 print_summary(ckpt)
@@ -125,7 +127,8 @@ def stage_command(stage: str, runner: Callable[[StageConfig], Any], doc: str) ->
 def _stages() -> dict[str, Callable[[StageConfig], Any]]:
     from distill import stages
 
-    return {"teach": stages.teach, "student": stages.student, "finetune": stages.finetune, "transfer": stages.transfer}
+    return {"teach": stages.teach, "student": stages.student, "finetune": stages.finetune, "transfer": stages.transfer,
+            "cache-teacher": stages.cache_teacher}
 
 
 def _lazy(stage: str) -> Callable[[StageConfig], Any]:
@@ -141,6 +144,9 @@ stage_command("student", _lazy("student"),
 stage_command("finetune", _lazy("finetune"),
               "FixRes fine-tune a student at --res: position embeddings resampled (bicubic), the teacher adapted to the "
               "same resolution, distillation kept.")
+stage_command("cache-teacher", _lazy("cache-teacher"),
+              "Run a teacher once over K augmented views of every training image and keep its top-k probabilities, so "
+              "that `distill student --teacher-cache DIR` trains with no teacher forward at all (FKD).")
 stage_command("transfer", _lazy("transfer"),
               "Transfer a student to --dataset (cifar10, cifar100, flowers102, stanford_cars, any hub id) or --data-dir, "
               "with new heads; --attn-only, --head-only, or --teacher to keep distilling.")
@@ -148,12 +154,12 @@ stage_command("transfer", _lazy("transfer"),
 
 @app.command()
 def pipeline(
-    recipe: Optional[str] = typer.Argument(None, help="A recipe file, or the name of a shipped one (quickstart, "
-                                           "cifar10-cpu, deit-ti, deit-s, deit-b) [default: quickstart]."),
+    recipe: Optional[str] = typer.Argument(None, help=escape("A recipe file, or the name of a shipped one (quickstart, "
+                                           "cifar10-cpu, deit-ti, deit-s, deit-b, deit3-s, deit3-b) [default: quickstart].")),
     only: Optional[str] = typer.Option(None, "--only", help="Run just this stage (its parent must exist)."),
     start: Optional[str] = typer.Option(None, "--from", help="Start at this stage; earlier outputs are taken as they are."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, be reused or resumed, and why."),
-    workdir: Optional[Path] = typer.Option(None, help="Work folder [default: the recipe's]."),
+    workdir: Optional[Path] = typer.Option(None, help=escape("Work folder [default: the recipe's].")),
     mixed_precision: Optional[str] = typer.Option(None, help="Override every stage's precision: no, bf16 or fp16."),
     num_workers: Optional[int] = typer.Option(None, help="Override every stage's data-loading workers."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe value: KEY=VALUE for every stage "
@@ -228,27 +234,36 @@ def import_(source: str = typer.Argument(..., help="timm/NAME.TAG, hf-hub:ORG/RE
 def evaluate(
     checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    dataset: Optional[str] = typer.Option(None, help="Dataset [default: the checkpoint's]."),
-    data_dir: Optional[Path] = typer.Option(None, help="Local image folder [default: the checkpoint's]."),
-    res: Optional[int] = typer.Option(None, help="Evaluation resolution [default: the checkpoint's]; a ViT's position "
-                                      "embeddings are resampled."),
-    crop_pct: Optional[float] = typer.Option(None, help="Test crop ratio [default: the checkpoint's]."),
+    dataset: Optional[str] = typer.Option(None, help=escape("Dataset to test on, a name or hub id as for the stages "
+                                          "[default: the checkpoint's].")),
+    data_dir: Optional[Path] = typer.Option(None, help=escape("Local image folder to test on (its test/ or val/ split) "
+                                            "[default: the checkpoint's].")),
+    res: Optional[int] = typer.Option(None, help=escape("Evaluation resolution in pixels [default: the checkpoint's]; a "
+                                      "ViT's position embeddings are resampled.")),
+    crop_pct: Optional[float] = typer.Option(None, help=escape("Test crop ratio [default: the checkpoint's].")),
     teacher: Optional[str] = typer.Option(None, help="Also report this teacher's accuracy and how often it disagrees "
                                           "(any source, as for the checkpoint)."),
     teacher_model: Optional[str] = typer.Option(None, help="timm architecture of a bare weights file given as --teacher."),
     teacher_res: str = typer.Option("student", help="Resolution the teacher reads the batch at: student, teacher or N."),
     batch_size: int = typer.Option(128, help="Batch size."),
-    num_workers: int = typer.Option(2, help="Data-loading workers."),
-    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
+    num_workers: int = typer.Option(2, help="Data-loading worker processes."),
+    mixed_precision: str = typer.Option("no", help="Precision of the evaluation: no (fp32), bf16 or fp16; the "
+                                        "accuracy says which."),
+    skip_corrupt: Optional[bool] = typer.Option(None, "--skip-corrupt/--no-skip-corrupt", show_default=False,
+                                                help=escape("Leave unreadable test images out [default: as the "
+                                                            "checkpoint was trained, on its own data; else no].")),
     per_class: bool = typer.Option(False, "--per-class", help="Print the accuracy of each class."),
 ) -> None:
-    """Top-1/top-5 of any checkpoint on any dataset and resolution, per head for token students."""
+    """Top-1 (and top-5, with more than 5 classes) of any checkpoint on any dataset and resolution, per head for
+    token students."""
     from distill.report import evaluate_checkpoint
 
     run_guarded(lambda: evaluate_checkpoint(checkpoint, dataset=dataset, data_dir=data_dir, res=res, crop_pct=crop_pct,
                                             teacher=teacher, batch_size=batch_size, num_workers=num_workers,
-                                            mixed_precision=mixed_precision, per_class=per_class, model=model,
-                                            teacher_model=teacher_model, teacher_res=teacher_res))
+                                            mixed_precision=mixed_precision, per_class=per_class,
+                                            skip_corrupt=skip_corrupt, model=model, teacher_model=teacher_model,
+                                            teacher_res=teacher_res))
+
 
 
 @app.command()
@@ -312,6 +327,45 @@ def predict(
         prediction.write_output(prediction.render(records, fmt, top_k), output)
         if skipped:
             errors.print(f"skipped {len(skipped)} unreadable image(s), e.g. {escape(skipped[0])}", soft_wrap=True)
+
+    run_guarded(action)
+
+
+
+@app.command()
+def benchmark(
+    models: list[str] = typer.Argument(..., help="timm model names (deit_tiny_patch16_224, regnety_002, ...) or distill "
+                                       "checkpoints."),
+    batch_size: int = typer.Option(64, help="Batch size of every measurement."),
+    res: int = typer.Option(224, help="Resolution in pixels (a checkpoint's ViT is resampled to it)."),
+    steps: int = typer.Option(10, help="Timed steps per measurement, after the warm-up steps."),
+    warmup: int = typer.Option(3, help="Untimed steps before each measurement."),
+    mixed_precision: str = typer.Option("no", help="Precision: no, bf16 or fp16 (GPU)."),
+    teacher: str = typer.Option("regnety_002", help="Teacher of the on-the-fly distillation step: a timm name or a "
+                                "checkpoint."),
+    training: bool = typer.Option(True, "--training/--no-training", help="Also time training steps, not only inference."),
+    data_dir: Optional[Path] = typer.Option(None, help="Image folder for the measurements with data loading "
+                                            "(default: the embedded digits)."),
+    num_workers: int = typer.Option(2, help="Data-loading workers of the measurements with data loading."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the models and the teacher."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON."),
+) -> None:
+    """Throughput, parameters, GFLOPs and peak memory of models (the paper's Table 3.5), inference and training:
+    the student alone, with a teacher on the fly, with a cached teacher; with data loading and without."""
+    from distill import benchmark as bench
+
+    def action() -> None:
+        if mixed_precision not in ("no", "bf16", "fp16"):
+            raise DistillError(f"--mixed-precision must be one of no, bf16, fp16, not '{mixed_precision}'.")
+        settings = bench.BenchSettings(batch_size=batch_size, res=res, steps=steps, warmup=warmup,
+                                       mixed_precision=mixed_precision, teacher=teacher, training=training,
+                                       data_dir=data_dir, num_workers=num_workers, compile=compile,
+                                       channels_last=channels_last)
+        rows = bench.run(models, settings)
+        _console().print(bench.table(rows))
+        bench.save(rows, csv_path, json_path)
 
     run_guarded(action)
 

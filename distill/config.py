@@ -20,6 +20,7 @@ from typing import Any
 
 import tomli_w
 
+from distill.choices import CROPS, DISTILLATION_KINDS, FEATURE_LOSSES, LABEL_LOSSES
 from distill.errors import DistillError
 
 # DeiT's learning-rate rule: the value given is for a global batch of 512.
@@ -75,11 +76,17 @@ class StageConfig:
     num_workers: int = option(2, "Data-loading worker processes per training process.", "Run", result=False)
     eval_every: int = option(1, "Evaluate on the test split every N epochs (and always after the last).", "Run",
                              result=False)
+    compile: bool = option(False, "torch.compile the model being trained and the teacher (inductor; the first steps "
+                           "compile for a while). Measured in docs/results.md.", "Run", result=False)
+    channels_last: bool = option(False, "Channels-last memory format for convolutional models and teachers (faster "
+                                 "convolutions on many GPUs and CPUs). Measured in docs/results.md.", "Run", result=False)
     log_every: int = option(20, "Read the training loss (for the log and its NaN/inf check) every N optimizer steps: the "
                             "one host sync of the loop. A bad loss still stops the run naming the step it happened.", "Run",
                             result=False)
     overwrite: bool = option(False, "Replace a finished or interrupted run in the same folder whose config differs.", "Run", result=False)
-    skip_corrupt: bool = option(False, "Skip unreadable images (counted and reported) instead of stopping on the first one.", "Data")
+    skip_corrupt: bool = option(False, "Leave out the images the check before training finds unreadable (their count and "
+                                "first paths are printed and shown by distill info) instead of stopping with the list of "
+                                "them.", "Data")
     # Data
     dataset: str | None = option(None, "Dataset: digits (embedded), cifar10, cifar100, flowers102, stanford_cars, imagenet-1k, "
                                  "any Hugging Face hub id or a local copy of one [default: the parent's, else digits].", "Data")
@@ -100,14 +107,19 @@ class StageConfig:
                           "from 0.5, 1 warmup epoch: better on every small run measured), or auto: deit when the run sees "
                           f"{LONG_RUN_IMAGES // 1_000_000}M training images or more (epochs x training set), short below. "
                           "Each flag given overrides its own value.", "Augmentation", choices=("auto", "deit", "short"))
-    aa: str | None = option(None, "timm RandAugment policy, or none [default: by --profile; DeiT: rand-m9-mstd0.5-inc1].",
-                            "Augmentation")
+    aa: str | None = option(None, "timm augmentation policy: a RandAugment string (DeiT: rand-m9-mstd0.5-inc1), 3a (DeiT "
+                            "III's 3-Augment: one of grayscale, solarisation or Gaussian blur per image, chosen uniformly, "
+                            "plus --color-jitter and the flip) or none [default: by --profile].", "Augmentation")
+    crop: str = option("rrc", "Training crop: rrc (random-resized crop, DeiT and DeiT III on ImageNet-1k) or src (DeiT III's "
+                       "simple random crop: shorter side resized to --img-size, reflect-padded 4 px, a random square crop; "
+                       "--scale-min does not apply).", "Augmentation", choices=CROPS)
     reprob: float | None = option(None, "Random-erasing probability [default: by --profile; DeiT: 0.25].", "Augmentation")
     mixup: float | None = option(None, "Mixup alpha, 0 disables [default: by --profile; DeiT: 0.8].", "Augmentation")
     cutmix: float | None = option(None, "CutMix alpha, 0 disables [default: by --profile; DeiT: 1.0].", "Augmentation")
     mixup_switch_prob: float = option(0.5, "Probability of CutMix rather than Mixup when both are on.", "Augmentation")
     smoothing: float = option(0.1, "Label smoothing of the true labels (never applied to a teacher's labels).", "Augmentation")
-    color_jitter: float = option(0.3, "Colour jitter strength (timm ignores it when RandAugment is on).", "Augmentation")
+    color_jitter: float = option(0.3, "Colour jitter strength for brightness, contrast and saturation (timm ignores it "
+                                 "when RandAugment is on; 3-Augment keeps it, DeiT III: 0.3).", "Augmentation")
     scale_min: float | None = option(None, "Smallest area fraction of the random-resized crop [default: by --profile; "
                                      "DeiT: 0.08].", "Augmentation")
     hflip: float = option(0.5, "Horizontal-flip probability.", "Augmentation")
@@ -131,7 +143,15 @@ class StageConfig:
                                          "--profile; DeiT: 5].", "Optimisation")
     weight_decay: float = option(0.05, "Weight decay (not applied to biases, norms and token/position embeddings).", "Optimisation")
     momentum: float = option(0.9, "Momentum for SGD-type optimizers.", "Optimisation")
-    clip_grad: float | None = option(None, "Clip the gradient norm to this value (DeiT does not clip).", "Optimisation")
+    clip_grad: float | None = option(None, "Clip the gradient norm to this value (DeiT does not clip; DeiT III: 1.0).",
+                                     "Optimisation")
+    loss: str = option("ce", "Loss on the labels: ce (cross-entropy, DeiT) or bce (binary cross-entropy with the Mixup/CutMix "
+                       "targets, DeiT III; timm's --bce-loss). Distillation terms are added to either.", "Optimisation",
+                       choices=LABEL_LOSSES)
+    bce_target_thresh: float | None = option(None, "With --loss bce, binarise the targets: above this value 1, else 0 "
+                                             "(DeiT III: 0.0, so both classes of a mixed image are targets; needs "
+                                             "--smoothing 0) [default: the soft targets as they are, as timm].",
+                                             "Optimisation")
     ema: bool = option(False, "Also keep an exponential moving average of the weights, evaluated each epoch and saved as "
                        "model-ema.safetensors.", "Optimisation")
     ema_decay: float = option(0.99996, "EMA decay, used from the first step as DeiT does (DeiT's value: 0.99996).",
@@ -169,10 +189,12 @@ class DistillFields:
     """How a student learns from its teacher (paper, section 4; defaults from the official code)."""
 
     distillation: str | None = option(
-        "hard", "Distillation: none, soft (KL on temperature-softened outputs) or hard (teacher's argmax as a label).",
-        "Distillation", choices=("none", "soft", "hard"))
-    alpha: float | None = option(0.5, "Weight of the teacher term; the label term gets 1 - alpha (official DeiT default 0.5; "
-                                 "the paper's soft runs use 0.1).", "Distillation")
+        "hard", "Distillation: none, soft (KL on temperature-softened outputs), hard (teacher's argmax as a label), "
+        "feature (a learned projection of the student's pre-logits regresses the teacher's, timm's feature distillation; "
+        "the projection is trained and resumed with the run, never exported), or soft+feature, hard+feature.",
+        "Distillation", choices=DISTILLATION_KINDS)
+    alpha: float | None = option(0.5, "Weight of each teacher term; the label term gets 1 - alpha (official DeiT default "
+                                 "0.5; the paper's soft runs use 0.1).", "Distillation")
     tau: float | None = option(1.0, "Soft-distillation temperature (official DeiT default 1.0; the paper's soft runs use 3.0).",
                                "Distillation")
     teacher_res: str = option("student", "Resolution the teacher reads the batch at: student (the paper: the student's "
@@ -182,6 +204,8 @@ class DistillFields:
     teacher_model: str | None = option(None, "timm architecture of a bare weights file given as --teacher (e.g. "
                                        "regnety_160.deit_in1k); not needed for distill checkpoints or timm/, hf-hub:, "
                                        "local-dir: sources.", "Distillation", result=False)
+    feature_loss: str | None = option("mse", "Feature distillation's loss: mse (timm's) or cosine (1 - cosine similarity, "
+                                      "blind to the features' scale).", "Distillation", choices=FEATURE_LOSSES)
 
 
 @dataclass
@@ -192,6 +216,8 @@ class ArchFields:
     embed_dim: int | None = option(None, "Embedding width [default: the model's].", "Model")
     depth: int | None = option(None, "Number of transformer blocks [default: the model's].", "Model")
     num_heads: int | None = option(None, "Attention heads [default: the model's].", "Model")
+    layer_scale: float | None = option(None, "LayerScale's initial value (timm's init_values; DeiT III: 1e-4) [default: "
+                                       "the model's: 1e-6 for timm's deit3_*, none for deit_* and vit_*].", "Model")
 
 
 @dataclass
@@ -211,11 +237,16 @@ class TeachConfig(ArchFields, StageConfig):
 class StudentConfig(ArchFields, DistillFields, StageConfig):
     """`distill student`: a DeiT distilled from a teacher."""
 
-    model: str = option("deit_tiny", "DeiT size (deit_tiny, deit_small, deit_base) or a timm deit_* name.", "Model")
-    teacher: Path | None = option(None, "Teacher checkpoint [default: the newest teacher in --workdir].", "Distillation",
+    model: str = option("deit_tiny", "Student: a size (deit_tiny, deit_small, deit_base; deit3_small, deit3_base: DeiT III, "
+                        "LayerScale; vit_small, ...) or any timm ViT name.", "Model")
+    teacher: Path | None = option(None, "Teacher checkpoint [default: runs/teach in --workdir].", "Distillation",
                                   result=False)
-    token: bool = option(True, "Add the distillation token and its head (--no-token: a plain DeiT).", "Distillation",
-                         flag="--token/--no-token")
+    teacher_cache: Path | None = option(None, "Train from a teacher cache (`distill cache-teacher`) instead of running the "
+                                        "teacher: no teacher forward at all; the augmentation is the cache's.", "Distillation",
+                                        result=False)  # the cache's own identity, not its path, identifies the run
+    token: bool = option(True, "Add the distillation token and its head (--no-token: the plain model). timm has it for its "
+                         "DeiT models (deit_*, and deit3_* with their own position-embedding layout kept); other ViTs "
+                         "(vit_*) have none and are refused with --token.", "Distillation", flag="--token/--no-token")
     init: Path | None = option(None, "Start from a pretrained DeiT: a checkpoint, timm/NAME.TAG, hf-hub:, local-dir: or a "
                                "weights file (its architecture in --model). The student takes its size; a missing "
                                "distillation token and head start as copies of the class token and head; the heads are "
@@ -244,10 +275,12 @@ class FinetuneConfig(DistillFields, StageConfig):
     teacher_bn: str = option("last", "BatchNorm layers the FixRes adaptation re-estimates and trains beside the classifier: "
                              "last (the one before the global pooling, as FixRes does) or all.", "Distillation",
                              choices=("last", "all"))
-    distillation: str | None = option(None, "none, soft or hard [default: the student's].", "Distillation",
-                                      choices=("none", "soft", "hard"))
-    alpha: float | None = option(None, "Weight of the teacher term [default: the student's].", "Distillation")
+    distillation: str | None = option(None, "Distillation: none, soft, hard, feature, soft+feature or hard+feature [default: the student's; "
+                                      "feature distillation learns a new projection].", "Distillation", choices=DISTILLATION_KINDS)
+    alpha: float | None = option(None, "Weight of each teacher term [default: the student's].", "Distillation")
     tau: float | None = option(None, "Soft-distillation temperature [default: the student's].", "Distillation")
+    feature_loss: str | None = option(None, "Feature distillation's loss, mse or cosine [default: the student's].",
+                                      "Distillation", choices=FEATURE_LOSSES)
     # DeiT's 384 fine-tune (paper, section 6): 30 epochs, lr 5e-6 per 512, weight decay 1e-8, min lr 5e-6,
     # otherwise the training recipe.
     epochs: int = option(30, "Training epochs (DeiT's fine-tune: 30).", "Optimisation")
@@ -279,10 +312,13 @@ class TransferConfig(DistillFields, StageConfig):
     head_only: bool = option(False, "Train only the head(s): a linear probe.", "Stage")
     from_scratch: bool = option(False, "Re-initialise the model's weights (a baseline with the same architecture and budget).",
                                 "Stage")
-    distillation: str | None = option(None, "none, soft or hard [default: hard when --teacher is given, else none].",
-                                      "Distillation", choices=("none", "soft", "hard"))
-    alpha: float | None = option(None, "Weight of the teacher term [default: the parent's, else 0.5].", "Distillation")
+    distillation: str | None = option(None, "Distillation: none, soft, hard, feature, soft+feature or hard+feature [default: the parent's "
+                                      "when it distilled and --teacher is given, else hard with --teacher, else none].",
+                                      "Distillation", choices=DISTILLATION_KINDS)
+    alpha: float | None = option(None, "Weight of each teacher term [default: the parent's, else 0.5].", "Distillation")
     tau: float | None = option(None, "Soft-distillation temperature [default: the parent's, else 1.0].", "Distillation")
+    feature_loss: str | None = option(None, "Feature distillation's loss, mse or cosine [default: the parent's, else mse].",
+                                      "Distillation", choices=FEATURE_LOSSES)
     # The authors' transfer settings (CIFAR-10, Cars): SGD lr 0.01 at batch 768, wd 1e-4,
     # no random erasing, no stochastic depth; 0.01 x 512 / 768 is the base value here.
     opt: str = option("sgd", "Optimizer (the authors' transfer runs: SGD).", "Optimisation")
@@ -313,8 +349,33 @@ class FixResConfig(TeachConfig):
     reference_lr = ReferenceRate(4e-3, 256, "FixRes's SGD 8e-3 per 512, at its global batch of 256")
 
 
+@dataclass
+class CacheConfig(StageConfig):
+    """`distill cache-teacher`: a teacher's top-k predictions on K augmented views of every training image."""
+
+    teacher: Path | None = option(None, "Teacher checkpoint [default: runs/teach in --workdir].", "Stage", result=False)
+    views: int | None = option(None, "Augmented views of each training image [default: --epochs, a fresh view for every "
+                               "epoch of a student of that length].", "Stage")
+    top_k: int = option(10, "Probabilities kept per view (the rest of the mass is spread evenly over the other classes).",
+                        "Stage")
+    epochs: int = option(15, "Epochs of the students the cache is for: the number of views by default, and with --profile "
+                         "auto what chooses the augmentation, as it would for such a student.", "Stage")
+    batch_size: int = option(128, "Batch size of the teacher's forward passes.", "Stage")
+    shard_size: int = option(4096, "Views per shard file; a killed run resumes at the first shard not written.", "Stage")
+
+    stage = "cache-teacher"
+    # Settings of training that a cache does not use: not offered as flags.
+    unused = ("opt", "lr", "lr_scale", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "momentum", "clip_grad",
+              "ema", "ema_decay", "ema_warmup", "drop_path", "mixup", "cutmix", "mixup_switch_prob", "smoothing",
+              "grad_accum", "save_every", "eval_every", "log_every", "repeated_aug", "model")
+
+    def run_name(self) -> str:
+        return self.name or "teacher-cache"
+
+
 CONFIGS: dict[str, type[StageConfig]] = {
     "teach": TeachConfig, "student": StudentConfig, "finetune": FinetuneConfig, "transfer": TransferConfig,
+    "cache-teacher": CacheConfig,
 }
 
 
@@ -489,10 +550,15 @@ def validate(config: StageConfig) -> None:
         (config.clip_grad is None or config.clip_grad > 0, "--clip-grad must be positive."),
         (0 < config.ema_decay < 1, "--ema-decay must be between 0 and 1."),
         (config.weight_decay >= 0, "--weight-decay must not be negative."),
+        (config.bce_target_thresh is None or config.loss == "bce", "--bce-target-thresh applies to --loss bce only."),
+        (config.bce_target_thresh is None or 0 <= config.bce_target_thresh < 1, "--bce-target-thresh must be in [0, 1)."),
+        (config.bce_target_thresh is None or config.smoothing == 0,
+         f"--bce-target-thresh binarises the targets, which undoes --smoothing {config.smoothing} (or, below smoothing / "
+         "classes, marks every class present); pass --smoothing 0 with it, as DeiT III does."),
         (not (((config.mixup or 0) > 0 or (config.cutmix or 0) > 0) and config.batch_size % 2),
          f"Mixup/CutMix need an even --batch-size, not {config.batch_size} (or pass --mixup 0 --cutmix 0)."),
     ]
-    for name in ("res", "teacher_epochs"):
+    for name in ("res", "teacher_epochs", "views", "top_k", "shard_size"):
         value = getattr(config, name, None)
         if value is not None and value < 1:
             checks.append((False, f"--{name.replace('_', '-')} must be at least 1."))
@@ -549,7 +615,8 @@ def resolve_auto(config: StageConfig, world: int | None = None, train_size: int 
     updates: dict[str, Any] = {}
     notes: list[str] = []
     batch = config.global_batch(world)
-    if config.lr is None:
+    unused = getattr(config, "unused", ())
+    if config.lr is None and "lr" not in unused:
         reference = config.reference_lr
         rate = auto_rate(reference, batch)
         updates["lr"] = rate * LR_REFERENCE_BATCH / batch if config.lr_scale else rate
@@ -561,7 +628,8 @@ def resolve_auto(config: StageConfig, world: int | None = None, train_size: int 
         profile = "deit" if seen is not None and seen >= LONG_RUN_IMAGES else "short"
         why = (f"{config.epochs} epoch(s) x {train_size:,} images {'>=' if profile == 'deit' else '<'} "
                f"{LONG_RUN_IMAGES // 1_000_000}M" if seen is not None else "training-set size unknown before loading")
-    chosen = {key: value for key, value in PROFILES[profile].items() if getattr(config, key, 0) is None}
+    chosen = {key: value for key, value in PROFILES[profile].items()
+              if getattr(config, key, 0) is None and key not in unused}
     updates.update(chosen)
     if chosen:
         notes.append(f"{profile} profile ({why}): " + ", ".join(f"{key.replace('_', '-')} {value:g}" if isinstance(value, float)

@@ -4,12 +4,17 @@ The engine knows nothing of which stage it runs: a stage hands it a `Job` (a mod
 criterion `(inputs, outputs, targets) -> loss`, a way to read predictions, and a function that
 describes the final checkpoint). The run folder is `runfolder.RunFolder`, evaluation `evaluation.evaluate`.
 
+A criterion may train parameters of its own (`criterion.learned`, a feature-distillation projection): they
+are optimised with the model's, prepared by accelerate like it (synchronised across processes, saved in and
+restored from the resumable state) and never exported.
+
 The step never waits for the device: losses stay there and are read, with their NaN/inf check, every
 --log-every steps and before every save, so a GPU is never stalled by the host in between.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,7 +27,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from timm.data import Mixup
-from timm.optim import create_optimizer_v2
+from timm.data.mixup import mixup_target
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -33,19 +39,22 @@ from distill.config import StageConfig, to_dict
 from distill.console import console
 from distill.data.loaders import eval_loader, train_loader
 from distill.errors import DistillError
-from distill.evaluation import Predict, evaluate, flatten, plain_logits
+from distill.evaluation import Predict, bare, evaluate, flatten, plain_logits
+from distill.naming import precision_name
 from distill.runfolder import RunFolder
 
 
-def make_accelerator(mixed_precision: str, grad_accum: int = 1) -> Accelerator:
-    """A fresh Accelerator for one run (a pipeline may change precision between stages)."""
+def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = False) -> Accelerator:
+    """A fresh Accelerator for one run (a pipeline may change precision between stages); with `compile`,
+    accelerate's prepare() hands the model to torch.compile (inductor)."""
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DistillError("fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16.")
     AcceleratorState._reset_state(reset_partial_state=False)  # keeps the process group, forgets the precision
     # Several processes without CUDA (torchrun on a CPU): accelerate joins them over gloo only when told
     # it runs on the CPU; a single process keeps accelerate's own device choice (CUDA, MPS, XPU, CPU).
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes, gradient_accumulation_steps=grad_accum)
+    return Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes, gradient_accumulation_steps=grad_accum,
+                       dynamo_backend="inductor" if compile else None)
 
 
 @dataclass
@@ -65,6 +74,7 @@ class Job:
     class_names: list[str] = field(default_factory=list)
     extra_metrics: dict[str, Any] = field(default_factory=dict)  # e.g. accuracy before fine-tuning
     notes: list[str] = field(default_factory=list)  # the values `auto` chose, printed on the run's first line
+    view_seeds: Any = None  # a teacher cache's [views, images] seeds: epoch e trains on view e % views of each image
 
 
 def make_ema(model: nn.Module, cfg: StageConfig) -> ModelEmaV3:
@@ -76,6 +86,20 @@ def ema_step(cfg: StageConfig, step: int) -> int | None:
     """The step handed to the EMA: none with a fixed decay (timm then uses the decay as given from the first
     update on, as DeiT's ModelEma does), the optimizer step with the warmup."""
     return step if cfg.ema_warmup else None
+
+
+class TargetMixup(Mixup):
+    """timm's Mixup/CutMix ('batch' mode, DeiT's), also mixing dense extra targets (a cached teacher's) with the
+    very lambda and box of the images: each becomes lam * t + (1 - lam) * t.flip(0), as timm mixes the labels.
+    timm returns only the mixed labels, so this calls its `_mix_batch` (which mixes the images in place and
+    returns the lambda, corrected for the CutMix box) and mixes the rest alike."""
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor, extra: list[torch.Tensor] | None = None) -> Any:
+        if not extra:
+            return (*super().__call__(x, target), [])
+        lam = self._mix_batch(x)
+        mixed = mixup_target(target, self.num_classes, lam, self.label_smoothing)
+        return x, mixed, [t * lam + t.flip(0) * (1.0 - lam) for t in extra]
 
 
 class LossWatch:
@@ -123,10 +147,11 @@ class Prepared:
     optimizer: Any
     scheduler: Any
     criterion: nn.Module
-    mixup: Mixup | None
+    mixup: TargetMixup | None
     ema: ModelEmaV3 | None
     loader: Any
     batches: int  # micro-batches per epoch: a whole number of optimizer steps
+    trained: list[nn.Module]  # the model and any module the criterion trains beside it
 
 
 class Run:
@@ -134,19 +159,24 @@ class Run:
 
     def __init__(self, config: StageConfig, identity: dict[str, Any]):
         self.config = config
-        self.accelerator = make_accelerator(config.mixed_precision, config.grad_accum)
+        self.accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.compile)
         self.folder = RunFolder(config, identity, self.accelerator)
         self.dir = self.folder.dir
         self.finished: Checkpoint | None = self.folder.open()
         set_seed(config.seed)  # the same initial weights on every process
 
-    def _optimisation(self, model: nn.Module, steps_per_epoch: int, lr: float) -> tuple[Any, Any]:
-        """timm's optimizer (no weight decay on biases, norms, tokens) and per-step cosine with warmup."""
+    def _optimisation(self, model: nn.Module, learned: nn.Module | None, steps_per_epoch: int, lr: float
+                      ) -> tuple[Any, Any]:
+        """timm's optimizer (no weight decay on biases, norms, tokens) and per-step cosine with warmup; the
+        criterion's own parameters (`learned`) join it as further groups, decayed the same way."""
         cfg = self.config
         try:
             optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         except (ValueError, AssertionError, KeyError) as error:
             raise DistillError(f"timm cannot make the optimizer '{cfg.opt}': {error}.") from None
+        if learned is not None:  # before the scheduler, which reads every group's base rate
+            for group in param_groups_weight_decay(learned, cfg.weight_decay):
+                optimizer.add_param_group(group)
         # --warmup-lr and --min-lr are absolute (as in DeiT's code) while the peak follows the lr rule; at a
         # small batch the paper's fine-tune lr (5e-6 per 512) falls below them, and the schedule would then
         # rise instead of fall. Capping them at the peak keeps every rate at or below it.
@@ -155,36 +185,51 @@ class Run:
                                            step_on_epochs=False, updates_per_epoch=steps_per_epoch)
         return optimizer, scheduler
 
-    def _mixup(self, job: Job) -> Mixup | None:
+    def _mixup(self, job: Job) -> TargetMixup | None:
         cfg = self.config
         if not (job.use_mixup and (cfg.mixup > 0 or cfg.cutmix > 0)):
             return None  # an odd --batch-size with Mixup/CutMix is refused by config.validate
-        return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
-                     label_smoothing=cfg.smoothing, num_classes=job.num_classes)
+        return TargetMixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
+                           label_smoothing=cfg.smoothing, num_classes=job.num_classes)
 
     def fit(self, job: Job) -> Checkpoint:
-        """Train, evaluate each epoch, save resumable state, and write the final checkpoint."""
+        """Train, evaluate each epoch, save resumable state, and write the final checkpoint. A run that fails
+        or is interrupted before it saved a state takes back the folder it made."""
+        try:
+            return self._fit(job)
+        except BaseException:
+            self.folder.abandon()
+            raise
+
+    def _fit(self, job: Job) -> Checkpoint:
         cfg, acc = self.config, self.accelerator
         main, world = acc.is_main_process, acc.num_processes
         pin = acc.device.type == "cuda"
         train_dl = train_loader(job.train_set, batch_size=cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
-                                world=world, num_workers=cfg.num_workers, repeated_aug=cfg.repeated_aug, pin_memory=pin)
+                                world=world, num_workers=cfg.num_workers, repeated_aug=cfg.repeated_aug, pin_memory=pin,
+                                view_seeds=job.view_seeds)
         steps_per_epoch = len(train_dl) // cfg.grad_accum
         if steps_per_epoch == 0:
             raise DistillError(f"An epoch has {len(train_dl)} batches, fewer than --grad-accum {cfg.grad_accum}.")
         lr = cfg.effective_lr(world)
-        optimizer, scheduler = self._optimisation(job.model, steps_per_epoch, lr)
+        learned = getattr(job.criterion, "learned", None)
+        optimizer, scheduler = self._optimisation(job.model, learned, steps_per_epoch, lr)
         mixup = self._mixup(job)
         self.folder.start()  # only once the inputs have proved usable
-        model, optimizer = acc.prepare(job.model, optimizer)
+        if cfg.channels_last:
+            job.model.to(memory_format=torch.channels_last)
+        criterion = job.criterion.to(acc.device)
+        if learned is None:
+            model, optimizer = acc.prepare(job.model, optimizer)
+        else:  # prepared after the model, so the resumable state holds it as model_1
+            model, criterion.learned, optimizer = acc.prepare(job.model, learned, optimizer)
         test_dl = acc.prepare(eval_loader(job.eval_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                           pin_memory=pin))
-        criterion = job.criterion.to(acc.device)
         reference = job.reference.to(acc.device) if job.reference is not None else None
-        ema = make_ema(acc.unwrap_model(model), cfg) if cfg.ema else None
+        ema = make_ema(bare(acc, model), cfg) if cfg.ema else None
         if main:
             console.print(f"[bold]{cfg.stage}[/] -> {self.dir}  ({world} process{'es' if world > 1 else ''}, "
-                          f"{acc.device.type}, precision {cfg.mixed_precision}, global batch "
+                          f"{acc.device.type}, precision {precision_name(cfg.mixed_precision)}, global batch "
                           f"{cfg.global_batch(world)}, lr {lr:.3g})" + "".join(f"\n  {note}" for note in job.notes),
                           soft_wrap=True)
 
@@ -201,10 +246,11 @@ class Run:
                 before = evaluate(model, test_dl, acc, job.predict)
                 self.folder.append_metrics({"epoch": 0, "step": 0, **flatten(before)}, keep_epochs_below=0)
                 if main:
-                    console.print(f"before training, at {cfg.img_size} px: test top-1 [bold]{before['top1']:.2f}[/]  "
-                                  f"top-5 {before['top5']:.2f}")
+                    console.print(f"before training, at {cfg.img_size} px: test top-1 [bold]{before['top1']:.2f}[/]"
+                                  + (f"  top-5 {before['top5']:.2f}" if "top5" in before else ""))
 
-        parts = Prepared(model, optimizer, scheduler, criterion, mixup, ema, train_dl, steps_per_epoch * cfg.grad_accum)
+        parts = Prepared(model, optimizer, scheduler, criterion, mixup, ema, train_dl, steps_per_epoch * cfg.grad_accum,
+                         [model] + ([criterion.learned] if learned is not None else []))
         final: dict[str, Any] | None = None
         first_epoch = progress["epoch"]
         for epoch in range(first_epoch, cfg.epochs):
@@ -232,7 +278,7 @@ class Run:
             ema_final = evaluate(ema.module, test_dl, acc, job.predict, per_class=True)
             ema_record = {"decay": cfg.ema_decay, "warmup": cfg.ema_warmup, "step": progress["step"],
                           "last_decay": ema.get_decay(ema_step(cfg, progress["step"]))}
-        path = self._write_checkpoints(job, acc.unwrap_model(model), ema, final, ema_final, lr, ema_record)
+        path = self._write_checkpoints(job, bare(acc, model), ema, final, ema_final, lr, ema_record)
         acc.wait_for_everyone()
         acc.end_training()
         acc.free_memory()
@@ -251,37 +297,28 @@ class Run:
         def check() -> None:
             bad = watch.read()
             if bad is not None:
-                raise DistillError(f"The loss became {bad[1]} at step {bad[0]} (epoch {epoch + 1}); stopped, and the last "
-                                   f"good state in {self.dir} is kept. Try a lower --lr or --mixed-precision no.")
+                kept = (f"the last good state in {self.dir} is kept" if self.folder.has_state()
+                        else "nothing had been saved yet")
+                raise DistillError(f"The loss became {bad[1]} at step {bad[0]} (epoch {epoch + 1}); stopped, and {kept}. "
+                                   "Try a lower --lr or --mixed-precision no.")
 
         bar = _progress_bar(disable=not (acc.is_main_process and console.is_terminal))
         task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=parts.batches, completed=skip, loss=float("nan"),
                             lr=parts.optimizer.param_groups[0]["lr"], ips=0.0)
         with bar:
-            for batch_index, (images, targets) in enumerate(loader, start=skip):
+            for batch_index, batch in enumerate(loader, start=skip):
                 if batch_index >= parts.batches:
                     break
-                images = images.to(acc.device, non_blocking=True)
-                targets = targets.to(acc.device, non_blocking=True)
-                if parts.mixup is not None:
-                    images, targets = parts.mixup(images, targets)
-                with acc.accumulate(parts.model):  # accelerate skips the gradient sync and step between updates
-                    with acc.autocast():
-                        loss = parts.criterion(images, parts.model(images), targets)
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.clip_grad:
-                        acc.clip_grad_norm_(parts.model.parameters(), cfg.clip_grad)
-                    parts.optimizer.step()
-                    parts.optimizer.zero_grad(set_to_none=True)
+                loss = train_step(acc, parts, batch, cfg.clip_grad, cfg.channels_last)
                 watch.add(loss, progress["step"] + 1)
-                seen += images.shape[0]
+                seen += len(batch[0])
                 if not acc.sync_gradients:
                     bar.update(task, advance=1)
                     continue
                 progress["step"] += 1
                 parts.scheduler.step_update(num_updates=progress["step"])
                 if parts.ema is not None:
-                    parts.ema.update(acc.unwrap_model(parts.model), step=ema_step(cfg, progress["step"]))
+                    parts.ema.update(bare(acc, parts.model), step=ema_step(cfg, progress["step"]))
                 saving = cfg.save_every and progress["step"] % cfg.save_every == 0 and batch_index + 1 < parts.batches
                 if saving or progress["step"] % cfg.log_every == 0:
                     check()  # never save a state past a bad step
@@ -306,7 +343,8 @@ class Run:
             final["train_seconds"] = round(sum(r.get("epoch_time_s", 0) for r in history), 1)
             before = next((r for r in history if r.get("epoch") == 0), None)
             if before is not None:
-                final["before_top1"], final["before_top5"] = before["top1"], before["top5"]
+                final.update({f"before_{key}": before[key] for key in ("top1", "top5", "precision", "img_size")
+                              if key in before})
             meta = {**job.describe(final), "identity": self.folder.identity, "config": to_dict(self.config),
                     "metrics": final, "lr_effective": lr, "processes": self.accelerator.num_processes}
             if ema is not None:
@@ -317,6 +355,29 @@ class Run:
 
         self.folder.on_main(write)
         return path
+
+
+def train_step(acc: Accelerator, parts: Prepared, batch: Any, clip_grad: float | None = None,
+               channels_last: bool = False) -> torch.Tensor:
+    """One micro-batch: to the device, Mixup/CutMix, forward, loss, backward, and (at an update) the optimizer
+    step. Returns the loss, left on the device. `distill benchmark` times this very function."""
+    images, targets, *extra = batch  # extra: a cached teacher's targets
+    images = images.to(acc.device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = targets.to(acc.device, non_blocking=True)
+    extra = [t.to(acc.device, non_blocking=True) for t in extra]
+    if parts.mixup is not None:
+        images, targets, extra = parts.mixup(images, targets, extra)
+    with acc.accumulate(*parts.trained):  # accelerate skips the gradient sync and step between updates
+        with acc.autocast():
+            loss = parts.criterion(images, parts.model(images), targets, *extra)
+        acc.backward(loss)
+        if acc.sync_gradients and clip_grad:
+            acc.clip_grad_norm_(list(itertools.chain.from_iterable(m.parameters() for m in parts.trained)), clip_grad)
+        parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def _progress_bar(disable: bool) -> Progress:
@@ -334,6 +395,7 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     heads = [h for h in ("cls", "dist") if f"{h}_top1" in record]
     extra = "  ".join(f"{h} {record[f'{h}_top1']:.2f}" for h in heads)
     ema = f"  ema {record['ema_top1']:.2f}" if "ema_top1" in record else ""
+    top5 = f"  top-5 {record['top5']:.2f}" if "top5" in record else ""
     return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
-            f"test top-1 [bold]{record['top1']:.2f}[/]  top-5 {record['top5']:.2f}  loss {record['test_loss']:.4f}"
+            f"test top-1 [bold]{record['top1']:.2f}[/]{top5}  loss {record['test_loss']:.4f}"
             f"{('  ' + extra) if extra else ''}{ema}  {timing}")

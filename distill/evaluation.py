@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from distill.naming import precision_name
+
 Predict = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
+TOP_K = 5
+
+
+def bare(acc: Accelerator, model: nn.Module) -> nn.Module:
+    """The model as timm built it: without accelerate's wrappers (DDP) and without torch.compile's."""
+    return acc.unwrap_model(model, keep_torch_compile=False)
 
 
 def plain_logits(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -21,26 +29,30 @@ def evaluate(model: nn.Module, loader: Any, acc: Accelerator, predict: Predict =
              reference: nn.Module | None = None, per_class: bool = False) -> dict[str, Any]:
     """Top-1/top-5 and loss per head, each test image counted exactly once across processes.
 
-    With a `reference` (a teacher), also its accuracy and how often each head disagrees with it.
+    Top-5 is measured only with more than 5 classes (with 5 or fewer it is 100 by construction). The result
+    says the precision and the resolution it was measured at: the same weights give other numbers in bf16
+    than in fp32, and at another resolution. With a `reference` (a teacher), also its accuracy and how often
+    each head disagrees with it.
     """
-    net = acc.unwrap_model(model)
+    net = bare(acc, model)
     was_training = net.training
     net.eval()
     parts: dict[str, list[torch.Tensor]] = {}
-    headline = None
+    headline, img_size = None, None
     for images, labels in loader:
         images, labels = images.to(acc.device), labels.to(acc.device)
         with acc.autocast():
             scores = predict(net, images)
             if reference is not None:
                 scores["teacher"] = reference(images)
-        headline = headline or next(iter(scores))
+        headline, img_size = headline or next(iter(scores)), img_size or int(images.shape[-1])
         num_classes = scores[headline].shape[1]
         record = {"label": labels, "loss": F.cross_entropy(scores[headline].float(), labels, reduction="none")}
         for name, value in scores.items():
-            top = value.float().topk(min(5, value.shape[1]), dim=1).indices
+            top = value.float().topk(min(TOP_K, value.shape[1]), dim=1).indices
             record[f"{name}/pred"] = top[:, 0]
-            record[f"{name}/top5"] = (top == labels[:, None]).any(dim=1).float()  # gloo gathers no bools
+            if num_classes > TOP_K:
+                record[f"{name}/top5"] = (top == labels[:, None]).any(dim=1).float()  # gloo gathers no bools
         record = acc.gather_for_metrics(record)
         for key, value in record.items():
             parts.setdefault(key, []).append(value.cpu())
@@ -48,13 +60,15 @@ def evaluate(model: nn.Module, loader: Any, acc: Accelerator, predict: Predict =
     merged = {k: torch.cat(v) for k, v in parts.items()}
     labels = merged["label"]
     heads = [k.split("/")[0] for k in merged if k.endswith("/pred")]
-    result: dict[str, Any] = {"samples": int(labels.numel()), "loss": round(merged["loss"].mean().item(), 5)}
+    result: dict[str, Any] = {"samples": int(labels.numel()), "loss": round(merged["loss"].mean().item(), 5),
+                              "precision": precision_name(acc.mixed_precision), "img_size": img_size}
     per_head = {}
     for name in heads:
         correct = merged[f"{name}/pred"] == labels
-        per_head[name] = {"top1": round(correct.float().mean().item() * 100, 3),
-                          "top5": round(merged[f"{name}/top5"].float().mean().item() * 100, 3)}
-    result.update(top1=per_head[headline]["top1"], top5=per_head[headline]["top5"], head=headline)
+        per_head[name] = {"top1": round(correct.float().mean().item() * 100, 3)}
+        if f"{name}/top5" in merged:
+            per_head[name]["top5"] = round(merged[f"{name}/top5"].float().mean().item() * 100, 3)
+    result.update(per_head[headline], head=headline)
     if len(heads) > 1:
         result["heads"] = per_head
     if reference is not None:

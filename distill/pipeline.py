@@ -25,6 +25,7 @@ from distill.config import (CONFIGS, NOT_SHARED, STAGES, StageConfig, check_keys
                             resolve, stage_section, transfer_targets)
 from distill.console import console
 from distill.errors import DistillError
+from distill.naming import measured_at, model_label
 
 
 @dataclass
@@ -199,13 +200,14 @@ def plan(steps: list[Step]) -> list[PlanRow]:
 def print_plan(rows: list[PlanRow]) -> None:
     workdirs = sorted({str(row.plan.config.workdir) for row in rows})
     table = Table(title=f"plan, in {', '.join(workdirs)}", title_justify="left")
-    for column in ("stage", "model", "res", "folder", "action", "why"):
+    for column in ("stage", "model", "folder", "action", "why"):
         table.add_column(column)
     colours = {"reuse": "green", "run": "yellow", "resume": "cyan", "re-run": "magenta"}
     for row in rows:
-        cfg = row.plan.config
-        table.add_row(row.label, escape(str(row.plan.model.get("name", ""))), f"{cfg.img_size} px",
-                      escape(row.plan.run_dir.name), f"[{colours[row.action]}]{row.action}[/]", escape(row.why))
+        model = row.plan.model
+        label = model_label(model.get("name", "?"), model.get("args"), img_size=row.plan.config.img_size)
+        table.add_row(row.label, escape(label), escape(row.plan.run_dir.name), f"[{colours[row.action]}]{row.action}[/]",
+                      escape(row.why))
     console.print(table)
     for row in rows:
         for note in row.plan.notes:
@@ -235,14 +237,13 @@ def run(steps: list[Step]) -> list[tuple[Step, Checkpoint, str, float]]:
 
 def summary_table(results: list[tuple[Step, Checkpoint, str, float]]) -> Table:
     table = Table(title="pipeline", title_justify="left")
-    for column, justify in (("stage", "left"), ("model", "left"), ("res", "right"), ("params", "right"),
-                            ("top-1", "right"), ("time", "right"), ("", "left")):
+    for column, justify in (("stage", "left"), ("model", "left"), ("top-1", "right"), ("measured", "left"),
+                            ("time", "right"), ("", "left")):
         table.add_column(column, justify=justify)
     for step, ckpt, action, seconds in results:
         metrics = ckpt.meta.get("metrics", {})
-        params = ckpt.meta.get("params", 0)
-        table.add_row(step.label, ckpt.model_name, str(ckpt.img_size), f"{params / 1e6:.2f}M",
-                      f"{metrics.get('top1', float('nan')):.2f}",
+        table.add_row(step.label, escape(ckpt.label()), f"{metrics.get('top1', float('nan')):.2f}",
+                      measured_at(metrics, ckpt.meta),
                       f"{seconds:.0f} s" if action != "reuse" else f"({metrics.get('train_seconds', 0):.0f} s)",
                       "reused" if action == "reuse" else action)
     return table

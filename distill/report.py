@@ -10,6 +10,8 @@ from rich.table import Table
 
 from distill.checkpoint import Checkpoint, build_model
 from distill.console import console
+from distill.data.sources import describe_skipped
+from distill.naming import PRECISIONS, measured_at, model_label
 
 HEAD_NAMES = {"top": "model", "fused": "class + distillation (softmax sum)", "cls": "class head", "dist": "distillation head",
               "teacher": "teacher"}
@@ -19,38 +21,58 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def print_metrics(metrics: dict[str, Any], title: str) -> None:
-    """A heading line (it may be long: paths) and a table of heads."""
+def _topk(values: dict[str, Any]) -> str:
+    """`92.78 / 99.10`, or `92.78` alone where top-5 was not measured (5 classes or fewer)."""
+    return _pct(values.get("top1")) + (f" / {_pct(values['top5'])}" if values.get("top5") is not None else "")
+
+
+def print_metrics(metrics: dict[str, Any], title: str, meta: dict[str, Any] | None = None) -> None:
+    """A heading line (it may be long: paths) and a table of heads, captioned with how it was measured."""
     console.print(f"[bold]{escape(title)}[/]", soft_wrap=True)
     console.print(metrics_table(metrics))
+    console.print(f"on {metrics.get('samples', '?')} test images, measured in {measured_at(metrics, meta)}")
 
 
 def metrics_table(metrics: dict[str, Any]) -> Table:
+    heads = metrics.get("heads") or {metrics.get("head", "top"): {k: metrics.get(k) for k in ("top1", "top5")}}
     table = Table()
     table.add_column("head")
     table.add_column("top-1", justify="right")
-    table.add_column("top-5", justify="right")
+    top5 = any(values.get("top5") is not None for values in heads.values())
+    if top5:
+        table.add_column("top-5", justify="right")
     disagreement = metrics.get("disagreement", {})
     if disagreement:
         table.add_column("disagrees with teacher", justify="right")
-    heads = metrics.get("heads") or {metrics.get("head", "top"): {"top1": metrics.get("top1"), "top5": metrics.get("top5")}}
     for name, values in heads.items():
         rate = disagreement.get(name)
-        cells = [HEAD_NAMES.get(name, name), _pct(values.get("top1")), _pct(values.get("top5"))]
+        cells = [HEAD_NAMES.get(name, name), _pct(values.get("top1"))] + ([_pct(values.get("top5"))] if top5 else [])
         table.add_row(*cells, *(["-" if rate is None else f"{rate:.3f}"] if disagreement else []))
     return table
+
+
+def fine_tune_line(ckpt: Checkpoint) -> str | None:
+    """Accuracy before and after a resolution change, each with where it was measured."""
+    metrics = ckpt.meta.get("metrics", {})
+    if "before_top1" not in metrics:
+        return None
+    parts = []
+    if metrics.get("parent_top1") is not None:
+        parts.append(f"parent {_pct(metrics['parent_top1'])} ({metrics.get('parent_precision') or '?'} at "
+                     f"{metrics.get('parent_img_size')} px)")
+    step = "FixRes adaptation" if ckpt.stage == "teach-fixres" else "fine-tuning"
+    parts.append(f"before {step} {_pct(metrics['before_top1'])} ({measured_at(metrics, ckpt.meta, 'before_')})")
+    parts.append(f"after {_pct(metrics.get('top1'))} ({measured_at(metrics, ckpt.meta)})")
+    return "top-1: " + ";  ".join(parts)
 
 
 def print_summary(ckpt: Checkpoint) -> None:
     meta = ckpt.meta
     metrics = meta.get("metrics", {})
-    params = meta.get("params")
-    print_metrics(metrics, f"{ckpt.stage}: {ckpt.model_name} at {ckpt.img_size} px"
-                           f"{f', {params / 1e6:.2f}M params' if params else ''} ({metrics.get('samples', '?')} test images)")
-    if "before_top1" in metrics:
-        console.print(f"parent at {metrics.get('parent_img_size')} px: top-1 {_pct(metrics.get('parent_top1'))};  "
-                      f"at {ckpt.img_size} px before fine-tuning: {_pct(metrics.get('before_top1'))};  "
-                      f"after: {_pct(metrics.get('top1'))}")
+    print_metrics(metrics, f"{ckpt.stage}: {ckpt.label()}", meta)
+    line = fine_tune_line(ckpt)
+    if line:
+        console.print(escape(line), soft_wrap=True)
     if ckpt.stage == "transfer" and metrics.get("per_class_top1"):
         console.print(per_class_table(ckpt.classes, metrics["per_class_top1"]))
     console.print(f"checkpoint: {escape(str(ckpt.path))}", soft_wrap=True)
@@ -70,7 +92,55 @@ def _short(record: dict[str, Any] | None) -> str:
         return "none"
     if record.get("source") and not record.get("path"):
         return f"{record['source']} ({record.get('note', 'imported when needed')})"
-    return f"{record.get('stage')} {record.get('model')} sha256 {record.get('sha256', '')[:12]}  {record.get('path')}"
+    return (f"{record.get('stage')} {record.get('label') or record.get('model')}, sha256 {record.get('sha256', '')[:12]}, "
+            f"{record.get('path')}")
+
+
+def inherited(record: dict[str, Any], meta: dict[str, Any]) -> str:
+    """What a run took from a recorded checkpoint; checkpoints written before lineage said so are read by stage."""
+    if record.get("inherited"):
+        return record["inherited"]
+    if meta.get("from_scratch"):
+        return "recipe"
+    return "teacher" if meta.get("stage") == "student" else "weights"
+
+
+def lineage_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where the weights came from (a parent, or random initialisation, with the architecture's source for a
+    from-scratch baseline) and the teacher, each saying what was taken from it."""
+    parent, teacher = meta.get("parent"), meta.get("teacher")
+    source = meta.get("architecture_from") or (parent if parent and inherited(parent, meta) == "recipe" else None)
+    if meta.get("source"):  # imported pretrained weights
+        weights = f"pretrained, imported from {meta['source'].get('source')}"
+    elif meta.get("init"):  # a student started from pretrained weights (--init)
+        weights = f"from {_short(meta['init'])} (--init)"
+    elif parent and inherited(parent, meta) == "weights":
+        weights = f"from {_short(parent)}"
+    elif source and source.get("sha256") != (teacher or {}).get("sha256"):
+        weights = f"random initialisation; architecture copied from {_short(source)} (its weights are not used)"
+    else:
+        weights = "random initialisation"
+    rows = [("weights", weights)]
+    if teacher:
+        kind = (meta.get("distillation") or {}).get("kind")
+        role = (f"{kind} distillation" if kind not in (None, "none") and inherited(teacher, meta) != "recipe"
+                else "measured against only, not distilled from")
+        rows.append(("teacher", f"{_short(teacher)} ({role})"))
+    else:
+        rows.append(("teacher", "none"))
+    return rows
+
+
+def distillation_text(distillation: dict[str, Any] | None) -> str:
+    """`hard (alpha 0.5, distillation token)`; `none` says nothing of alpha and tau, which it does not use."""
+    if not distillation or distillation.get("kind") in (None, "none"):
+        token = distillation and distillation.get("token")
+        return "none" + (" (with a distillation token: both heads learn from the labels)" if token else "")
+    kind = distillation["kind"]
+    tau = f", tau {distillation.get('tau')}" if kind.startswith("soft") else ""
+    feature = f", feature loss {distillation['feature_loss']}" if distillation.get("feature_loss") else ""
+    token = "distillation token" if distillation.get("token") else "no distillation token"
+    return f"{kind} (alpha {distillation.get('alpha')}{tau}{feature}, {token})"
 
 
 def info_table(ckpt: Checkpoint) -> None:
@@ -79,63 +149,66 @@ def info_table(ckpt: Checkpoint) -> None:
     table = Table(title=str(ckpt.path), show_header=False, title_justify="left")
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
-    distillation = meta.get("distillation")
     rows = [
         ("kind / stage", f"{ckpt.kind} / {ckpt.stage}"),
-        ("model", f"{ckpt.model_name} {ckpt.model_args}"),
+        ("model", ckpt.label()),
+        ("timm", f"timm.create_model({ckpt.model_name!r}, **{ckpt.model_args})"),
         ("parameters", f"{meta.get('params', 0):,}"),
         ("dataset", data.get("dataset") or data.get("data_dir") or "?"),
         ("classes", f"{len(ckpt.classes)}: {', '.join(ckpt.classes[:10])}{' ...' if len(ckpt.classes) > 10 else ''}"),
         ("train / test images", f"{data.get('train_size', '?')} / {data.get('test_size', '?')}"),
+    ]
+    skipped = describe_skipped(data)
+    if skipped:
+        rows.append(("skipped images", f"{skipped} (--skip-corrupt)"))
+    rows += [
         ("resolution", f"{ckpt.img_size} px, crop ratio {data.get('crop_pct')}, {data.get('interpolation')}"),
         ("normalisation", f"{data.get('norm')}: mean {data.get('mean')}, std {data.get('std')}"),
-        ("distillation", "none" if not distillation else
-         f"{distillation.get('kind')} (alpha {distillation.get('alpha')}, tau {distillation.get('tau')}, "
-         f"token {'yes' if distillation.get('token') else 'no'})"),
-        ("parent", _short(meta.get("parent"))),
-        ("teacher", _short(meta.get("teacher"))),
+        ("distillation", distillation_text(meta.get("distillation"))),
+        *lineage_rows(meta),
     ]
-    if meta.get("init"):
-        rows.append(("started from", _short(meta["init"])))
     source = meta.get("source")
     if source:  # imported pretrained weights: where they came from, and nothing about training
         rows.append(("source", f"{source.get('source')}" + (f" revision {source['revision']}" if source.get("revision") else "")
                      + f", weights sha256 {source.get('sha256')}"))
         rows.append(("class names", data.get("class_source", "?")))
-        rows = [r for r in rows if r[0] not in ("train / test images", "parent")]
+        rows = [r for r in rows if r[0] != "train / test images"]
         if not meta.get("teacher"):
             rows = [r for r in rows if r[0] != "teacher"]
     if meta.get("trainable"):
-        rows.append(("trained", f"{meta['trainable']} ({meta.get('trainable_params', 0):,} parameters)"))
+        scratch = " (from random weights)" if meta.get("from_scratch") else ""
+        rows.append(("trained", f"{meta['trainable']}{scratch} ({meta.get('trainable_params', 0):,} parameters)"))
     metrics = meta.get("metrics", {})
-    rows.append(("test top-1 / top-5", f"{_pct(metrics.get('top1'))} / {_pct(metrics.get('top5'))} "
-                                        f"({metrics.get('samples', '?')} images)"))
+    top5 = metrics.get("top5") is not None
+    rows.append((f"test top-1{' / top-5' if top5 else ''}",
+                 f"{_topk(metrics)} ({metrics.get('samples', '?')} images, {measured_at(metrics, meta)})"))
     for name, values in (metrics.get("heads") or {}).items():
-        rows.append((f"  {HEAD_NAMES.get(name, name)}", f"{_pct(values.get('top1'))} / {_pct(values.get('top5'))}"))
+        rows.append((f"  {HEAD_NAMES.get(name, name)}", _topk(values)))
     for name, rate in (metrics.get("disagreement") or {}).items():
         rows.append((f"  disagreement, {HEAD_NAMES.get(name, name)}", f"{rate:.4f}"))
-    if "before_top1" in metrics:
-        rows.append(("before fine-tuning", f"{_pct(metrics['before_top1'])} at {ckpt.img_size} px; parent "
-                                           f"{_pct(metrics.get('parent_top1'))} at {metrics.get('parent_img_size')} px"))
+    line = fine_tune_line(ckpt)
+    if line:
+        rows.append(("resolution change", line.removeprefix("top-1: ")))
     if not source:
         rows.append(("training time", f"{metrics.get('train_seconds', '?')} s on {meta.get('processes', '?')} process(es)"))
         config = meta.get("config", {})
         rows.append(("config", ", ".join(f"{k}={v}" for k, v in sorted(config.items()))))
         rows.append(("effective lr", f"{meta.get('lr_effective')}"))
-    else:
-        rows = [r for r in rows if r[0] != "test top-1 / top-5"]
+    else:  # an import was not trained here, and its accuracy is the source's to state
+        rows = [r for r in rows if not r[0].startswith("test top-1")]
     rows.append(("written", f"{meta.get('created')} by distill {meta.get('distill_version')} {meta.get('versions', {})}"))
     rows.append(("file sha256", ckpt.sha256))
     for key, value in rows:
-        table.add_row(key, str(value))
+        table.add_row(key, escape(str(value)))
     console.print(table)
 
 
 def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path | None, res: int | None,
                         crop_pct: float | None, teacher: Path | str | None, batch_size: int, num_workers: int,
-                        mixed_precision: str, per_class: bool, model: str | None = None, teacher_model: str | None = None,
-                        teacher_res: str = "student") -> dict[str, Any]:
-    """Evaluate a checkpoint at any resolution on any dataset with its classes."""
+                        mixed_precision: str, per_class: bool, skip_corrupt: bool | None = None, model: str | None = None,
+                        teacher_model: str | None = None, teacher_res: str = "student") -> dict[str, Any]:
+    """Evaluate a checkpoint at any resolution on any dataset with its classes; on its own data, also show the
+    accuracy it recorded when trained, and how that was measured (precision and resolution may differ)."""
     from distill.data import Transformed, eval_loader, eval_transform, open_dataset
     from distill.engine import make_accelerator
     from distill.evaluation import evaluate
@@ -144,21 +217,30 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
     from distill.stages import check_classes, frozen_teacher, read_teacher
     from distill.students import named_outputs, resize
 
+    if mixed_precision not in PRECISIONS:
+        raise DistillError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, not '{mixed_precision}'.")
     ckpt = open_source(path, model=model)
     acc = make_accelerator(mixed_precision)
     classes = None
-    if dataset is None and data_dir is None:
+    own = dataset is None and data_dir is None
+    if own:
         dataset = ckpt.data.get("dataset")
         data_dir = Path(ckpt.data["data_dir"]) if ckpt.data.get("data_dir") else None
         classes = ckpt.classes if ckpt.data.get("kept_classes") else None
-    data = open_dataset(None if data_dir else dataset, data_dir, classes=classes)
+    if skip_corrupt is None:  # as the checkpoint was trained, on its own data
+        skip_corrupt = own and bool((ckpt.meta.get("config") or {}).get("skip_corrupt"))
+    data = open_dataset(None if data_dir else dataset, data_dir, classes=classes, skip_corrupt=skip_corrupt)
+    skipped = describe_skipped(data.info)
     if not ckpt.knows_classes(data.classes):
         raise DistillError(f"{ckpt.path} was trained on other classes than {dataset or data_dir} "
                            f"({len(ckpt.classes)} vs {len(data.classes)}).")
     img_size = res or ckpt.img_size
     net = build_model(ckpt)
+    args = ckpt.model_args
     if hasattr(net, "pos_embed") and img_size != ckpt.img_size:
         resize(net, img_size)
+        args["img_size"] = img_size
+    label = model_label(ckpt.model_name, args, img_size=img_size, params=sum(p.numel() for p in net.parameters()))
     mean, std = tuple(ckpt.data["mean"]), tuple(ckpt.data["std"])
     transform = eval_transform(img_size, mean=mean, std=std, crop_pct=crop_pct or ckpt.data.get("crop_pct", 0.875),
                                interpolation=ckpt.data.get("interpolation", "bicubic"))
@@ -166,15 +248,16 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
     if teacher is not None:
         teacher_ckpt = read_teacher(teacher, model=teacher_model)
         check_classes(teacher_ckpt, ckpt.classes, str(ckpt.path))
-        reference = frozen_teacher(teacher_ckpt, (mean, std), img_size, teacher_res).to(acc.device)
+        reference = frozen_teacher(teacher_ckpt, (mean, std), img_size, teacher_res=teacher_res).to(acc.device)
     loader = acc.prepare(eval_loader(Transformed(data.test, transform), batch_size=batch_size, num_workers=num_workers))
     net = acc.prepare(net)
     metrics = evaluate(net, loader, acc, named_outputs, reference=reference, per_class=per_class)
     if acc.is_main_process:
-        print_metrics(metrics, f"{ckpt.path}: {ckpt.model_name} at {img_size} px on {dataset or data_dir} "
-                               f"({metrics['samples']} test images)")
-        if reference is not None:
-            console.print(f"teacher {teacher}: top-1 {_pct(metrics['heads']['teacher']['top1'])}")
+        if skipped:
+            console.print(f"--skip-corrupt: {escape(skipped)}", soft_wrap=True)
+        print_metrics(metrics, f"{ckpt.path}: {label} on {dataset or data_dir}")
+        if own and ckpt.accuracy():
+            console.print(escape(f"recorded in the checkpoint at the end of training: {ckpt.accuracy()}"), soft_wrap=True)
         if per_class:
             console.print(per_class_table(ckpt.classes, metrics["per_class_top1"]))
     return metrics

@@ -101,6 +101,9 @@ class RunFolder:
         self.config, self.accelerator = config, accelerator
         self.dir = config.run_dir()
         self.identity = normalise(identity)
+        self.created: list[Path] = []  # folders this command made (deepest first): taken back if it fails
+        self.replacing = False  # a different run is here and --overwrite replaces it, once the inputs have proved usable
+        self.started = False
 
     def open(self) -> Checkpoint | None:
         """The finished checkpoint when this exact run is done; otherwise make the folder ready to resume or
@@ -116,11 +119,26 @@ class RunFolder:
             hint = "run the same command as before to resume it, " if status.state == "changed-interrupted" else ""
             raise DistillError(f"{self.dir} already holds {what} with different settings ({status.detail}); {hint}"
                                "pass --overwrite to replace it, or --name to write elsewhere.")
-        if status.state in ("changed-finished", "changed-interrupted", "stale"):
-            self.on_main(self._clear)
-        self.accelerator.wait_for_everyone()
+        self.replacing = status.state in ("changed-finished", "changed-interrupted", "stale")
+        self.created = [p for p in [self.dir, *self.dir.parents] if not p.exists()]
         self.on_main(self._probe_writable, everywhere=True)  # fail now, before any data is loaded
         return None
+
+    def has_state(self) -> bool:
+        return saved_progress(self.dir) is not None
+
+    def abandon(self) -> None:
+        """After a failure: keep a saved state (the run resumes from it), else take back every file and folder
+        this command made, so a failed command leaves nothing behind. Best effort, on the main process alone and
+        without collectives: other processes may have stopped already."""
+        if not (self.started and self.accelerator.is_main_process) or self.has_state():
+            return
+        try:
+            self._clear()
+            for folder in self.created:
+                folder.rmdir()
+        except OSError:  # something else is in it (or appeared meanwhile): keep it
+            pass
 
     def _probe_writable(self) -> None:
         """Create the folder and take back what was created: a run that fails on its inputs leaves nothing."""
@@ -160,7 +178,12 @@ class RunFolder:
             raise DistillError(problem)
 
     def start(self) -> None:
-        """Write what the run is, once its inputs have proved usable; a new run starts from an empty history."""
+        """Write what the run is, once its inputs have proved usable (only now is a run replaced by --overwrite
+        removed); a new run starts from an empty history."""
+        self.started = True
+        if self.replacing:
+            self.on_main(self._clear)
+            self.accelerator.wait_for_everyone()
         fresh = saved_progress(self.dir) is None
 
         def write() -> None:

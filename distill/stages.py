@@ -11,28 +11,37 @@ models and the loss, and hands them to the engine.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import timm
+import torch
+from rich.markup import escape
 from torch import nn
 
 from distill.checkpoint import MODEL_FILE, Checkpoint, build_model, find_by_sha256, stage_checkpoints
-from distill.config import (FinetuneConfig, FixResConfig, StageConfig, StudentConfig, TeachConfig, TransferConfig,
-                            resolve_auto, to_dict, validate)
+from distill.config import (CacheConfig, FinetuneConfig, FixResConfig, StageConfig, StudentConfig, TeachConfig,
+                            TransferConfig, resolve_auto, to_dict, validate)
 from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
-from distill.data.sources import peek_classes, peek_train_size
+from distill.data.sources import describe_skipped, peek_classes, peek_train_size
 from distill.console import console
-from distill.engine import Job, Run
-from distill.runfolder import FolderStatus, folder_status
+from distill.engine import Job, Run, make_accelerator
+from distill.runfolder import FolderStatus, folder_status, normalise
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
+from distill.naming import precision_name
+from distill.models import check_model_name, create
 from distill.pretrained import open_source
-from distill.students import (attention_parameter_names, build_student, default_patch_size, fit_deit_weights,
-                              has_dist_token, head_parameter_names, named_outputs, resize, set_distilled_training,
-                              student_args, student_model_name, train_only)
-from distill.teachers import FrozenTeacher, build_teacher, check_model_name, freeze_for_fixres
+from distill.students import (PreLogits, attention_parameter_names, build_student, default_patch_size, fit_deit_weights,
+                              has_dist_token,
+                              head_parameter_names, named_outputs, records_token, resize, set_distilled_training,
+                              student_args, student_model, train_only)
+from distill.teachers import FrozenTeacher, build_teacher, freeze_for_fixres
+from distill.teachers.cache import TeacherCache, fill_shards, read_manifest, shard_count, view_seeds, write_manifest, write_seeds
 
 DEFAULT_IMG_SIZE, DEFAULT_CROP_PCT, DEFAULT_NORM = 32, 0.875, "imagenet"
 Expecting = Mapping[Path, Checkpoint]  # pipeline outputs not written yet, by path: planning reads these instead
@@ -101,13 +110,11 @@ def transfer_parent(workdir: Path, expecting: Expecting) -> Checkpoint:
 def source_line(role: str, ckpt: Checkpoint) -> str:
     """One line saying which checkpoint a stage uses: path, model, resolution, data, accuracy."""
     if isinstance(ckpt, Expected):
-        return f"{role}: {ckpt.path} (written by the stage before)"
+        return escape(f"{role}: {ckpt.path} (written by the stage before)")
     data = ckpt.data
     where = data.get("dataset") or data.get("data_dir") or "?"
-    top1 = (ckpt.meta.get("metrics") or {}).get("top1")
-    accuracy = f", test top-1 {top1:.2f}" if isinstance(top1, (int, float)) else ""
-    return (f"{role}: {ckpt.path} ({ckpt.model_name} at {ckpt.img_size} px, {where}, {len(ckpt.classes)} classes"
-            f"{accuracy})")
+    accuracy = f", {ckpt.accuracy()}" if ckpt.accuracy() else ""
+    return escape(f"{role}: {ckpt.path} ({ckpt.label()}; {where}, {len(ckpt.classes)} classes{accuracy})")
 
 
 # -- data settings --------------------------------------------------------------------------------
@@ -192,10 +199,10 @@ def training_transform(cfg: StageConfig, mean: tuple[float, ...], std: tuple[flo
     try:
         return train_transform(cfg.img_size, mean=mean, std=std, aa=cfg.aa, reprob=cfg.reprob,
                                color_jitter=cfg.color_jitter, scale_min=cfg.scale_min, hflip=cfg.hflip,
-                               interpolation=cfg.interpolation)
-    except (AssertionError, ValueError, KeyError) as error:  # timm's parser of the RandAugment string
+                               interpolation=cfg.interpolation, crop=cfg.crop)
+    except (AssertionError, ValueError, KeyError) as error:  # timm's parser of the augmentation string
         raise DistillError(f"timm cannot read the augmentation policy --aa {cfg.aa} ({error or 'bad format'}); "
-                           "use e.g. rand-m9-mstd0.5-inc1, or none.") from None
+                           "use e.g. rand-m9-mstd0.5-inc1, 3a, or none.") from None
 
 
 def datasets_for(cfg: StageConfig, data: DataSplits, mean: tuple[float, ...], std: tuple[float, ...],
@@ -214,21 +221,60 @@ def teacher_resolution(teacher: Checkpoint, img_size: int, teacher_res: str = "s
     return int(teacher_res)
 
 
-def frozen_teacher(ckpt: Checkpoint, input_norm: tuple[tuple[float, ...], tuple[float, ...]],
-                   img_size: int, teacher_res: str = "student") -> FrozenTeacher:
-    """The teacher, frozen, reading batches of `img_size` px at the resolution --teacher-res asks for."""
+def frozen_teacher(ckpt: Checkpoint, input_norm: tuple[tuple[float, ...], tuple[float, ...]], img_size: int,
+                   cfg: StageConfig | None = None, teacher_res: str = "student") -> FrozenTeacher:
+    """The teacher, frozen, renormalising batches of `img_size` px and reading them at the resolution --teacher-res
+    asks for; compiled and channels-last as the run asks."""
     size = teacher_resolution(ckpt, img_size, teacher_res)
     model = build_model(ckpt)
     if hasattr(model, "set_input_size") and hasattr(model, "pos_embed") and ckpt.img_size != size:
         resize(model, size)  # a ViT teacher must read its input size
-    return FrozenTeacher(model, (ckpt.data["mean"], ckpt.data["std"]), input_norm, img_size=size if size != img_size else None)
+    if cfg is not None and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    teacher = FrozenTeacher(model, (ckpt.data["mean"], ckpt.data["std"]), input_norm,
+                            img_size=size if size != img_size else None)
+    if cfg is not None and cfg.compile:
+        teacher.model = torch.compile(teacher.model)
+    return teacher
 
 
 def criterion_for(cfg: StageConfig, kind: str, teacher: FrozenTeacher | None, alpha: float, tau: float,
-                  use_mixup: bool = True) -> DistillationLoss:
+                  use_mixup: bool = True, student: nn.Module | None = None, cached: bool = False) -> DistillationLoss:
+    """The stage's loss; feature distillation reads the student's pre-logits (its projection is built here)."""
     mixup_active = use_mixup and (cfg.mixup > 0 or cfg.cutmix > 0)
-    return DistillationLoss(base_criterion(cfg.smoothing, mixup_active), teacher if kind != "none" else None,
-                            kind, alpha, tau)
+    base = base_criterion(cfg.smoothing, mixup_active, cfg.loss, cfg.bce_target_thresh)
+    features = PreLogits(student) if "feature" in kind else None
+    return DistillationLoss(base, teacher if kind != "none" else None, kind, alpha, tau, features,
+                            getattr(cfg, "feature_loss", None) or "mse", cached=cached)
+
+
+def distillation_record(kind: str, alpha: float, tau: float, token: bool, feature_loss: str | None) -> dict[str, Any]:
+    """What a checkpoint says about how it learned from its teacher."""
+    record = {"kind": kind, "alpha": alpha, "tau": tau, "token": token}
+    if "feature" in kind:
+        record["feature_loss"] = feature_loss
+    return record
+
+
+def inherit_distillation(cfg: FinetuneConfig | TransferConfig, parent: Checkpoint, kind: str) -> StageConfig:
+    """alpha, tau and the feature loss the user left open: the parent's, else the defaults."""
+    inherited = parent.meta.get("distillation") or {}
+    return dataclasses.replace(
+        cfg, distillation=kind, alpha=cfg.alpha if cfg.alpha is not None else inherited.get("alpha", 0.5),
+        tau=cfg.tau if cfg.tau is not None else inherited.get("tau", 1.0),
+        feature_loss=cfg.feature_loss or inherited.get("feature_loss") or "mse")
+
+def taught(kind: str) -> str:
+    """What a run takes from its teacher: its outputs when it distils, else only the settings it was checked with."""
+    return "teacher" if kind != "none" else "recipe"
+
+
+def parent_accuracy(parent: Checkpoint) -> dict[str, Any]:
+    """The parent's recorded top-1 and how it was measured, kept beside a resolution change's own figures."""
+    metrics = parent.meta.get("metrics") or {}
+    precision = metrics.get("precision") or precision_name((parent.meta.get("config") or {}).get("mixed_precision", "no"))
+    return {"parent_top1": metrics.get("top1"), "parent_img_size": metrics.get("img_size") or parent.img_size,
+            "parent_precision": precision}
 
 
 def count_params(model: nn.Module) -> int:
@@ -267,6 +313,8 @@ class StagePlan:
                     "teacher": self.teacher.sha256 if self.teacher else None}
         if self.init is not None:
             identity["init"] = self.init.sha256
+        if "cache" in self.settings:  # a student taught by a cache: the cache (and its teacher) identify it
+            identity["cache"] = self.settings["cache"]["identity"]
         return identity
 
     def status(self) -> FolderStatus | None:
@@ -304,7 +352,7 @@ def plan_teach(cfg: TeachConfig, expecting: Expecting = {}) -> StagePlan:
         cfg = dataclasses.replace(cfg, model=init.model_name)
     cfg = inherit_data(cfg, init, img_size=not fixres)
     if init is None:
-        name = student_model_name(cfg.model, token=False) if cfg.model.startswith("deit") else cfg.model
+        name = student_model(cfg.model, token=False)[0] if cfg.model.startswith(("deit", "vit")) else cfg.model
         check_model_name(name)
         cfg = dataclasses.replace(cfg, model=name)
     cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
@@ -322,6 +370,8 @@ def plan_teach(cfg: TeachConfig, expecting: Expecting = {}) -> StagePlan:
 
 def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
     """Distil a DeiT from a teacher: none, soft, hard, with or without the distillation token."""
+    if cfg.teacher_cache is not None:
+        return plan_cached_student(cfg, expecting)
     if cfg.teacher is not None:  # with --distillation none, a given teacher is only measured against
         teacher = read_teacher(cfg.teacher, expecting=expecting, model=cfg.teacher_model)
     elif cfg.distillation != "none":
@@ -334,15 +384,15 @@ def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
         sizing = {k: init.model_args.get(k) for k in ("patch_size", "embed_dim", "depth", "num_heads")}
         cfg = dataclasses.replace(cfg, model=init.model_name, **sizing)
     cfg = inherit_data(cfg, teacher or init)
-    name = student_model_name(cfg.model, cfg.token)
+    name, token_args = student_model(cfg.model, cfg.token)
     cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
     classes = planned_classes(cfg)
     if teacher is not None:
         check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
         classes = classes or teacher.classes or None
-    args = student_args(cfg, len(classes) if classes else None)
-    distillation = {"kind": cfg.distillation, "alpha": cfg.alpha, "tau": cfg.tau, "token": cfg.token,
-                    "teacher_res": teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None}
+    args = {**student_args(cfg, len(classes) if classes else None), **token_args}
+    distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss)
+    distillation["teacher_res"] = teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None
     return _planned(StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes,
                               settings={"distillation": distillation}, model={"name": name, "args": args},
                               classes=classes, init=init))
@@ -354,12 +404,147 @@ def student_init(cfg: StudentConfig, expecting: Expecting) -> Checkpoint:
     if given:
         raise DistillError(f"--{given[0].replace('_', '-')} cannot resize a student started from --init {cfg.init}; it "
                            "takes the size of those weights.")
-    architecture = cfg.model if timm.is_model(cfg.model) else student_model_name(cfg.model, token=False)
+    architecture = cfg.model if timm.is_model(cfg.model) else student_model(cfg.model, token=False)[0]
     init = open_checkpoint(cfg.init, "--init checkpoint", expecting, model=architecture)
     if not init.model_name.startswith("deit_") or "patch_size" not in init.model_args:
         raise DistillError(f"The --init checkpoint {init.path} is a {init.model_name}; a student starts from a DeiT "
                            "(deit_tiny/small/base, with or without the distillation token).")
     return init
+
+
+# Settings a teacher cache fixes: the training data and every augmentation setting applied before the batch.
+CACHED_SETTINGS = ("dataset", "data_dir", "classes", "train_subset", "img_size", "aa", "reprob", "scale_min", "hflip",
+                   "color_jitter", "interpolation", "norm")
+
+
+def inherit_from_cache(cfg: StageConfig, cache: TeacherCache) -> StageConfig:
+    """Take the cache's data and augmentation where the student left them open; refuse where it asks for others."""
+    made = cache.manifest["config"]
+    updates, differences = {}, []
+    for key in CACHED_SETTINGS:
+        mine, theirs = getattr(cfg, key), made.get(key)
+        if mine is None:
+            updates[key] = Path(theirs) if key == "data_dir" and theirs else theirs
+        elif key == "data_dir" and theirs and Path(mine).resolve() == Path(theirs).resolve():
+            continue
+        elif mine != theirs and not (key == "dataset" and made.get("data_dir")):
+            differences.append(f"{key} {theirs} (asked: {mine})")
+    if differences:
+        raise DistillError(f"The teacher cache {cache.root} was made with other data or augmentation: "
+                           f"{'; '.join(differences[:4])}. Leave these unset to use the cache's, or make a cache with them.")
+    return dataclasses.replace(cfg, **updates)
+
+
+def plan_cached_student(cfg: StudentConfig, expecting: Expecting) -> StagePlan:
+    """A student taught by a teacher cache: the teacher's targets are read, never computed."""
+    if cfg.distillation not in ("soft", "hard"):
+        raise DistillError("--teacher-cache replays a teacher for soft or hard distillation; it has nothing to give "
+                           f"--distillation {cfg.distillation}.")
+    if cfg.repeated_aug > 1:
+        raise DistillError("--teacher-cache replays one view of each image per epoch; it cannot be combined with "
+                           "--repeated-aug.")
+    cache = TeacherCache(cfg.teacher_cache)
+    record = cache.manifest["teacher"]
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = read_teacher(cfg.teacher, expecting=expecting)
+        if teacher.sha256 != record["sha256"]:
+            raise DistillError(f"The teacher cache {cache.root} was made by another teacher ({record['path']}), not "
+                               f"{teacher.path}.")
+    elif Path(record.get("path", "")).exists():  # kept for the evaluation's agreement with the teacher only
+        found = read_teacher(Path(record["path"]))
+        teacher = found if found.sha256 == record["sha256"] else None
+    cfg = inherit_data(inherit_from_cache(cfg, cache), teacher)
+    if "feature" in cfg.distillation:
+        raise DistillError(f"A teacher cache holds the teacher's probabilities, not its features: --distillation "
+                           f"{cfg.distillation} needs the teacher itself (--teacher, without --teacher-cache).")
+    name, token_args = student_model(cfg.model, cfg.token)
+    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    classes = cache.manifest["classes"]
+    args = {**student_args(cfg, len(classes)), **token_args}
+    distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss)
+    settings = {"distillation": distillation, "cache": {"path": str(cache.root.resolve()),
+                                                         "identity": cache.manifest["identity"], "teacher": record}}
+    plan = StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes, settings=settings,
+                     model={"name": name, "args": args}, classes=classes)
+    plan.settings["cache_object"] = cache
+    return _planned(plan)
+
+
+def targets_digest(labels: list[int]) -> str:
+    """What ties a cache to the exact training split it was made on: the labels in order."""
+    return hashlib.sha256(",".join(map(str, labels)).encode()).hexdigest()
+
+
+def plan_cache(cfg: CacheConfig, expecting: Expecting = {}) -> StagePlan:
+    """A teacher run once over K augmented views of every training image."""
+    if cfg.teacher is not None:
+        teacher = read_teacher(cfg.teacher, expecting=expecting)
+    else:
+        teacher = default_parent(cfg.workdir, "teach", "teacher", "--teacher", "train one with `distill teach`", "teacher",
+                                 expecting)
+    cfg = inherit_data(cfg, teacher)
+    cfg = dataclasses.replace(cfg, views=cfg.views or cfg.epochs)
+    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    classes = planned_classes(cfg)
+    check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
+    return _planned(StagePlan("cache-teacher", cfg, parent=teacher, teacher=teacher, notes=notes,
+                              classes=classes or teacher.classes or None))
+
+
+def execute_cache(plan: StagePlan) -> None:
+    """Write the cache shard by shard (resuming a killed run), then mark it complete."""
+    cfg, teacher = plan.config, plan.teacher
+    root = cfg.run_dir()
+    identity = normalise(plan.identity())
+    existing = read_manifest(root)
+    if existing is not None and existing.get("identity") != identity:
+        if not cfg.overwrite:
+            raise DistillError(f"{root} already holds a teacher cache made with other settings; pass --overwrite to "
+                               "replace it, or --name to write elsewhere.")
+        shutil.rmtree(root)
+        existing = None
+    if existing is not None and existing.get("complete"):
+        console.print(f"[bold]cache-teacher[/]: {root} is already complete with these settings; reusing it.")
+        return None
+    acc = make_accelerator(cfg.mixed_precision)
+    with acc.main_process_first():
+        data = load_data(cfg)
+    check_classes(teacher, data.classes, f"the dataset {cfg.data_dir or cfg.dataset}")
+    mean, std = resolve_norm(cfg, data)
+    seeds = view_seeds(cfg.seed, cfg.views, len(data.train))
+    manifest = {"identity": identity, "complete": False, "views": cfg.views, "images": len(data.train),
+                "num_classes": len(data.classes), "classes": data.classes, "top_k": cfg.top_k, "seed": cfg.seed,
+                "shard_size": cfg.shard_size,
+                "teacher": teacher.lineage("teacher"), "config": to_dict(cfg, result_only=True),
+                "data": data_record(cfg, data.classes, mean, std, data.info),
+                "targets_sha256": targets_digest(data.train.targets)}
+    if acc.is_main_process:
+        console.print(source_line("teacher", teacher), soft_wrap=True)
+        console.print(f"[bold]cache-teacher[/] -> {root}  ({cfg.views} views x {len(data.train):,} images, top-{cfg.top_k}, "
+                      f"{acc.num_processes} process(es), precision {precision_name(cfg.mixed_precision)})"
+                      + "".join(f"\n  {note}" for note in plan.notes), soft_wrap=True)
+        root.mkdir(parents=True, exist_ok=True)
+        if existing is None:
+            write_seeds(root, seeds)
+            write_manifest(root, manifest)
+    acc.wait_for_everyone()
+    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg).to(acc.device)
+    dataset = Transformed(data.train, training_transform(cfg, mean, std))
+    total = shard_count(cfg.views, len(data.train), cfg.shard_size)
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True, disable=not (acc.is_main_process and console.is_terminal)) as bar:
+        task = bar.add_task("teacher views", total=-(-total // acc.num_processes))
+        written = fill_shards(root, dataset, seeds, frozen, acc, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                              top_k=cfg.top_k, shard_size=cfg.shard_size, progress=lambda shard: bar.advance(task))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_manifest(root, {**manifest, "complete": True})
+        console.print(f"teacher cache: {root}, {total} shards ({written} written now), "
+                      f"{cfg.views * len(data.train):,} views", soft_wrap=True)
+    acc.wait_for_everyone()
+    return None
 
 
 def locate_teacher(parent: Checkpoint, workdir: Path) -> Checkpoint | None:
@@ -422,9 +607,7 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
                            f"try {max(patch, cfg.res // patch * patch)} or {(cfg.res // patch + 1) * patch}.")
     inherited = parent.meta.get("distillation") or {}
     kind = "none" if cfg.no_teacher else (cfg.distillation or inherited.get("kind") or "none")
-    alpha = cfg.alpha if cfg.alpha is not None else inherited.get("alpha", 0.5)
-    tau = cfg.tau if cfg.tau is not None else inherited.get("tau", 1.0)
-    cfg = dataclasses.replace(cfg, distillation=kind, alpha=alpha, tau=tau)
+    cfg = inherit_distillation(cfg, parent, kind)
     cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
     teacher: Checkpoint | None = None
     before: list[StagePlan] = []
@@ -441,9 +624,9 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
             teacher = finished(adapt) or adapt.expected()
         check_classes(teacher, parent.classes or None, f"the student {parent.path}")
     model = {"name": parent.model_name, "args": {**parent.model_args, "img_size": cfg.res}}
-    distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": "dist_token" in parent.model_name or
-                    "distilled" in parent.model_name,
-                    "teacher_res": teacher_resolution(teacher, cfg.res, cfg.teacher_res) if teacher else None}
+    distillation = distillation_record(kind, cfg.alpha, cfg.tau, records_token(parent.model_name, parent.model_args),
+                                       cfg.feature_loss)
+    distillation["teacher_res"] = teacher_resolution(teacher, cfg.res, cfg.teacher_res) if teacher else None
     return _planned(StagePlan("finetune", cfg, parent=parent, teacher=teacher, notes=notes, before=before,
                               settings={"distillation": distillation}, model=model, classes=parent.classes or None))
 
@@ -468,9 +651,7 @@ def plan_transfer(cfg: TransferConfig, expecting: Expecting = {}) -> StagePlan:
                            "(make one with `distill teach --dataset X --init TEACHER`).")
     kind = (cfg.distillation or (inherited.get("kind") if inherited.get("kind") not in (None, "none") else "hard")) \
         if teacher else "none"
-    alpha = cfg.alpha if cfg.alpha is not None else inherited.get("alpha", 0.5)
-    tau = cfg.tau if cfg.tau is not None else inherited.get("tau", 1.0)
-    cfg = dataclasses.replace(cfg, distillation=kind, alpha=alpha, tau=tau)
+    cfg = inherit_distillation(cfg, parent, kind)
     cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
     classes = planned_classes(cfg)
     if teacher is not None:
@@ -478,8 +659,9 @@ def plan_transfer(cfg: TransferConfig, expecting: Expecting = {}) -> StagePlan:
     args = {**parent.model_args, "num_classes": len(classes) if classes else None}
     if args.get("img_size"):
         args["img_size"] = cfg.img_size
-    distillation = {"kind": kind, "alpha": alpha, "tau": tau, "token": "distilled" in parent.model_name,
-                    "teacher_res": teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None}
+    distillation = distillation_record(kind, cfg.alpha, cfg.tau, records_token(parent.model_name, parent.model_args),
+                                       cfg.feature_loss)
+    distillation["teacher_res"] = teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None
     return _planned(StagePlan("transfer", cfg, parent=parent, teacher=teacher, notes=notes,
                               settings={"distillation": distillation}, model={"name": parent.model_name, "args": args},
                               classes=classes))
@@ -487,6 +669,7 @@ def plan_transfer(cfg: TransferConfig, expecting: Expecting = {}) -> StagePlan:
 
 PLANNERS: dict[str, Callable[..., StagePlan]] = {
     "teach": plan_teach, "student": plan_student, "finetune": plan_finetune, "transfer": plan_transfer,
+    "cache-teacher": plan_cache,
 }
 
 
@@ -511,14 +694,21 @@ def open_run(plan: StagePlan) -> tuple[Run, Checkpoint | None]:
     if run.finished is not None:
         ckpt = run.finished
         if run.accelerator.is_main_process:
-            console.print(f"[bold]{plan.stage}[/]: {ckpt.path} is already finished with these settings (top-1 "
-                          f"{ckpt.meta.get('metrics', {}).get('top1', float('nan')):.2f}); reusing it.")
+            console.print(f"[bold]{plan.stage}[/]: {escape(str(ckpt.path))} is already finished with these settings: "
+                          f"{escape(ckpt.accuracy() or 'no accuracy recorded')}; reusing it.", soft_wrap=True)
         return run, ckpt
     if run.accelerator.is_main_process:
         if plan.parent is not None:
-            console.print(source_line("teacher" if plan.parent is plan.teacher else "parent", plan.parent), soft_wrap=True)
+            role = ("teacher" if plan.parent is plan.teacher else
+                    "architecture from (its weights are not used)" if getattr(plan.config, "from_scratch", False)
+                    else "parent")
+            console.print(source_line(role, plan.parent), soft_wrap=True)
         if plan.teacher is not None and plan.teacher is not plan.parent:
             console.print(source_line("teacher", plan.teacher), soft_wrap=True)
+        if "cache" in plan.settings:
+            cache = plan.settings["cache"]
+            console.print(f"teacher cache: {cache['path']} (made by {cache['teacher'].get('path')}; the teacher does not run)",
+                          soft_wrap=True)
     return run, None
 
 
@@ -527,6 +717,9 @@ def load_with_norm(run: Run, teacher: Checkpoint | None, where: str) -> tuple[Da
     cfg = run.config
     with run.accelerator.main_process_first():  # a hub dataset is downloaded and cached once
         data = load_data(cfg)
+    skipped = describe_skipped(data.info)
+    if skipped and run.accelerator.is_main_process:
+        console.print(f"--skip-corrupt: {escape(skipped)}", soft_wrap=True)
     if teacher is not None:
         check_classes(teacher, data.classes, where)
     mean, std = resolve_norm(cfg, data)
@@ -552,7 +745,7 @@ def execute_teach(plan: StagePlan) -> Checkpoint:
     elif cfg.model.startswith(("deit", "vit")):
         model, args = build_student(cfg.model, len(data.classes), cfg.img_size, patch_size=cfg.patch_size,
                                     embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                                    drop_path=cfg.drop_path)
+                                    layer_scale=cfg.layer_scale, drop_path=cfg.drop_path)
     else:
         model, args = build_teacher(cfg.model, len(data.classes), cfg.drop_path)
     trainable = freeze_for_fixres(model, cfg.bn, cfg.img_size) if fixres else None
@@ -566,12 +759,12 @@ def execute_teach(plan: StagePlan) -> Checkpoint:
                              "before_top1": metrics.get("before_top1"), "after_top1": metrics.get("top1")}
         return {"kind": "teacher", "stage": plan.stage, "model": {"name": cfg.model, "args": args},
                 "params": count_params(model), "data": data_record(cfg, data.classes, mean, std, data.info),
-                "parent": init.lineage() if init else None, "fixres": fixres_record}
+                "parent": init.lineage("weights") if init else None, "fixres": fixres_record}
 
     job = Job(model=model, train_set=train_set, eval_set=test_set,
               criterion=criterion_for(cfg, "none", None, 0.0, 1.0, use_mixup=not fixres), num_classes=len(data.classes),
               describe=describe, use_mixup=not fixres, class_names=data.classes, notes=plan.notes,
-              evaluate_first=fixres)
+              evaluate_first=fixres, extra_metrics=parent_accuracy(init) if fixres else {})
     return run.fit(job)
 
 
@@ -581,26 +774,40 @@ def execute_student(plan: StagePlan) -> Checkpoint:
     if done is not None:
         return done
     data, mean, std = load_with_norm(run, teacher, f"the dataset {cfg.data_dir or cfg.dataset}")
-    name = plan.model["name"]
+    name, token_args = student_model(cfg.model, cfg.token)
     model, args = build_student(name, len(data.classes), cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                                depth=cfg.depth, num_heads=cfg.num_heads, drop_path=cfg.drop_path)
+                                depth=cfg.depth, num_heads=cfg.num_heads, layer_scale=cfg.layer_scale,
+                                drop_path=cfg.drop_path, extra=token_args)
     if plan.init is not None:
         model.load_state_dict(fit_deit_weights(plan.init.state_dict(), model,
                                                keep_heads=plan.init.knows_classes(data.classes)))
     set_distilled_training(model, True)
-    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg.teacher_res) if teacher is not None else None
+    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg, cfg.teacher_res) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
+    cache: TeacherCache | None = plan.settings.get("cache_object")
+    view_seeds_ = None
+    if cache is not None:  # the teacher's targets come from the cache: it never runs in training
+        if data.classes != cache.manifest["classes"] or targets_digest(data.train.targets) != cache.manifest["targets_sha256"]:
+            raise DistillError(f"The training data is not the one the teacher cache {cache.root} was made on (its images or "
+                               "labels changed); make the cache again.")
+        train_set.view_target = functools.partial(cache.target, kind=cfg.distillation)
+        view_seeds_ = cache.seeds()
+    cached_teacher = (plan.settings.get("cache") or {}).get("teacher")
+    record = (teacher.lineage(taught(cfg.distillation)) if teacher else
+              {**cached_teacher, "inherited": taught(cfg.distillation)} if cached_teacher else None)
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "student", "model": {"name": name, "args": args},
                 "params": count_params(model), "data": data_record(cfg, data.classes, mean, std, data.info),
-                "parent": teacher.lineage() if teacher else None, "teacher": teacher.lineage() if teacher else None,
-                "init": plan.init.lineage() if plan.init else None, "distillation": plan.settings["distillation"]}
+                "parent": record, "teacher": record, "distillation": plan.settings["distillation"],
+                "teacher_cache": {k: v for k, v in (plan.settings.get("cache") or {}).items() if k != "teacher"} or None,
+                "init": plan.init.lineage("weights") if plan.init else None}
 
     job = Job(model=model, train_set=train_set, eval_set=test_set,
-              criterion=criterion_for(cfg, cfg.distillation, frozen, cfg.alpha, cfg.tau),
+              criterion=criterion_for(cfg, cfg.distillation, frozen if cache is None else None, cfg.alpha, cfg.tau,
+                                      student=model, cached=cache is not None),
               num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
-              class_names=data.classes, notes=plan.notes)
+              class_names=data.classes, notes=plan.notes, view_seeds=view_seeds_)
     return run.fit(job)
 
 
@@ -615,22 +822,22 @@ def execute_finetune(plan: StagePlan) -> Checkpoint:
     model = build_model(parent, drop_path_rate=cfg.drop_path)
     resize(model, cfg.res)
     set_distilled_training(model, True)
-    frozen = frozen_teacher(teacher, (mean, std), cfg.res, cfg.teacher_res) if teacher is not None else None
+    frozen = frozen_teacher(teacher, (mean, std), cfg.res, cfg, cfg.teacher_res) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
     kind, alpha, tau = cfg.distillation, cfg.alpha, cfg.tau
     distillation = {**plan.settings["distillation"], "token": has_dist_token(model)}
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "finetune", "model": plan.model, "params": count_params(model),
-                "data": data_record(cfg, data.classes, mean, std, data.info), "parent": parent.lineage(),
-                "teacher": teacher.lineage() if teacher else None, "distillation": distillation,
+                "data": data_record(cfg, data.classes, mean, std, data.info), "parent": parent.lineage("weights"),
+                "teacher": teacher.lineage(taught(kind)) if teacher else None, "distillation": distillation,
                 "from_img_size": parent.img_size}
 
-    parent_metrics = parent.meta.get("metrics", {})
-    job = Job(model=model, train_set=train_set, eval_set=test_set, criterion=criterion_for(cfg, kind, frozen, alpha, tau),
+    job = Job(model=model, train_set=train_set, eval_set=test_set,
+              criterion=criterion_for(cfg, kind, frozen, alpha, tau, student=model),
               num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
               class_names=data.classes, evaluate_first=True, notes=plan.notes,
-              extra_metrics={"parent_top1": parent_metrics.get("top1"), "parent_img_size": parent.img_size})
+              extra_metrics=parent_accuracy(parent))
     return run.fit(job)
 
 
@@ -641,7 +848,7 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
         return done
     data, mean, std = load_with_norm(run, teacher, f"the target {cfg.dataset or cfg.data_dir}")
     if cfg.from_scratch:
-        model = timm.create_model(parent.model_name, pretrained=False, drop_path_rate=cfg.drop_path, **parent.model_args)
+        model = create(parent.model_name, drop_path_rate=cfg.drop_path, **parent.model_args)
     else:
         model = build_model(parent, drop_path_rate=cfg.drop_path)
     args = dict(parent.model_args)
@@ -658,7 +865,7 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
         train_only(model, attention_parameter_names(model) + head_parameter_names(model))
         trainable = "attn"
     set_distilled_training(model, True)
-    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg.teacher_res) if teacher is not None else None
+    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg, cfg.teacher_res) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
     kind, alpha, tau = cfg.distillation, cfg.alpha, cfg.tau
     distillation = {**plan.settings["distillation"], "token": has_dist_token(model)}
@@ -667,11 +874,15 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
         return {"kind": "student", "stage": "transfer", "model": {"name": parent.model_name, "args": args},
                 "params": count_params(model),
                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "data": data_record(cfg, data.classes, mean, std, data.info), "parent": parent.lineage(),
-                "teacher": teacher.lineage() if teacher else None, "distillation": distillation,
+                "data": data_record(cfg, data.classes, mean, std, data.info),
+                # a from-scratch baseline copies only the architecture: it has no parent, it names where it came from
+                "parent": None if cfg.from_scratch else parent.lineage("weights"),
+                "architecture_from": parent.lineage("recipe") if cfg.from_scratch else None,
+                "teacher": teacher.lineage(taught(kind)) if teacher else None, "distillation": distillation,
                 "trainable": trainable, "from_scratch": cfg.from_scratch}
 
-    job = Job(model=model, train_set=train_set, eval_set=test_set, criterion=criterion_for(cfg, kind, frozen, alpha, tau),
+    job = Job(model=model, train_set=train_set, eval_set=test_set,
+              criterion=criterion_for(cfg, kind, frozen, alpha, tau, student=model),
               num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
               class_names=data.classes, notes=plan.notes)
     return run.fit(job)
@@ -679,7 +890,7 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
 
 EXECUTORS: dict[str, Callable[[StagePlan], Checkpoint]] = {
     "teach": execute_teach, "teach-fixres": execute_teach, "student": execute_student, "finetune": execute_finetune,
-    "transfer": execute_transfer,
+    "transfer": execute_transfer, "cache-teacher": execute_cache,
 }
 
 
@@ -698,3 +909,7 @@ def finetune(cfg: FinetuneConfig) -> Checkpoint:
 
 def transfer(cfg: TransferConfig) -> Checkpoint:
     return run_stage(lambda: plan_transfer(cfg))
+
+
+def cache_teacher(cfg: CacheConfig) -> None:
+    return run_stage(lambda: plan_cache(cfg))

@@ -123,3 +123,19 @@ def test_a_pipeline_recipes_shared_resolution_does_not_reach_finetune_or_transfe
     assert resolve(StudentConfig, recipe, {}).img_size == 224
     assert resolve(FinetuneConfig, recipe, {}).img_size is None
     assert resolve(TransferConfig, recipe, {"dataset": "cifar10"}).img_size is None
+
+
+def test_deit3_options_are_checked_before_any_run():
+    assert resolve(StudentConfig, None, {"loss": "bce", "bce_target_thresh": 0.0, "smoothing": 0.0}).bce_target_thresh == 0.0
+    with pytest.raises(DistillError, match="undoes --smoothing 0.1.*pass --smoothing 0"):
+        resolve(StudentConfig, None, {"loss": "bce", "bce_target_thresh": 0.0})
+    with pytest.raises(DistillError, match="applies to --loss bce only"):
+        resolve(StudentConfig, None, {"bce_target_thresh": 0.0, "smoothing": 0.0})
+    with pytest.raises(DistillError, match=r"'loss' must be one of ce, bce, not 'focal'"):
+        resolve(TeachConfig, None, {"loss": "focal"})
+    with pytest.raises(DistillError, match=r"'crop' must be one of rrc, src"):
+        resolve(TeachConfig, None, {"crop": "center"})
+    with pytest.raises(DistillError, match=r"'distillation' must be one of none, soft, hard, feature, soft\+feature"):
+        resolve(StudentConfig, None, {"distillation": "token"})
+    with pytest.raises(DistillError, match=r"'feature_loss' must be one of mse, cosine"):
+        resolve(FinetuneConfig, None, {"feature_loss": "l1"})

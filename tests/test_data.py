@@ -56,12 +56,15 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
     root = make_image_folder(tmp_path / "data", ["a", "b"])
     bad = root / "train" / "a" / "broken.png"
     bad.write_bytes(b"not an image at all")
-    splits = open_dataset(None, root)
-    index = [str(p) for p in splits.train.files].index(str(bad))
-    with pytest.raises(DistillError, match="broken.png"):
-        splits.train.load(index)
+    with pytest.raises(DistillError, match="(?s)1 image in .* cannot be read.*--skip-corrupt.*broken.png"):
+        open_dataset(None, root)  # found by the scan before any training
     skipped = open_dataset(None, root, skip_corrupt=True)
-    assert skipped.info["skipped_corrupt"] == 1 and len(skipped.train) == len(splits.train) - 1
+    assert skipped.info["skipped_corrupt"] == 1 and len(skipped.train) == 2 * 12  # the readable ones
+    assert skipped.info["skipped_examples"] == [str(bad)]
+    from distill.data.sources import FolderImages
+
+    with pytest.raises(DistillError, match="Cannot read image .*broken.png"):  # and by the loader, should one pass
+        FolderImages(root, [bad], [0]).load(0)
 
 
 def _hub_copy(tmp_path, as_parquet: bool):
@@ -101,3 +104,23 @@ def test_unreachable_hub_is_one_sentence_and_exit_2():
     assert result.exit_code == 2
     assert "Cannot reach the Hugging Face hub" in result.output and "--data-dir" in result.output
     assert "Traceback" not in result.output
+
+
+def test_skip_corrupt_checks_a_hub_dataset_from_its_stored_bytes(tmp_path):
+    """A hub dataset is checked only with --skip-corrupt, from its encoded bytes, without decoding them."""
+    import io
+
+    import datasets
+
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    encoded = io.BytesIO()
+    Image.new("RGB", (8, 8), "green").save(encoded, format="PNG")
+    good = {"bytes": encoded.getvalue(), "path": None}
+    train = datasets.Dataset.from_dict({"img": [good] * 5 + [{"bytes": b"junk", "path": None}],
+                                        "label": [0, 1, 0, 1, 0, 1]}, features=features)
+    test = datasets.Dataset.from_dict({"img": [good] * 4, "label": [0, 1, 0, 1]}, features=features)
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "copy"))
+    assert len(open_dataset(str(tmp_path / "copy"), None).train) == 6  # not checked unless asked
+    skipped = open_dataset(str(tmp_path / "copy"), None, skip_corrupt=True)
+    assert len(skipped.train) == 5 and skipped.info["skipped_corrupt"] == 1
+    assert skipped.info["skipped_examples"] == [f"row 5 of {tmp_path / 'copy'}[train]"]

@@ -35,3 +35,28 @@ def test_two_processes_train_count_each_test_image_once_and_write_once(tmp_path)
     assert sorted(p.name for p in (run / "state").iterdir() if p.name.startswith("random_states")) == \
         ["random_states_0.pkl", "random_states_1.pkl"]
     assert result.stdout.count("epoch   2/2") == 1  # only the main process prints
+
+
+def test_two_processes_train_a_feature_projection_beside_the_student(tmp_path):
+    """The criterion's projection is prepared like the model (one DDP module per process, gradients averaged,
+    accumulation respected) and saved once in the resumable state; the student exported alone."""
+    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")):
+        pytest.skip("torchrun is not installed")
+    from safetensors.torch import load_file
+
+    from conftest import TINY_VIT, invoke
+
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=5)
+    assert invoke("teach", "--data-dir", data, "--workdir", tmp_path / "runs", *TINY).exit_code == 0
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc_per_node", "2", "-m", "distill", "student", "--workdir", str(tmp_path / "runs"), *TINY,
+               *TINY_VIT, "--batch-size", "4", "--grad-accum", "2", "--no-token", "--distillation", "hard+feature",
+               "--loss", "bce", "--aa", "3a"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "runs" / "student"
+    ckpt = read_checkpoint(run)
+    assert ckpt.meta["processes"] == 2 and ckpt.meta["distillation"]["kind"] == "hard+feature"
+    assert not any(key.startswith("projection") for key in ckpt.state_dict())
+    assert set(load_file(str(run / "state" / "model_1.safetensors"))) == {"projection.weight", "projection.bias"}

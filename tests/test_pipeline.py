@@ -28,6 +28,9 @@ num_heads = 2
 """
 
 
+TINY_LABEL = "DeiT-Ti/4 depth 1 width 32 heads 2 @ 16px (deit_tiny_distilled…, 15.2k params)"
+
+
 def _write(path: Path, data: Path, student_extra: str = "") -> Path:
     path.write_text(RECIPE.format(data=data, student_extra=student_extra))
     return path
@@ -41,6 +44,9 @@ def test_two_stage_recipe_runs_then_reuses_then_reruns_what_changed(tmp_path, fo
     recipe = _write(tmp_path / "two.toml", folder)
     first = invoke("pipeline", recipe)
     assert first.exit_code == 0, first.output
+    summary = first.output[first.output.rindex("pipeline"):]  # the table after the runs: each model as it is
+    assert f"{TINY_LABEL} │" in summary and "RegNetY-200MF @ 16px (regnety_002, 2.8M params)" in summary
+    assert "fp32 at 16 px" in summary
     teacher, student = read_checkpoint("runs/teach"), read_checkpoint("runs/student")
     assert student.meta["parent"]["sha256"] == teacher.sha256
     stamps = _stamp("teach"), _stamp("student")
@@ -54,6 +60,7 @@ def test_two_stage_recipe_runs_then_reuses_then_reruns_what_changed(tmp_path, fo
     plan = invoke("pipeline", recipe, "--dry-run")
     assert plan.exit_code == 0, plan.output
     assert "reuse" in plan.output and "re-run" in plan.output and "alpha: 0.5 -> 0.3" in plan.output
+    assert TINY_LABEL in plan.output
     assert (_stamp("teach"), _stamp("student")) == stamps  # a dry run trains nothing
     changed = invoke("pipeline", recipe)
     assert changed.exit_code == 0, changed.output
@@ -98,12 +105,14 @@ def test_a_dry_run_of_the_papers_recipe_in_an_empty_folder_lists_every_stage_wit
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if line.startswith("│")]
     table = {cells[0]: cells for cells in ([c.strip() for c in row.strip("│").split("│")] for row in rows)}
-    expected = {"teach": "224 px", "student": "224 px", "teach-fixres": "384 px", "finetune": "384 px",
-                "transfer-cifar10": "384 px", "transfer-cifar100": "384 px", "transfer-flowers102": "384 px",
-                "transfer-stanford_cars": "384 px"}
-    assert {stage: cells[2] for stage, cells in table.items()} == expected
-    assert table["teach"][1] == "regnety_160" and table["finetune"][1] == "deit_base_distilled_patch16_224"
-    assert all(cells[4] == "run" for cells in table.values())
+    expected = {"teach": "224px", "student": "224px", "teach-fixres": "384px", "finetune": "384px",
+                "transfer-cifar10": "384px", "transfer-cifar100": "384px", "transfer-flowers102": "384px",
+                "transfer-stanford_cars": "384px"}
+    assert {stage: cells[1].split("@ ")[1].split()[0] for stage, cells in table.items()} == expected
+    assert table["teach"][1] == "RegNetY-16GF @ 224px (regnety_160)"  # ImageNet's classes are unknown before loading
+    assert table["student"][1] == "DeiT-B/16 @ 224px (deit_base_distilled_patch16_224)"
+    assert table["finetune"][1] == "DeiT-B/16 @ 384px (deit_base_distilled_patch16…)"
+    assert all(cells[3] == "run" for cells in table.values())
     assert not Path("runs").exists()  # planning writes nothing
 
 

@@ -62,6 +62,63 @@ def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(tmp
     assert epochs == [1, 2]
 
 
+def _kill_at_step(command: list, progress: Path, step: int) -> None:
+    """Start `python -m distill ...` and SIGKILL it once its saved state has reached `step`."""
+    process = subprocess.Popen([sys.executable, "-m", "distill", *map(str, command)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if json.loads(progress.read_text())["step"] >= step:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_feature_distillation_resumes_its_projection_exactly_and_never_exports_it(tmp_path):
+    """DeiT III's parts and feature distillation together (3-Augment, simple random crop, BCE on binarised Mixup
+    targets, hard + feature distillation), killed mid-epoch and resumed: the projection is in the saved state and
+    comes back, so student and projection end bit-identical to an uninterrupted run; the exported student holds
+    exactly timm's keys."""
+    import timm
+    from safetensors.torch import load_file
+
+    from conftest import TINY_VIT
+
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=40, test=4, size=16)
+    assert invoke("teach", "--data-dir", data, "--workdir", tmp_path / "teachers", *TINY).exit_code == 0
+    teacher = tmp_path / "teachers" / "teach" / "model.safetensors"
+
+    def args(workdir):
+        return ["student", "--data-dir", data, "--workdir", workdir, "--teacher", teacher, "--img-size", "16",
+                "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "0.5", "--save-every", "1", "--num-workers", "0",
+                *TINY_VIT, "--no-token", "--distillation", "hard+feature", "--aa", "3a", "--crop", "src", "--loss", "bce",
+                "--smoothing", "0", "--bce-target-thresh", "0", "--mixup", "0.8", "--cutmix", "1.0"]
+
+    straight = invoke(*args(tmp_path / "straight"))
+    assert straight.exit_code == 0, straight.output
+    run = tmp_path / "killed" / "student"
+    _kill_at_step(args(tmp_path / "killed"), run / "state" / "progress.json", 12)  # 30 steps an epoch
+    assert not (run / "model.safetensors").exists()
+    saved = load_file(str(run / "state" / "model_1.safetensors"))
+    assert set(saved) == {"projection.weight", "projection.bias"} and saved["projection.weight"].shape == (368, 32)
+    resumed = invoke(*args(tmp_path / "killed"))
+    assert resumed.exit_code == 0 and "Resuming" in resumed.output, resumed.output
+
+    for name in ("model.safetensors", "state/model_1.safetensors"):  # the student, then the projection
+        expected, got = (load_file(str(root / "student" / name)) for root in (tmp_path / "straight", tmp_path / "killed"))
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[key], got[key]) for key in expected), name
+    exported = read_checkpoint(run)
+    model = timm.create_model(exported.model_name, **exported.model_args)
+    assert set(exported.state_dict()) == set(model.state_dict())
+    assert exported.meta["distillation"]["kind"] == "hard+feature"
+
+
 WRITER = """
 import sys, torch
 from distill.checkpoint import save_checkpoint

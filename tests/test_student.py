@@ -22,8 +22,9 @@ def taught(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", [["--distillation", "none", "--no-token"], ["--distillation", "soft", "--no-token"],
-                                     ["--distillation", "hard", "--no-token"], ["--distillation", "hard", "--token"]],
-                         ids=["none", "soft", "hard", "hard+token"])
+                                     ["--distillation", "hard", "--no-token"], ["--distillation", "hard", "--token"],
+                                     ["--distillation", "soft", "--token"]],
+                         ids=["none", "soft", "hard", "hard+token", "soft+token"])
 def test_each_variant_trains_and_says_what_it_is(taught, variant):
     root, _ = taught
     name = "student-" + "-".join(variant).replace("--", "")
@@ -58,7 +59,7 @@ def test_the_default_teacher_is_runs_teach_even_beside_a_newer_teacher(taught, t
     result = invoke("student", "--workdir", root / "runs", "--name", "auto", *TINY, *TINY_VIT)
     assert result.exit_code == 0, result.output
     teacher = read_checkpoint(root / "runs" / "teach")
-    assert f"teacher: {root / 'runs' / 'teach' / 'model.safetensors'} (regnety_002 at 16 px" in result.output
+    assert f"teacher: {root / 'runs' / 'teach' / 'model.safetensors'} (RegNetY-200MF @ 16px (regnety_002, 2.8M params)" in result.output
     assert "3 classes, test top-1" in result.output
     ckpt = read_checkpoint(root / "runs" / "auto")
     assert ckpt.meta["teacher"]["sha256"] == teacher.sha256
@@ -102,3 +103,57 @@ def test_without_runs_teach_other_teachers_are_named_not_taken(tmp_path, folder)
     result = invoke("student", "--workdir", tmp_path / "runs", *TINY, *TINY_VIT)
     assert result.exit_code == 2 and "No teacher at" in result.output and "teach-a" in result.output
     assert not (tmp_path / "runs" / "student").exists()
+
+
+def test_a_deit3_student_with_the_token_keeps_timm_keys_plus_the_token(taught):
+    """deit3_* (LayerScale, position embeddings on the patches only) with timm's distillation token: the
+    checkpoint holds timm's deit3 keys and shapes plus dist_token and head_dist, it trains with feature
+    distillation beside the hard labels, and a FixRes fine-tune resamples its position embeddings."""
+    root, _ = taught
+    result = invoke("student", "--workdir", root / "runs", "--name", "deit3", *TINY, *TINY_VIT, "--model", "deit3_small",
+                    "--token", "--layer-scale", "1e-4", "--distillation", "hard+feature", "--feature-loss", "cosine",
+                    "--teacher", root / "runs" / "teach")
+    assert result.exit_code == 0, result.output
+    ckpt = read_checkpoint(root / "runs" / "deit3")
+    assert ckpt.model_name == "deit3_small_patch16_224" and ckpt.model_args["distilled"] is True
+    assert ckpt.meta["distillation"] == {"kind": "hard+feature", "alpha": 0.5, "tau": 1.0, "token": True,
+                                         "feature_loss": "cosine"}
+    weights = load_file(ckpt.path)
+    plain = timm.create_model("deit3_small_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                              num_classes=3).state_dict()
+    assert set(weights) == set(plain) | {"dist_token", "head_dist.weight", "head_dist.bias"}
+    assert all(weights[key].shape == plain[key].shape for key in plain)
+    assert torch.all(weights["blocks.0.ls1.gamma"] != 0)  # LayerScale, trained from 1e-4
+    tuned = invoke("finetune", "--workdir", root / "runs", "--name", "deit3-24", "--checkpoint", ckpt.path, "--res", "24",
+                   *[flag for flag in TINY if flag not in ("--img-size", "16")], "--no-teacher")
+    assert tuned.exit_code == 0, tuned.output
+    resized = read_checkpoint(root / "runs" / "deit3-24")
+    assert resized.img_size == 24 and load_file(resized.path)["pos_embed"].shape == (1, 36, 32)
+
+
+@pytest.mark.parametrize("model", ["vit_small", "vit_small_patch16_224"])
+def test_a_vit_without_a_token_in_timm_trains_plain_and_is_refused_with_the_token(taught, model):
+    root, _ = taught
+    refused = invoke("student", "--workdir", root / "runs", "--name", "vit-token", *TINY, *TINY_VIT, "--model", model)
+    assert refused.exit_code == 2 and "has no distillation token" in refused.output and "--no-token" in refused.output
+    assert not (root / "runs" / "vit-token").exists()
+    plain = invoke("student", "--workdir", root / "runs", "--name", f"vit-{model}", *TINY, *TINY_VIT, "--model", model,
+                   "--no-token")
+    assert plain.exit_code == 0, plain.output
+    assert read_checkpoint(root / "runs" / f"vit-{model}").model_name == "vit_small_patch16_224"
+
+
+def test_an_unknown_model_is_the_same_sentence_with_near_names_everywhere(taught):
+    root, data = taught
+    runs = root / "runs"
+    cases = [["teach", "--model", "deit_huge", "--data-dir", data],
+             ["student", "--model", "deit_huge", "--token"], ["student", "--model", "deit_huge", "--no-token"],
+             ["student", "--model", "deit3_smal"]]
+    for args in cases:
+        result = invoke(*args, "--workdir", runs, "--name", "unknown", *TINY)
+        assert result.exit_code == 2, (args, result.output)
+        name = args[2]
+        assert f"error: timm has no model named '{name}'; near names: " in result.output, (args, result.output)
+    assert "deit3_huge_patch14_224" in invoke("student", "--model", "deit_huge", "--workdir", runs, *TINY).output
+    assert "deit3_small_patch16_224" in invoke("student", "--model", "deit3_smal", "--workdir", runs, *TINY).output
+    assert not (runs / "unknown").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from timm.data import auto_augment
@@ -90,3 +91,106 @@ def test_augmentation_is_the_same_with_any_number_of_workers(folder):
         helped = [images for images, _ in _deit_loader(2, folder, epoch)]
         assert all(torch.equal(a, b) for a, b in zip(alone, helped)) and len(alone) == len(helped) == 9
     assert not torch.equal(alone[0], [images for images, _ in _deit_loader(0, folder, 0)][0])  # epochs differ
+
+
+# -- DeiT III: 3-Augment and the simple random crop ----------------------------------------------------
+PLAIN = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # no normalisation: outputs are the augmented pixels / 255
+
+
+def _pixels(tensor: torch.Tensor) -> np.ndarray:
+    return (tensor.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _seeded(transform, image, seeds):
+    """The transform as the training loader runs it: one private seed per sample."""
+    from distill.data.loaders import seeded_rng
+
+    outputs = []
+    for seed in seeds:
+        with seeded_rng(seed):
+            outputs.append(transform(image))
+    return outputs
+
+
+def _colourful(width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(5)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_three_augment_applies_exactly_one_of_grayscale_solarisation_blur_uniformly():
+    """With the crop and colour jitter made neutral, every output is the image after one of DeiT III's three
+    operations: grayscale, solarisation at 128, or a Gaussian blur; each about a third of the time."""
+    from PIL import ImageOps
+
+    image = _colourful(16, 16)
+    transform = train_transform(16, mean=PLAIN[0], std=PLAIN[1], aa="3a", color_jitter=0.0, scale_min=1.0, hflip=0.0)
+    gray = np.asarray(image.convert("L").convert("RGB"))
+    solarised = np.asarray(ImageOps.solarize(image, 128))
+    counts = {"gray": 0, "solarised": 0, "blurred": 0}
+    for out in _seeded(transform, image, range(300)):
+        assert out.shape == (3, 16, 16)
+        pixels = _pixels(out)
+        if np.array_equal(pixels, gray):
+            counts["gray"] += 1
+        elif np.array_equal(pixels, solarised):
+            counts["solarised"] += 1
+        else:  # a blur (radius 0.1 to 2) keeps the colours and never sharpens
+            assert np.abs(np.diff(pixels.astype(int), axis=1)).mean() <= np.abs(np.diff(np.asarray(image).astype(int),
+                                                                                          axis=1)).mean()
+            counts["blurred"] += 1
+    assert all(70 <= count <= 130 for count in counts.values()), counts  # 100 expected each, 4 standard deviations
+
+
+def test_three_augment_keeps_colour_jitter_and_randaugment_drops_it():
+    """DeiT III adds colour jitter 0.3 after its three operations; timm switches jitter off for RandAugment."""
+    from torchvision.transforms import ColorJitter
+
+    def jitters(aa):
+        return [t for t in train_transform(16, mean=MEAN, std=STD, aa=aa, color_jitter=0.3).transforms
+                if isinstance(t, ColorJitter)]
+
+    (jitter,) = jitters("3a")
+    assert jitter.brightness == jitter.contrast == jitter.saturation == (0.7, 1.3) and jitter.hue is None
+    assert jitters("rand-m9-mstd0.5-inc1") == []
+
+
+@pytest.mark.parametrize("aa,crop", [("3a", "rrc"), ("3a", "src"), ("rand-m9-mstd0.5-inc1", "src")])
+def test_deit3_augmentation_is_a_function_of_the_sample_seed(aa, crop):
+    image = _colourful(40, 24)
+    transform = train_transform(16, mean=MEAN, std=STD, aa=aa, crop=crop, reprob=0.25)
+    first, again = _seeded(transform, image, [7, 8, 9]), _seeded(transform, image, [7, 8, 9])
+    assert all(a.shape == (3, 16, 16) and torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
+
+
+def test_simple_random_crop_pads_four_pixels_and_crops_a_square_anywhere_along_the_long_side():
+    """The shorter side becomes the training size (here it already is: no resampling), 4 px of reflection on
+    every side, one random square: every output is one window of the padded image, never a zoom, and the
+    windows cover every offset (0..16 along the 24-px side, 0..8 along the 16-px one)."""
+    width, height, size = 24, 16, 16
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)  # a pixel's value says where it is
+    pixels[..., 0] = np.arange(width)[None, :] * 10
+    pixels[..., 1] = np.arange(height)[:, None] * 15
+    padded = np.pad(pixels, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+    transform = train_transform(size, mean=PLAIN[0], std=PLAIN[1], crop="src", hflip=0.0, color_jitter=0.0)
+    lefts, tops = [], []
+    for out in _seeded(transform, Image.fromarray(pixels), range(400)):
+        assert out.shape == (3, size, size)
+        crop = _pixels(out)
+        matches = [(top, left) for top in range(padded.shape[0] - size + 1) for left in range(padded.shape[1] - size + 1)
+                   if np.array_equal(padded[top:top + size, left:left + size], crop)]
+        assert len(matches) == 1, "not a window of the padded image"
+        tops.append(matches[0][0])
+        lefts.append(matches[0][1])
+    assert set(lefts) == set(range(17)) and set(tops) == set(range(9))
+    assert abs(np.mean(lefts) - 8) < 1.0 and abs(np.mean(tops) - 4) < 0.6
+
+
+def test_simple_random_crop_resizes_the_shorter_side_to_the_training_size():
+    image = _colourful(64, 32)  # 2:1 -> 32 x 16 before padding at 16 px
+    transform = train_transform(16, mean=PLAIN[0], std=PLAIN[1], crop="src", hflip=0.0, color_jitter=0.0)
+    resized = np.asarray(image.resize((32, 16), Image.Resampling.BICUBIC))
+    padded = np.pad(resized, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+    for out in _seeded(transform, image, range(5)):
+        crop = _pixels(out)
+        assert any(np.array_equal(padded[t:t + 16, l:l + 16], crop) for t in range(9) for l in range(25))

@@ -54,36 +54,50 @@ def seeded_rng(seed: int) -> Iterator[None]:
             torch.set_rng_state(saved[2])
 
 
-class Transformed(Dataset):
-    """A source with a transform. Given an (index, seed) key, the transform's randomness is seeded."""
+ViewTarget = Callable[[int, int], torch.Tensor]
 
-    def __init__(self, source: ImageSource, transform: Callable):
-        self.source, self.transform = source, transform
+
+class Transformed(Dataset):
+    """A source with a transform. Given an (index, seed) key, the transform's randomness is seeded; given an
+    (index, seed, view) key, the sample also carries `view_target(index, view)` (a cached teacher's target)."""
+
+    def __init__(self, source: ImageSource, transform: Callable, view_target: ViewTarget | None = None):
+        self.source, self.transform, self.view_target = source, transform, view_target
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, ...]) -> tuple[Any, ...]:
         if isinstance(key, tuple):
-            index, seed = key
+            index, seed, *view = key
             image = self.source.load(index)
             with seeded_rng(seed):
-                return self.transform(image), self.source.targets[index]
+                image = self.transform(image)
+            if view and self.view_target is not None:
+                return image, self.source.targets[index], self.view_target(index, view[0])
+            return image, self.source.targets[index]
         return self.transform(self.source.load(key)), self.source.targets[key]
 
 
 class SeededSampler(Sampler):
-    """Wraps a distributed sampler and pairs each index with a seed from its global position."""
+    """Wraps a distributed sampler and pairs each index with a seed from its global position, or, with
+    `view_seeds` [views, images] (a teacher cache's), with the seed of view epoch % views of that image."""
 
-    def __init__(self, inner: Sampler, run_seed: int, rank: int, world: int):
+    def __init__(self, inner: Sampler, run_seed: int, rank: int, world: int, view_seeds: np.ndarray | None = None):
         self.inner, self.run_seed, self.rank, self.world = inner, run_seed, rank, world
+        self.view_seeds = view_seeds
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.inner.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        if self.view_seeds is not None:
+            view = self.epoch % len(self.view_seeds)
+            for index in self.inner:
+                yield index, int(self.view_seeds[view, index]), view
+            return
         seeds = sample_seeds(self.run_seed, self.epoch, len(self.inner) * self.world)
         for position, index in enumerate(self.inner):
             yield index, int(seeds[position * self.world + self.rank])
@@ -104,14 +118,14 @@ class EpochOffsetRepeatSampler(RepeatAugSampler):
 
 
 def train_loader(dataset: Transformed, *, batch_size: int, seed: int, rank: int, world: int, num_workers: int,
-                 repeated_aug: int = 1, pin_memory: bool = False) -> DataLoader:
+                 repeated_aug: int = 1, pin_memory: bool = False, view_seeds: np.ndarray | None = None) -> DataLoader:
     """Shuffled, sharded over processes, drop_last (Mixup needs even, full batches)."""
     if repeated_aug > 1:
         inner: Sampler = EpochOffsetRepeatSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   num_repeats=repeated_aug, run_seed=seed)
     else:
         inner = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
-    sampler = SeededSampler(inner, seed, rank, world)
+    sampler = SeededSampler(inner, seed, rank, world, view_seeds)
     if len(sampler) < batch_size:
         raise DistillError(f"The training split gives {len(sampler)} images per process, fewer than one batch of {batch_size}; "
                            "lower --batch-size.")

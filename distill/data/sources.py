@@ -6,9 +6,11 @@ the class names, and a description recorded in checkpoints.
 
 from __future__ import annotations
 
+import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -18,6 +20,14 @@ from distill.errors import DistillError
 
 DIGITS_SIZE = 32  # the 8x8 digits are upsampled once, so crops and RandAugment act on a real image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# What PIL raises on a file it cannot read (a decompression bomb is refused before any decoding).
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+# A whole JPEG ends with its end-of-image marker (which cannot occur inside the entropy-coded data), a whole
+# PNG with its IEND chunk; both sit in the last bytes of the file, give or take some padding.
+ENDINGS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+TAIL_BYTES = 64
+SCAN_BLOCK, SCAN_THREADS = 512, 8
+SHOWN_SKIPPED = 5  # paths of skipped images shown (and recorded) beside their count
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,30 @@ ALIASES: dict[str, HubAlias] = {
 }
 
 
+def image_problem(handle: BinaryIO) -> str | None:
+    """Why an encoded image cannot be read, or None: a quick check made before training.
+
+    PIL reads the header (format, size, mode) without decoding the pixels, and a JPEG or PNG must end as a whole
+    one does, which catches truncated files. Only a file that fails the ending check, or is in another format,
+    is decoded in full to be sure, so a readable file is never reported. Corruption inside the compressed data
+    can still pass; the loader then names that file when it meets it.
+    """
+    try:
+        handle.seek(0, io.SEEK_END)
+        handle.seek(max(0, handle.tell() - TAIL_BYTES))
+        tail = handle.read()
+        handle.seek(0)
+        with Image.open(handle) as image:
+            ending = ENDINGS.get(image.format or "")
+            if ending is None or ending not in tail:
+                image.load()
+    except UnidentifiedImageError:  # its message repeats the file object
+        return "not an image PIL can identify"
+    except UNREADABLE as error:
+        return str(error) or type(error).__name__
+    return None
+
+
 class ImageSource(Dataset):
     """Labelled images: `targets` is known without decoding, `load(i)` decodes one to RGB."""
 
@@ -58,6 +92,18 @@ class ImageSource(Dataset):
     def where(self, index: int) -> str:
         """Where image `index` comes from, for error messages."""
         return f"image {index}"
+
+    def problems(self, indices: list[int]) -> list[str | None]:
+        """Why each of these images cannot be read (None: readable). Here by decoding them; sources of encoded
+        files override it with the quick header check."""
+        found: list[str | None] = []
+        for index in indices:
+            try:
+                self.load(index)
+                found.append(None)
+            except DistillError as error:
+                found.append(error.sentence)
+        return found
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return self.load(index), self.targets[index]
@@ -76,6 +122,9 @@ class SubsetSource(ImageSource):
     def load(self, index: int) -> Image.Image:
         return self.parent.load(self.indices[index])
 
+    def problems(self, indices: list[int]) -> list[str | None]:
+        return self.parent.problems([self.indices[i] for i in indices])
+
     def where(self, index: int) -> str:
         return self.parent.where(self.indices[index])
 
@@ -89,6 +138,9 @@ class ArrayImages(ImageSource):
     def load(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index]).convert("RGB")
 
+    def problems(self, indices: list[int]) -> list[str | None]:
+        return [None] * len(indices)  # decoded arrays: nothing can be unreadable
+
 
 class FolderImages(ImageSource):
     """One split of an image folder: <root>/<class>/<image>."""
@@ -101,8 +153,21 @@ class FolderImages(ImageSource):
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-            raise DistillError(f"Cannot read image {path}: {error}. Remove or replace it, or pass --skip-corrupt.") from None
+        except UNREADABLE as error:
+            # Every folder is checked before training (check_readable), so the damage is inside the compressed
+            # data, which that check (and so --skip-corrupt) does not decode.
+            raise DistillError(f"Cannot read image {path}: {error}. Its damage is inside the compressed data, which the "
+                               "check before training does not decode; remove or replace it.") from None
+
+    def problems(self, indices: list[int]) -> list[str | None]:
+        found: list[str | None] = []
+        for index in indices:
+            try:
+                with open(self.files[index], "rb") as handle:
+                    found.append(image_problem(handle))
+            except OSError as error:
+                found.append(error.strerror or str(error))
+        return found
 
     def where(self, index: int) -> str:
         return str(self.files[index])
@@ -122,8 +187,29 @@ class HubImages(ImageSource):
             if not isinstance(image, Image.Image):
                 image = Image.fromarray(np.asarray(image))
             return image.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        except UNREADABLE as error:
             raise DistillError(f"Cannot decode {self.where(index)}: {error}. Pass --skip-corrupt to skip such images.") from None
+
+    def problems(self, indices: list[int]) -> list[str | None]:
+        """The header check on the stored bytes, read without decoding (datasets' Image(decode=False))."""
+        from datasets import Image as ImageFeature
+
+        if not isinstance(self.table.features[self.image_column], ImageFeature):
+            return super().problems(indices)
+        if getattr(self, "_encoded", None) is None:
+            self._encoded = self.table.cast_column(self.image_column, ImageFeature(decode=False))
+        raw = self._encoded[indices][self.image_column]
+        found: list[str | None] = []
+        for item in raw:
+            try:
+                if item.get("bytes") is not None:
+                    found.append(image_problem(io.BytesIO(item["bytes"])))
+                else:
+                    with open(item["path"], "rb") as handle:
+                        found.append(image_problem(handle))
+            except (OSError, TypeError) as error:
+                found.append(str(error) or type(error).__name__)
+        return found
 
     def where(self, index: int) -> str:
         return f"row {index} of {self.name}"
@@ -283,16 +369,46 @@ def load_hub(name: str) -> DataSplits:
     return DataSplits(train, test, classes, info)
 
 
-def drop_unreadable(source: ImageSource) -> tuple[ImageSource, list[str]]:
-    """Decode every image once and keep those that decode (the --skip-corrupt path)."""
-    keep, bad = [], []
-    for i in range(len(source)):
-        try:
-            source.load(i)
-            keep.append(i)
-        except DistillError:
-            bad.append(source.where(i))
-    return (source if not bad else source.subset(keep)), bad
+def find_unreadable(source: ImageSource) -> list[tuple[int, str]]:
+    """(index, reason) of every image of a split that cannot be read, by the quick header check, in blocks
+    spread over a few threads (the work is mostly waiting for files)."""
+    blocks = [list(range(start, min(start + SCAN_BLOCK, len(source)))) for start in range(0, len(source), SCAN_BLOCK)]
+    with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
+        results = pool.map(source.problems, blocks)
+        return [(index, problem) for block, problems in zip(blocks, results)
+                for index, problem in zip(block, problems) if problem is not None]
+
+
+def check_readable(splits: DataSplits, skip: bool) -> None:
+    """List every unreadable image at once, before any training: refuse them, or (--skip-corrupt) leave them out
+    and record how many, and which."""
+    bad = {"train": find_unreadable(splits.train), "test": find_unreadable(splits.test)}
+    named = [(getattr(splits, split).where(index), reason) for split, found in bad.items() for index, reason in found]
+    if not named:
+        return
+    if not skip:
+        them = "it" if len(named) == 1 else "them"
+        where = splits.info.get("data_dir") or splits.info.get("dataset") or "the dataset"
+        raise DistillError(f"{len(named)} image{'s' if len(named) > 1 else ''} in {where} cannot be read; remove or replace "
+                           f"{them}, or pass --skip-corrupt to train without {them}:\n"
+                           + "\n".join(f"  {path}: {reason}" for path, reason in named))
+    for split, found in bad.items():
+        source = getattr(splits, split)
+        unreadable = {index for index, _ in found}
+        setattr(splits, split, source.subset([i for i in range(len(source)) if i not in unreadable]))
+    splits.info.update(skipped_corrupt=len(named), skipped_train=len(bad["train"]), skipped_test=len(bad["test"]),
+                       skipped_examples=[path for path, _ in named[:SHOWN_SKIPPED]])
+
+
+def describe_skipped(info: dict[str, Any]) -> str | None:
+    """`skipped 3 unreadable images (2 train, 1 test): a.png, b.png, c.png`, from a data record."""
+    count = info.get("skipped_corrupt")
+    if not count:
+        return None
+    split = (f" ({info['skipped_train']} train, {info['skipped_test']} test)" if "skipped_train" in info else "")
+    shown = info.get("skipped_examples") or []
+    more = f" and {count - len(shown)} more" if count > len(shown) else ""
+    return f"skipped {count} unreadable image{'s' if count > 1 else ''}{split}: {', '.join(shown)}{more}"
 
 
 def balanced_subset(source: ImageSource, size: int, num_classes: int) -> ImageSource:
@@ -340,11 +456,8 @@ def open_dataset(dataset: str | None, data_dir: Path | None, *, skip_corrupt: bo
         splits = load_hub(dataset)
     if classes:
         splits = keep_classes(splits, classes)
-    if skip_corrupt:
-        splits.train, bad_train = drop_unreadable(splits.train)
-        splits.test, bad_test = drop_unreadable(splits.test)
-        splits.info["skipped_corrupt"] = len(bad_train) + len(bad_test)
-        splits.info["skipped_examples"] = (bad_train + bad_test)[:5]
+    if data_dir is not None or skip_corrupt:  # a hub dataset is checked only when asked: it may be ImageNet's bytes
+        check_readable(splits, skip_corrupt)
         if len(splits.train) == 0 or len(splits.test) == 0:
             raise DistillError("No readable images are left after skipping the corrupt ones.")
     if train_subset:

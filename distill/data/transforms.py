@@ -9,6 +9,8 @@ from PIL import Image
 from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD,
                         OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 from timm.data import auto_augment, create_transform
+from timm.data.transforms import str_to_interp_mode
+from torchvision import transforms
 
 from distill.data.sources import ImageSource
 
@@ -67,16 +69,32 @@ def repair_rand_augment(transform: Callable) -> Callable:
     return transform
 
 
+PAD = 4  # DeiT III's simple random crop pads 4 pixels on every side
+
+
+def simple_random_crop(img_size: int, hflip: float, interpolation: str) -> list[Callable]:
+    """DeiT III's simple random crop (its augment.py, --src): the shorter side resized to the training size,
+    4 pixels of reflection padding, a random square crop (so along the long side), then the flip. torchvision's
+    own pieces; the crop draws from torch's CPU generator, which the loader seeds per sample."""
+    return [transforms.Resize(img_size, interpolation=str_to_interp_mode(interpolation)),
+            transforms.RandomCrop(img_size, padding=PAD, padding_mode="reflect"),
+            transforms.RandomHorizontalFlip(p=hflip)]
+
+
 def train_transform(img_size: int, *, mean: tuple[float, ...], std: tuple[float, ...], aa: str | None = None,
                     reprob: float = 0.0, color_jitter: float = 0.3, scale_min: float = 0.08, hflip: float = 0.5,
-                    interpolation: str = "bicubic") -> Callable:
-    """DeiT's training augmentation: random-resized crop, flip, RandAugment, random erasing ('pixel' mode)."""
-    transform = create_transform(
+                    interpolation: str = "bicubic", crop: str = "rrc") -> Callable:
+    """DeiT's training augmentation, built by timm: random-resized crop, flip, then RandAugment (`aa` rand-...)
+    or DeiT III's 3-Augment (`aa` 3a: one of grayscale, solarisation, Gaussian blur per image, chosen uniformly,
+    with colour jitter kept on), random erasing ('pixel' mode). `crop` src puts DeiT III's simple random crop
+    in place of the random-resized crop, the rest unchanged."""
+    primary, secondary, final = create_transform(
         img_size, is_training=True, scale=(scale_min, 1.0), hflip=hflip, color_jitter=color_jitter,
         auto_augment=None if aa in (None, "", "none") else aa, interpolation=interpolation,
-        re_prob=reprob, re_mode="pixel", re_count=1, mean=mean, std=std,
+        re_prob=reprob, re_mode="pixel", re_count=1, mean=mean, std=std, separate=True,
     )
-    return repair_rand_augment(transform)
+    first = simple_random_crop(img_size, hflip, interpolation) if crop == "src" else list(primary.transforms)
+    return repair_rand_augment(transforms.Compose(first + list(secondary.transforms) + list(final.transforms)))
 
 
 def eval_transform(img_size: int, *, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float = 0.875,

@@ -1,4 +1,5 @@
-"""Students: DeiT models (with or without the distillation token), resolution changes, head outputs."""
+"""Students: timm ViTs (DeiT, DeiT III with LayerScale, ViT), with or without the distillation token; resolution
+changes, head outputs, and the pre-logits features that feature distillation regresses."""
 
 from __future__ import annotations
 
@@ -11,29 +12,34 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
+from distill.models import builds_token, create, expand_short_name
 
-DEIT_SIZES = ("deit_tiny", "deit_small", "deit_base")
 
+def student_model(model: str, token: bool) -> tuple[str, dict[str, Any]]:
+    """timm's name for a student and the constructor arguments the token needs.
 
-def student_model_name(model: str, token: bool) -> str:
-    """timm's name for a DeiT of this size, with or without the distillation token.
-
-    Accepts a short size (deit_tiny) or any timm deit_* name; the token choice wins over the name.
+    Accepts a size (deit_tiny, deit3_small, vit_base) or any timm ViT name; the token choice wins over the
+    name. A DeiT (deit_*) with the token is timm's own `deit_*_distilled_*` model; any other model of timm's
+    DeiT module (deit3_*, LayerScale) gets it with `distilled=True`, timm's VisionTransformerDistilled with
+    the model's own keys plus the token's. timm has no token for other ViTs (vit_*): asked for one, they are
+    refused.
     """
     base = re.sub(r"_distilled", "", model)
-    if base in DEIT_SIZES:
-        base = f"{base}_patch16_224"
-    match = re.fullmatch(r"(deit_(?:tiny|small|base))(_patch\d+_\d+)", base)
-    if match is None:
-        if token:
-            raise DistillError(f"The distillation token needs a DeiT model (deit_tiny, deit_small, deit_base); got '{model}'.")
-        if not timm.is_model(model):
-            raise DistillError(f"timm has no model named '{model}'.")
-        return model
-    name = f"{match.group(1)}_distilled{match.group(2)}" if token else base
-    if not timm.is_model(name):
-        raise DistillError(f"timm has no model named '{name}'.")
-    return name
+    name = expand_short_name(base if timm.is_model(base) else model)
+    if not token:
+        return name, {}
+    registered = re.sub(r"^(deit_(?:tiny|small|base))(_patch\d+_\d+)$", r"\1_distilled\2", name)
+    if registered != name and timm.is_model(registered):
+        return registered, {}
+    if not builds_token(name):
+        raise DistillError(f"timm's {name} has no distillation token (only its DeiT models, deit_* and deit3_*, have one); "
+                           "pass --no-token, or choose a deit_* or deit3_* model.")
+    return name, {"distilled": True}
+
+
+def records_token(name: str, args: dict[str, Any]) -> bool:
+    """Whether a recorded model (name and constructor arguments) has the distillation token."""
+    return "distilled" in name or bool(args.get("distilled"))
 
 
 def default_patch_size(img_size: int) -> int:
@@ -42,8 +48,8 @@ def default_patch_size(img_size: int) -> int:
 
 
 def student_args(cfg: Any, num_classes: int | None) -> dict[str, Any]:
-    """The timm constructor arguments of a DeiT sized by a config (img_size, patch_size, embed_dim, depth,
-    num_heads), checked before anything is built."""
+    """The timm constructor arguments of a ViT sized by a config (img_size, patch_size, embed_dim, depth,
+    num_heads, layer_scale), checked before anything is built."""
     patch_size = cfg.patch_size or default_patch_size(cfg.img_size)
     if cfg.img_size % patch_size:
         raise DistillError(f"Resolution {cfg.img_size} is not a multiple of the patch size {patch_size}.")
@@ -51,6 +57,8 @@ def student_args(cfg: Any, num_classes: int | None) -> dict[str, Any]:
     for key in ("embed_dim", "depth", "num_heads"):
         if getattr(cfg, key, None) is not None:
             args[key] = getattr(cfg, key)
+    if getattr(cfg, "layer_scale", None) is not None:
+        args["init_values"] = cfg.layer_scale  # timm's name for LayerScale's initial value
     heads = args.get("num_heads")
     if args.get("embed_dim") and heads and args["embed_dim"] % heads:
         raise DistillError(f"Cannot build a DeiT with embed_dim {args['embed_dim']} and {heads} heads: the embedding width "
@@ -60,15 +68,20 @@ def student_args(cfg: Any, num_classes: int | None) -> dict[str, Any]:
 
 def build_student(name: str, num_classes: int, img_size: int, *, patch_size: int | None = None,
                   embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
-                  drop_path: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
-    """A randomly initialised DeiT and the constructor arguments that rebuild it."""
-    sizing = SimpleNamespace(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
-    args = student_args(sizing, num_classes)
+                  layer_scale: float | None = None, drop_path: float = 0.0, extra: dict[str, Any] | None = None
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+    """A randomly initialised ViT and the constructor arguments that rebuild it (`extra`: the token's)."""
+    sizing = SimpleNamespace(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                             layer_scale=layer_scale)
+    args = {**student_args(sizing, num_classes), **(extra or {})}
     try:
-        model = timm.create_model(name, pretrained=False, drop_path_rate=drop_path, **args)
+        model = create(name, drop_path_rate=drop_path, **args)
     except AssertionError as error:  # timm asserts, e.g., that the width divides into the heads
         detail = str(error) or "the embedding width must be divisible by the number of heads"
         raise DistillError(f"Cannot build {name} with {args}: {detail}.") from None
+    except TypeError as error:  # a model that is no ViT takes no patch size or width
+        raise DistillError(f"Cannot build {name} as a student with {args}: {error}; students are timm ViTs "
+                           "(deit_*, deit3_*, vit_*).") from None
     return model, args
 
 
@@ -163,3 +176,39 @@ def train_only(model: nn.Module, names: list[str]) -> None:
     keep = set(names)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in keep)
+
+
+class PreLogits:
+    """The student's pre-logits features of the last training forward, for feature distillation.
+
+    A forward pre-hook on the classifier catches its input, so the model, its outputs and timm's forward stay
+    as they are (and a DDP-wrapped model works unchanged). A token model gives its distillation token's
+    features (the token that learns from the teacher; the class token learns from the labels), any other
+    model the input of its head. Caught in training mode only: evaluation keeps no tensor alive.
+    """
+
+    def __init__(self, model: nn.Module):
+        head = model.head_dist if has_dist_token(model) else model.get_classifier()
+        if not isinstance(head, nn.Linear):
+            raise DistillError(f"Feature distillation needs a linear classifier to read the features from; "
+                               f"{type(model).__name__} has {type(head).__name__}.")
+        self.dim = head.in_features
+        self._features: torch.Tensor | None = None
+        head.register_forward_pre_hook(self._catch)
+
+    def _catch(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if module.training:
+            self._features = args[0]
+
+    def take(self) -> torch.Tensor:
+        """The features of the last training forward (each forward's are taken once)."""
+        features, self._features = self._features, None
+        if features is None:
+            raise RuntimeError("no training forward of the student since the last features were taken")
+        return features
+
+    def __deepcopy__(self, memo: dict) -> "PreLogits":
+        """A deep copy of the model (timm's EMA) keeps its own, empty catcher: never a copy of caught tensors."""
+        copy = PreLogits.__new__(PreLogits)
+        copy.dim, copy._features = self.dim, None
+        return copy

@@ -4,26 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import DistillError
-
-
-def check_model_name(name: str) -> None:
-    if not timm.is_model(name):
-        near = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-        hint = f" (similar: {', '.join(near)})" if near else ""
-        raise DistillError(f"timm has no model named '{name}'{hint}.")
+from distill.models import create
 
 
 def build_teacher(name: str, num_classes: int, drop_path: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
     """A randomly initialised teacher and the constructor arguments that rebuild it."""
-    check_model_name(name)
     args = {"num_classes": num_classes}
-    model = timm.create_model(name, pretrained=False, drop_path_rate=drop_path, **args)
+    model = create(name, drop_path_rate=drop_path, **args)
     return model, args
 
 
@@ -53,15 +45,29 @@ class FrozenTeacher(nn.Module):
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _renormalised(self, images: torch.Tensor) -> torch.Tensor:
         if self.renormalise:
             images = images * self.scale.to(images.dtype) + self.shift.to(images.dtype)
         if self.img_size is not None and tuple(images.shape[-2:]) != (self.img_size, self.img_size):
             shrink = images.shape[-1] > self.img_size
             images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False,
                                    antialias=shrink)
-        return self.model(images)
+        return images
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self._renormalised(images))
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the teacher's pre-logits features (timm's head_hidden_size, else num_features)."""
+        return int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
+
+    @torch.no_grad()
+    def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and pre-logits features (timm's forward_head(pre_logits=True)) from one pass of the body."""
+        body = self.model.forward_features(self._renormalised(images))
+        return self.model.forward_head(body), self.model.forward_head(body, pre_logits=True)
 
 
 def norms_in_forward_order(model: nn.Module, img_size: int) -> list[str]:

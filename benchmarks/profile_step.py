@@ -1,0 +1,141 @@
+"""Where a training step of `distill student` spends its time.
+
+Not part of the test suite. Runs the real student stage (the same plan, engine and loop as
+`distill student`) on a CIFAR-10 folder with timers around each part of the step, on a CPU where every
+operation is synchronous so wall-clock timers are exact:
+
+    data wait          the loop waiting for the next batch from the loader workers
+    mixup              timm's Mixup/CutMix on the batch
+    student forward    the DeiT's forward pass
+    teacher forward    the frozen teacher's forward pass (inside the loss)
+    loss               the rest of the distillation loss
+    backward           accelerate's backward
+    optimizer          the optimizer step and zero_grad
+    other              everything else in the loop (scheduler, EMA, progress bar, host syncs)
+
+    python benchmarks/profile_step.py --data /tmp/data/cifar10 --precision bf16
+
+The job is the speed peer's (../shared/bench/peer_timm.sh): DeiT-Ti with the distillation token at 32 px /
+patch 4, a RegNetY-002 teacher, hard token distillation, batch 128, RandAugment, Mixup/CutMix, erasing,
+drop path 0.1, 2 data workers. The first `--warmup` steps are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import accelerate
+import timm.data
+import timm.models.vision_transformer
+import torch
+
+from distill import engine, stages
+from distill.config import StudentConfig, TeachConfig, resolve
+from distill.losses import DistillationLoss
+from distill.teachers import FrozenTeacher
+
+TOTALS: dict[str, float] = defaultdict(float)
+STATE = {"steps": 0, "counting": False, "warmup": 5}
+
+
+@contextmanager
+def timer(part: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if STATE["counting"]:
+            TOTALS[part] += time.perf_counter() - started
+
+
+def wrap(owner: Any, name: str, part: str) -> None:
+    original = getattr(owner, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        with timer(part):
+            return original(*args, **kwargs)
+
+    setattr(owner, name, timed)
+
+
+class TimedLoader:
+    """The training loader, with the wait for each batch timed and the steps counted."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = iter(self.loader)
+        while True:
+            STATE["steps"] += 1
+            STATE["counting"] = STATE["steps"] > STATE["warmup"]
+            if STATE["steps"] == STATE["warmup"] + 1:
+                STATE["started"] = time.perf_counter()
+            with timer("data wait"):
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    STATE["ended"] = time.perf_counter()
+                    STATE["counting"] = False
+                    return
+            yield batch
+
+
+def instrument() -> None:
+    wrap(timm.data.Mixup, "__call__", "mixup")
+    wrap(timm.models.vision_transformer.VisionTransformer, "forward", "student forward")
+    wrap(FrozenTeacher, "forward", "teacher forward")
+    wrap(DistillationLoss, "forward", "loss (with teacher)")
+    wrap(accelerate.Accelerator, "backward", "backward")
+    wrap(accelerate.optimizer.AcceleratedOptimizer, "step", "optimizer")
+    wrap(accelerate.optimizer.AcceleratedOptimizer, "zero_grad", "optimizer")
+    original: Callable[..., Any] = engine.train_loader
+    engine.train_loader = lambda *args, **kwargs: TimedLoader(original(*args, **kwargs))  # type: ignore[assignment]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="CIFAR-10 image folder (train/, test/)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/distill-profile"))
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "no"))
+    parser.add_argument("--images", type=int, default=3840, help="training images (30 steps of 128)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--set", nargs="*", default=[], help="extra student settings, KEY=VALUE (e.g. compile=true)")
+    args = parser.parse_args()
+    STATE["warmup"] = args.warmup
+    common = dict(workdir=args.workdir, data_dir=args.data, img_size=32, num_workers=2, eval_every=1000)
+    teacher = stages.teach(resolve(TeachConfig, overrides={**common, "epochs": 1, "train_subset": 2000, "name": "teacher"}))
+    extra = {k: (v.lower() == "true" if v.lower() in ("true", "false") else v) for k, v in (s.split("=", 1) for s in args.set)}
+    student = resolve(StudentConfig, overrides={
+        **common, "teacher": teacher.path, "name": f"student-{args.precision}", "overwrite": True, "epochs": 1,
+        "model": "deit_tiny", "patch_size": 4, "batch_size": 128, "train_subset": args.images, "mixed_precision":
+        args.precision, "aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0, "scale_min": 0.08,
+        "drop_path": 0.1, "lr": 5e-4, "lr_scale": False, **extra})
+    instrument()
+    stages.student(student)
+    steps = STATE["steps"] - args.warmup - 1
+    total = STATE["ended"] - STATE["started"]
+    print(f"\n{steps} steps of {student.batch_size} images, precision {args.precision}: {total / steps * 1000:.0f} ms a step, "
+          f"{steps * student.batch_size / total:.1f} img/s\n")
+    parts = dict(TOTALS)
+    parts["loss (with teacher)"] = parts.get("loss (with teacher)", 0.0) - parts.get("teacher forward", 0.0)
+    parts["loss"] = parts.pop("loss (with teacher)")
+    parts["other"] = total - sum(parts.values())
+    print("| part | ms a step | share |\n|---|---|---|")
+    for part, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"| {part} | {seconds / steps * 1000:.1f} | {seconds / total * 100:.1f} % |")
+
+
+if __name__ == "__main__":
+    main()

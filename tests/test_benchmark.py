@@ -1,0 +1,44 @@
+"""`distill benchmark`: every measurement of every model, on a timm name and a checkpoint, as a table, CSV and JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import TINY, TINY_VIT, invoke
+from distill.checkpoint import build_model, read_checkpoint
+
+
+def test_benchmark_measures_a_timm_model_and_a_checkpoint(folder, tmp_path):
+    runs = tmp_path / "runs"
+    assert invoke("teach", "--data-dir", folder, "--workdir", runs, *TINY).exit_code == 0
+    assert invoke("student", "--workdir", runs, *TINY, *TINY_VIT).exit_code == 0
+    result = invoke("benchmark", "regnety_002", runs / "student", "--res", "16", "--batch-size", "4", "--steps", "1",
+                    "--warmup", "0", "--num-workers", "0", "--data-dir", folder, "--teacher", runs / "teach",
+                    "--csv", tmp_path / "b.csv", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [row["res"] for row in rows] == [16, 16] and len(list(csv.DictReader(open(tmp_path / "b.csv")))) == 2
+
+    student = build_model(read_checkpoint(runs / "student"))
+    regnet = timm.create_model("regnety_002", num_classes=1000)
+    for row, model in zip(rows, (regnet, student)):
+        assert row["params_m"] == round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model.eval()(torch.zeros(1, 3, 16, 16))
+        assert row["gflops"] == round(counter.get_total_flops() / 1e9, 3)
+        for key in ("infer_img_s", "train_alone_img_s", "train_teacher_img_s", "train_cached_img_s",
+                    "train_alone_data_img_s", "train_teacher_data_img_s", "train_cached_data_img_s", "peak_memory_mb"):
+            assert row[key] > 0, key
+    assert rows[1]["token"] is True and rows[1]["teacher"].startswith("regnety_002")
+    assert "benchmark" in result.output and "cached" in result.output
+
+
+def test_an_unknown_model_is_a_sentence():
+    result = invoke("benchmark", "regnety_0002", "--no-training", "--res", "16")
+    assert result.exit_code == 2 and "no model named 'regnety_0002'" in result.output
