@@ -211,11 +211,11 @@ def info(checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
 
 
 @app.command("import")
-def import_(source: str = typer.Argument(..., help="timm/NAME.TAG, hf-hub:ORG/REPO[@REVISION], local-dir:PATH, or a "
-                                         "weights file (.safetensors, .pth, .bin) with --model."),
+def import_(source: str = typer.Argument(..., help=escape("Pretrained weights: timm/NAME.TAG, hf-hub:ORG/REPO[@REVISION], "
+                                         "local-dir:PATH, or a weights file (.safetensors, .pth, .bin) with --model.")),
             model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-            to: Optional[Path] = typer.Option(None, "--to", help="Also copy the checkpoint to this file or folder "
-                                              "[default: only the import cache, $DISTILL_CACHE or ~/.cache/distill]."),
+            to: Optional[Path] = typer.Option(None, "--to", help=escape("Also copy the checkpoint to this file or folder "
+                                              "[default: only the import cache, $DISTILL_CACHE or ~/.cache/distill].")),
             ) -> None:
     """Import pretrained weights once as a self-describing distill checkpoint: architecture, class names, preprocessing,
     and the source with its revision or sha256. Every command also does this by itself when given such a source."""
@@ -270,8 +270,8 @@ def evaluate(
 def export(
     checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
     to: Path = typer.Option(..., "--to", help="Folder to write config.json and model.safetensors into (created if needed)."),
-    onnx: bool = typer.Option(False, "--onnx", help="Also write model.onnx (class probabilities; a token student's two heads "
-                              "fused as in the paper), checked against torch with ONNX Runtime: pip install 'distill[onnx]'."),
+    onnx: bool = typer.Option(False, "--onnx", help=escape("Also write model.onnx (class probabilities; a token student's two heads "
+                              "fused as in the paper), checked against torch with ONNX Runtime: pip install 'distill[onnx]'.")),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
 ) -> None:
     """Write a timm model folder: timm.create_model("local-dir:DIR", pretrained=True) loads it with the same logits, and
@@ -298,11 +298,11 @@ def predict(
     top_k: int = typer.Option(5, "--top-k", help="Classes to report per image."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: flip (mean of the image's and its "
                                       "mirror image's probabilities)."),
-    fmt: str = typer.Option("csv", "--format", help="csv or json."),
+    fmt: str = typer.Option("csv", "--format", help="Output format: csv or json."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of standard output."),
     batch_size: int = typer.Option(64, help="Images per batch."),
     num_workers: int = typer.Option(2, help="Data-loading workers."),
-    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
+    mixed_precision: str = typer.Option("no", help="Precision: no (fp32), bf16 or fp16."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable images (counted) instead of stopping."),
 ) -> None:
     """The top-k classes of images with their probabilities, batched on the device (a token student's heads fused as in
@@ -347,7 +347,7 @@ def benchmark(
     data_dir: Optional[Path] = typer.Option(None, help="Image folder for the measurements with data loading "
                                             "(default: the embedded digits)."),
     num_workers: int = typer.Option(2, help="Data-loading workers of the measurements with data loading."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the models and the teacher."),
+    compile: bool = typer.Option(False, "--compile", help="Hand the models and the teacher to torch.compile."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON."),

@@ -76,7 +76,7 @@ class StageConfig:
     num_workers: int = option(2, "Data-loading worker processes per training process.", "Run", result=False)
     eval_every: int = option(1, "Evaluate on the test split every N epochs (and always after the last).", "Run",
                              result=False)
-    compile: bool = option(False, "torch.compile the model being trained and the teacher (inductor; the first steps "
+    compile: bool = option(False, "Hand the model being trained and the teacher to torch.compile (inductor; the first steps "
                            "compile for a while). Measured in docs/results.md.", "Run", result=False)
     channels_last: bool = option(False, "Channels-last memory format for convolutional models and teachers (faster "
                                  "convolutions on many GPUs and CPUs). Measured in docs/results.md.", "Run", result=False)
