@@ -86,6 +86,14 @@ def is_distill_checkpoint(path: Path) -> bool:
         return False
 
 
+def readable_safetensors(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def parse_source(spec: str | Path, model: str | None = None) -> Source | None:
     """The pretrained source `spec` names, or None when it is (or should be) a distill checkpoint."""
     text = str(spec)
@@ -103,6 +111,8 @@ def parse_source(spec: str | Path, model: str | None = None) -> Source | None:
             return Source("local-dir", str(path))  # a timm model folder, e.g. written by `distill export`
         return None
     if path.is_file() and path.suffix in WEIGHT_SUFFIXES and not is_distill_checkpoint(path):
+        if path.suffix == ".safetensors" and model is None and not readable_safetensors(path):
+            return None  # read as a distill checkpoint, which names the damage
         return Source("file", str(path), model)
     return None
 
