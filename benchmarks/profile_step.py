@@ -23,6 +23,7 @@ drop path 0.1, 2 data workers. The first `--warmup` steps are not counted.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -117,8 +118,10 @@ def main() -> None:
     common = dict(workdir=args.workdir, data_dir=args.data, img_size=32, num_workers=2, eval_every=1000)
     teacher = stages.teach(resolve(TeachConfig, overrides={**common, "epochs": 1, "train_subset": 2000, "name": "teacher"}))
     extra = {k: (v.lower() == "true" if v.lower() in ("true", "false") else v) for k, v in (s.split("=", 1) for s in args.set)}
+    name = "-".join(["student", args.precision, *(s.replace("=", "-") for s in args.set)])
+    shutil.rmtree(args.workdir / name, ignore_errors=True)  # always a fresh run: a finished one would be reused
     student = resolve(StudentConfig, overrides={
-        **common, "teacher": teacher.path, "name": f"student-{args.precision}", "overwrite": True, "epochs": 1,
+        **common, "teacher": teacher.path, "name": name, "epochs": 1,
         "model": "deit_tiny", "patch_size": 4, "batch_size": 128, "train_subset": args.images, "mixed_precision":
         args.precision, "aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0, "scale_min": 0.08,
         "drop_path": 0.1, "lr": 5e-4, "lr_scale": False, **extra})
