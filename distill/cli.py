@@ -289,6 +289,22 @@ def ensemble(
 
 
 @app.command()
+def report(
+    workdir: Path = typer.Argument(Path("runs"), help="The work folder whose runs to show."),
+    out: Optional[Path] = typer.Option(None, help=escape("Folder of the page and its figures [default: WORKDIR/report].")),
+) -> None:
+    """One self-contained HTML page of a work folder (PNG figures beside it, opens offline): training curves,
+    lineage, accuracy against size and throughput, teacher agreement, per-class accuracy, FixRes before/after."""
+    from distill.html_report import write_report
+
+    def action() -> None:
+        path = write_report(workdir, out)
+        _console().print(f"report: {escape(str(path))}", soft_wrap=True)
+
+    run_guarded(action)
+
+
+@app.command()
 def benchmark(
     models: list[str] = typer.Argument(..., help="timm model names (deit_tiny_patch16_224, regnety_002, ...) or distill "
                                        "checkpoints."),
