@@ -57,7 +57,7 @@ def build(source: str, res: int, num_classes: int | None = None) -> tuple[nn.Mod
             resize(model, res)
         return model, f"{ckpt.model_name} ({ckpt.path})", len(ckpt.classes)
     if not timm.is_model(source):
-        from distill.teachers import check_model_name
+        from distill.models import check_model_name
 
         check_model_name(source)
     classes = num_classes or 1000

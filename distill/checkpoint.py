@@ -93,7 +93,21 @@ def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[
     header = {"format": FORMAT, "distill": json.dumps(meta, sort_keys=True, default=str)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+        canonical_header(Path(tmp))
     return Path(path)
+
+
+def canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place: safetensors writes them in hash-map order,
+    so the same tensors and metadata would otherwise give files with different sha256s."""
+    with open(path, "rb+") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > size:  # cannot happen for a compact header; leave the file as written
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (size - len(text)))  # the format allows trailing spaces in the header
 
 
 def _versions() -> dict[str, str]:
@@ -145,6 +159,17 @@ class Checkpoint:
     def img_size(self) -> int:
         return int(self.data["img_size"])
 
+    @property
+    def class_ids(self) -> list[str]:
+        return list(self.data.get("class_ids") or [])
+
+    def knows_classes(self, names: list[str]) -> bool:
+        """`names` are this model's classes: by name, or by id (an ImageNet folder named by synsets)."""
+        return list(names) == self.classes or (bool(self.class_ids) and list(names) == self.class_ids)
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.stage}, {self.model_name}, {self.img_size} px, {len(self.classes)} classes)"
+
     def label(self) -> str:
         """What the model is, e.g. `DeiT-Ti/8 depth 2 @ 32px (deit_tiny_distilled…, 1.2M params)`."""
         return model_label(self.model_name, self.model_args, img_size=self.img_size, params=self.meta.get("params"))
@@ -160,8 +185,11 @@ class Checkpoint:
         """What a child records about a checkpoint it comes from, and what it took from it: `weights` (it
         started from them), `teacher` (it learned from its outputs) or `recipe` (only its architecture and
         settings: a from-scratch baseline, or a teacher only measured against)."""
-        return {"sha256": self.sha256, "path": str(Path(self.path).resolve()), "stage": self.stage,
-                "kind": self.kind, "model": self.model_name, "label": self.label(), "inherited": inherited}
+        record = {"sha256": self.sha256, "path": str(Path(self.path).resolve()), "stage": self.stage,
+                  "kind": self.kind, "model": self.model_name, "label": self.label(), "inherited": inherited}
+        if self.meta.get("source"):  # imported weights: where they came from
+            record["source"] = self.meta["source"].get("source")
+        return record
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         try:
@@ -205,7 +233,7 @@ def read_checkpoint(path: Path | str, expect_kind: str | None = None, role: str 
         if key not in meta:
             raise DistillError(f"The {role} {path} lacks '{key}' in its metadata.")
     ckpt = Checkpoint(path=path, meta=meta)
-    if expect_kind and ckpt.kind != expect_kind:
+    if expect_kind and ckpt.kind not in (expect_kind, "pretrained"):  # imported weights can play either role
         raise DistillError(f"The {role} {path} is a {ckpt.kind} checkpoint (from `distill {ckpt.stage}`), not a {expect_kind}.")
     return ckpt
 

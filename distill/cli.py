@@ -187,15 +187,21 @@ def pipeline(
     run_guarded(action)
 
 
+SOURCE_HELP = ("A distill checkpoint (.safetensors) or its run folder; or pretrained weights: timm/NAME.TAG, "
+               "hf-hub:ORG/REPO, local-dir:PATH (a timm model folder), or a weights file with --model.")
+MODEL_HELP = "timm architecture of a bare weights file (e.g. regnety_160.deit_in1k); other sources name their own."
+
+
 @app.command()
-def info(checkpoint: Path = typer.Argument(..., help="A distill checkpoint (.safetensors) or its run folder."),
+def info(checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+         model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
          as_json: bool = typer.Option(False, "--json", help="Print the raw metadata as JSON.")) -> None:
     """Show what a checkpoint is: model, data, lineage, distillation, metrics and the config that built it."""
-    from distill.checkpoint import read_checkpoint
+    from distill.pretrained import open_source
     from distill.report import info_table
 
     def action() -> None:
-        ckpt = read_checkpoint(checkpoint)
+        ckpt = open_source(checkpoint, model=model)
         if as_json:
             typer.echo(json.dumps(ckpt.meta, indent=2, sort_keys=True))
         else:
@@ -204,9 +210,30 @@ def info(checkpoint: Path = typer.Argument(..., help="A distill checkpoint (.saf
     run_guarded(action)
 
 
+@app.command("import")
+def import_(source: str = typer.Argument(..., help=escape("Pretrained weights: timm/NAME.TAG, hf-hub:ORG/REPO[@REVISION], "
+                                         "local-dir:PATH, or a weights file (.safetensors, .pth, .bin) with --model.")),
+            model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+            to: Optional[Path] = typer.Option(None, "--to", help=escape("Also copy the checkpoint to this file or folder "
+                                              "[default: only the import cache, $DISTILL_CACHE or ~/.cache/distill].")),
+            ) -> None:
+    """Import pretrained weights once as a self-describing distill checkpoint: architecture, class names, preprocessing,
+    and the source with its revision or sha256. Every command also does this by itself when given such a source."""
+    from distill.pretrained import import_weights
+    from distill.report import info_table
+
+    def action() -> None:
+        ckpt = import_weights(source, model=model, to=to)
+        info_table(ckpt)
+        typer.echo(f"imported: {ckpt.path}")
+
+    run_guarded(action)
+
+
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A distill checkpoint (.safetensors) or its run folder."),
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     dataset: Optional[str] = typer.Option(None, help=escape("Dataset to test on, a name or hub id as for the stages "
                                           "[default: the checkpoint's].")),
     data_dir: Optional[Path] = typer.Option(None, help=escape("Local image folder to test on (its test/ or val/ split) "
@@ -214,7 +241,10 @@ def evaluate(
     res: Optional[int] = typer.Option(None, help=escape("Evaluation resolution in pixels [default: the checkpoint's]; a "
                                       "ViT's position embeddings are resampled.")),
     crop_pct: Optional[float] = typer.Option(None, help=escape("Test crop ratio [default: the checkpoint's].")),
-    teacher: Optional[Path] = typer.Option(None, help="Also report this teacher's accuracy and how often it disagrees."),
+    teacher: Optional[str] = typer.Option(None, help="Also report this teacher's accuracy and how often it disagrees "
+                                          "(any source, as for the checkpoint)."),
+    teacher_model: Optional[str] = typer.Option(None, help="timm architecture of a bare weights file given as --teacher."),
+    teacher_res: str = typer.Option("student", help="Resolution the teacher reads the batch at: student, teacher or N."),
     batch_size: int = typer.Option(128, help="Batch size."),
     num_workers: int = typer.Option(2, help="Data-loading worker processes."),
     mixed_precision: str = typer.Option("no", help="Precision of the evaluation: no (fp32), bf16 or fp16; the "
@@ -235,7 +265,8 @@ def evaluate(
     run_guarded(lambda: evaluate_checkpoint(checkpoint, dataset=dataset, data_dir=data_dir, res=res, crop_pct=crop_pct,
                                             teacher=teacher, batch_size=batch_size, num_workers=num_workers,
                                             mixed_precision=mixed_precision, per_class=per_class,
-                                            skip_corrupt=skip_corrupt, tta=tta, tta_res=tta_res))
+                                            skip_corrupt=skip_corrupt, model=model, teacher_model=teacher_model,
+                                            teacher_res=teacher_res, tta=tta, tta_res=tta_res))
 
 
 @app.command()
@@ -304,6 +335,72 @@ def report(
     run_guarded(action)
 
 
+
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    to: Path = typer.Option(..., "--to", help="Folder to write config.json and model.safetensors into (created if needed)."),
+    onnx: bool = typer.Option(False, "--onnx", help=escape("Also write model.onnx (class probabilities; a token student's two heads "
+                              "fused as in the paper), checked against torch with ONNX Runtime: pip install 'distill[onnx]'.")),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+) -> None:
+    """Write a timm model folder: timm.create_model("local-dir:DIR", pretrained=True) loads it with the same logits, and
+    huggingface_hub can upload it as it is."""
+    from distill.export import ONNX_TOLERANCE, export_checkpoint
+    from distill.pretrained import open_source
+
+    def action() -> None:
+        report = export_checkpoint(open_source(checkpoint, model=model), to, onnx=onnx)
+        console = _console()
+        console.print(f"timm folder: {escape(report['folder'])} (reloaded with timm: logits identical)", soft_wrap=True)
+        if onnx:
+            console.print(f"ONNX: {escape(report['onnx'])} (ONNX Runtime against torch: largest probability difference "
+                          f"{report['onnx_max_difference']:.2g}, tolerance {ONNX_TOLERANCE:g})", soft_wrap=True)
+
+    run_guarded(action)
+
+
+@app.command()
+def predict(
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    top_k: int = typer.Option(5, "--top-k", help="Classes to report per image."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: flip (mean of the image's and its "
+                                      "mirror image's probabilities)."),
+    fmt: str = typer.Option("csv", "--format", help="Output format: csv or json."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of standard output."),
+    batch_size: int = typer.Option(64, help="Images per batch."),
+    num_workers: int = typer.Option(2, help="Data-loading workers."),
+    mixed_precision: str = typer.Option("no", help="Precision: no (fp32), bf16 or fp16."),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable images (counted) instead of stopping."),
+) -> None:
+    """The top-k classes of images with their probabilities, batched on the device (a token student's heads fused as in
+    the paper)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from distill import predict as prediction
+    from distill.pretrained import open_source
+
+    def action() -> None:
+        ckpt = open_source(checkpoint, model=model)
+        files = prediction.expand_inputs(inputs)
+        errors = Console(stderr=True, highlight=False)
+        bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=errors,
+                       transient=True, disable=not errors.is_terminal)
+        with bar:
+            task = bar.add_task("predict", total=len(files))
+            records, skipped = prediction.predict(ckpt, files, top_k=top_k, tta=tta, batch_size=batch_size,
+                                                  num_workers=num_workers, mixed_precision=mixed_precision,
+                                                  skip_corrupt=skip_corrupt, progress=lambda n: bar.advance(task, n))
+        prediction.write_output(prediction.render(records, fmt, top_k), output)
+        if skipped:
+            errors.print(f"skipped {len(skipped)} unreadable image(s), e.g. {escape(skipped[0])}", soft_wrap=True)
+
+    run_guarded(action)
+
+
 @app.command()
 def benchmark(
     models: list[str] = typer.Argument(..., help="timm model names (deit_tiny_patch16_224, regnety_002, ...) or distill "
@@ -319,7 +416,7 @@ def benchmark(
     data_dir: Optional[Path] = typer.Option(None, help="Image folder for the measurements with data loading "
                                             "(default: the embedded digits)."),
     num_workers: int = typer.Option(2, help="Data-loading workers of the measurements with data loading."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the models and the teacher."),
+    compile: bool = typer.Option(False, "--compile", help="Hand the models and the teacher to torch.compile."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON."),

@@ -76,7 +76,7 @@ class StageConfig:
     num_workers: int = option(2, "Data-loading worker processes per training process.", "Run", result=False)
     eval_every: int = option(1, "Evaluate on the test split every N epochs (and always after the last).", "Run",
                              result=False)
-    compile: bool = option(False, "torch.compile the model being trained and the teacher (inductor; the first steps "
+    compile: bool = option(False, "Hand the model being trained and the teacher to torch.compile (inductor; the first steps "
                            "compile for a while). Measured in docs/results.md.", "Run", result=False)
     channels_last: bool = option(False, "Channels-last memory format for convolutional models and teachers (faster "
                                  "convolutions on many GPUs and CPUs). Measured in docs/results.md.", "Run", result=False)
@@ -105,8 +105,9 @@ class StageConfig:
     crop_pct: float | None = option(None, "Test-time crop ratio: resize to size/crop_pct, centre-crop [default: the parent's, else 0.875].", "Data")
     interpolation: str = option("bicubic", "Resize interpolation (DeiT trains with bicubic).", "Data",
                                 choices=("bicubic", "bilinear", "nearest"))
-    norm: str | None = option(None, "Input normalisation: imagenet, inception (0.5/0.5) or dataset (measured on the training split) "
-                              "[default: the parent's, else imagenet].", "Data", choices=("imagenet", "inception", "dataset"))
+    norm: str | None = option(None, "Input normalisation: imagenet, inception (0.5/0.5), clip (OpenAI CLIP's) or dataset "
+                              "(measured on the training split) [default: the parent's, else imagenet].", "Data",
+                              choices=("imagenet", "inception", "clip", "dataset"))
     # Augmentation (DeiT, Table 9)
     profile: str = option("auto", "Default regularisation: deit (Table 9: RandAugment rand-m9-mstd0.5-inc1, Mixup 0.8, "
                           "CutMix 1.0, erasing 0.25, crop scale from 0.08, 5 warmup epochs), short (none of them, crop scale "
@@ -203,6 +204,13 @@ class DistillFields:
                                  "0.5; the paper's soft runs use 0.1).", "Distillation")
     tau: float | None = option(1.0, "Soft-distillation temperature (official DeiT default 1.0; the paper's soft runs use 3.0).",
                                "Distillation")
+    teacher_res: str = option("student", "Resolution the teacher reads the batch at: student (the paper: the student's "
+                              "own batch as it is), teacher (resized on the device to the resolution the teacher was "
+                              "trained at, e.g. an ImageNet teacher at 224 beside a 32 px student) or a number of "
+                              "pixels.", "Distillation")
+    teacher_model: str | None = option(None, "timm architecture of a bare weights file given as --teacher (e.g. "
+                                       "regnety_160.deit_in1k); not needed for distill checkpoints or timm/, hf-hub:, "
+                                       "local-dir: sources.", "Distillation", result=False)
     feature_loss: str | None = option("mse", "Feature distillation's loss: mse (timm's) or cosine (1 - cosine similarity, "
                                       "blind to the features' scale).", "Distillation", choices=FEATURE_LOSSES)
 
@@ -225,8 +233,9 @@ class TeachConfig(ArchFields, StageConfig):
 
     model: str = option("regnety_002", "timm model name: a RegNetY (the paper's teacher is regnety_160), any convnet, "
                         "or a DeiT (deit_tiny, ...) sized by the flags below.", "Model")
-    init: Path | None = option(None, "Start from this teacher checkpoint (its classifier is replaced when the classes differ).",
-                               "Model", result=False)  # the file's sha256, not its path, identifies the run
+    init: Path | None = option(None, "Start from this teacher: a checkpoint, timm/NAME.TAG (e.g. timm/regnety_160.deit_in1k), "
+                               "hf-hub:ORG/REPO, local-dir:PATH or a weights file with --model; its classifier is replaced "
+                               "when the classes differ.", "Model", result=False)  # the file's sha256, not its path, identifies the run
 
     stage = "teach"
 
@@ -245,6 +254,10 @@ class StudentConfig(ArchFields, DistillFields, StageConfig):
     token: bool = option(True, "Add the distillation token and its head (--no-token: the plain model). timm has it for its "
                          "DeiT models (deit_*, and deit3_* with their own position-embedding layout kept); other ViTs "
                          "(vit_*) have none and are refused with --token.", "Distillation", flag="--token/--no-token")
+    init: Path | None = option(None, "Start from a pretrained DeiT: a checkpoint, timm/NAME.TAG, hf-hub:, local-dir: or a "
+                               "weights file (its architecture in --model). The student takes its size; a missing "
+                               "distillation token and head start as copies of the class token and head; the heads are "
+                               "kept when the classes are the same.", "Model", result=False)  # its sha256 identifies the run
 
     stage = "student"
 
@@ -253,8 +266,10 @@ class StudentConfig(ArchFields, DistillFields, StageConfig):
 class FinetuneConfig(DistillFields, StageConfig):
     """`distill finetune`: FixRes fine-tune at a higher resolution, still distilling (DeiT fine-tune recipe)."""
 
-    checkpoint: Path | None = option(None, "Student to fine-tune [default: the newest student in --workdir].", "Stage",
-                                     result=False)
+    checkpoint: Path | None = option(None, "Student to fine-tune [default: the newest student in --workdir]; also "
+                                     "timm/NAME.TAG, hf-hub:ORG/REPO, local-dir:PATH or a weights file with --model.",
+                                     "Stage", result=False)
+    model: str = option("", "timm architecture of a bare weights file given as --checkpoint.", "Stage", result=False)
     res: int | None = option(None, "Target resolution in pixels (a multiple of the patch size).", "Stage")
     teacher: Path | None = option(None, "Teacher at the target resolution [default: the student's teacher, adapted by FixRes].",
                                   "Distillation", result=False)
@@ -294,8 +309,10 @@ class FinetuneConfig(DistillFields, StageConfig):
 class TransferConfig(DistillFields, StageConfig):
     """`distill transfer`: fine-tune a student on a new target (the authors' transfer settings)."""
 
-    checkpoint: Path | None = option(None, "Model to transfer [default: the newest fine-tuned student, else the newest student].",
-                                     "Stage", result=False)
+    checkpoint: Path | None = option(None, "Model to transfer [default: the newest fine-tuned student, else the newest "
+                                     "student]; also timm/NAME.TAG, hf-hub:ORG/REPO, local-dir:PATH or a weights file with "
+                                     "--model.", "Stage", result=False)
+    model: str = option("", "timm architecture of a bare weights file given as --checkpoint.", "Stage", result=False)
     teacher: Path | None = option(None, "A teacher trained on the target (make one with distill teach --dataset X --init CKPT).",
                                   "Distillation", result=False)
     attn_only: bool = option(False, "Train only the attention layers and the head(s).", "Stage")
@@ -557,6 +574,10 @@ def validate(config: StageConfig) -> None:
         value = getattr(config, name, None)
         if value is not None and value < 1:
             checks.append((False, f"--{name.replace('_', '-')} must be at least 1."))
+    teacher_res = getattr(config, "teacher_res", "student")
+    if teacher_res not in ("student", "teacher") and not (str(teacher_res).isdigit() and int(teacher_res) >= 8):
+        checks.append((False, f"--teacher-res must be student, teacher or a resolution of at least 8 pixels, not "
+                              f"'{teacher_res}'."))
     if getattr(config, "teacher_lr", None) is not None and config.teacher_lr <= 0:
         checks.append((False, "--teacher-lr must be positive."))
     for ok, sentence in checks:

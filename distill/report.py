@@ -8,7 +8,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from distill.checkpoint import Checkpoint, build_model, read_checkpoint
+from distill.checkpoint import Checkpoint, build_model
 from distill.console import console
 from distill.data.sources import describe_skipped
 from distill.naming import PRECISIONS, measured_at, model_label
@@ -87,7 +87,11 @@ def per_class_table(classes: list[str], accuracies: list[float | None]) -> Table
     return table
 
 
-def _short(record: dict[str, Any]) -> str:
+def _short(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "none"
+    if record.get("source") and not record.get("path"):
+        return f"{record['source']} ({record.get('note', 'imported when needed')})"
     return (f"{record.get('stage')} {record.get('label') or record.get('model')}, sha256 {record.get('sha256', '')[:12]}, "
             f"{record.get('path')}")
 
@@ -110,6 +114,10 @@ def lineage_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
         kept = [record for record in meta["ingredients"] if record.get("in_soup")]
         weights = (f"{(meta.get('soup') or {}).get('method', '')} soup, the average of {len(kept)} of "
                    f"{len(meta['ingredients'])} checkpoints: " + "; ".join(_short(record) for record in kept))
+    elif meta.get("source"):  # imported pretrained weights
+        weights = f"pretrained, imported from {meta['source'].get('source')}"
+    elif meta.get("init"):  # a student started from pretrained weights (--init)
+        weights = f"from {_short(meta['init'])} (--init)"
     elif parent and inherited(parent, meta) == "weights":
         weights = f"from {_short(parent)}"
     elif source and source.get("sha256") != (teacher or {}).get("sha256"):
@@ -163,6 +171,14 @@ def info_table(ckpt: Checkpoint) -> None:
         ("distillation", distillation_text(meta.get("distillation"))),
         *lineage_rows(meta),
     ]
+    source = meta.get("source")
+    if source:  # imported pretrained weights: where they came from, and nothing about training
+        rows.append(("source", f"{source.get('source')}" + (f" revision {source['revision']}" if source.get("revision") else "")
+                     + f", weights sha256 {source.get('sha256')}"))
+        rows.append(("class names", data.get("class_source", "?")))
+        rows = [r for r in rows if r[0] != "train / test images"]
+        if not meta.get("teacher"):
+            rows = [r for r in rows if r[0] != "teacher"]
     if meta.get("trainable"):
         scratch = " (from random weights)" if meta.get("from_scratch") else ""
         rows.append(("trained", f"{meta['trainable']}{scratch} ({meta.get('trainable_params', 0):,} parameters)"))
@@ -177,10 +193,13 @@ def info_table(ckpt: Checkpoint) -> None:
     line = fine_tune_line(ckpt)
     if line:
         rows.append(("resolution change", line.removeprefix("top-1: ")))
-    rows.append(("training time", f"{metrics.get('train_seconds', '?')} s on {meta.get('processes', '?')} process(es)"))
-    config = meta.get("config", {})
-    rows.append(("config", ", ".join(f"{k}={v}" for k, v in sorted(config.items()))))
-    rows.append(("effective lr", f"{meta.get('lr_effective')}"))
+    if not source:
+        rows.append(("training time", f"{metrics.get('train_seconds', '?')} s on {meta.get('processes', '?')} process(es)"))
+        config = meta.get("config", {})
+        rows.append(("config", ", ".join(f"{k}={v}" for k, v in sorted(config.items()))))
+        rows.append(("effective lr", f"{meta.get('lr_effective')}"))
+    else:  # an import was not trained here, and its accuracy is the source's to state
+        rows = [r for r in rows if not r[0].startswith("test top-1")]
     rows.append(("written", f"{meta.get('created')} by distill {meta.get('distill_version')} {meta.get('versions', {})}"))
     rows.append(("file sha256", ckpt.sha256))
     for key, value in rows:
@@ -188,16 +207,18 @@ def info_table(ckpt: Checkpoint) -> None:
     console.print(table)
 
 
-def evaluate_checkpoint(path: Path, *, dataset: str | None, data_dir: Path | None, res: int | None,
-                        crop_pct: float | None, teacher: Path | None, batch_size: int, num_workers: int,
-                        mixed_precision: str, per_class: bool, skip_corrupt: bool | None = None,
-                        tta: str | None = None, tta_res: str | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path | None, res: int | None,
+                        crop_pct: float | None, teacher: Path | str | None, batch_size: int, num_workers: int,
+                        mixed_precision: str, per_class: bool, skip_corrupt: bool | None = None, model: str | None = None,
+                        teacher_model: str | None = None, teacher_res: str = "student", tta: str | None = None,
+                        tta_res: str | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint at any resolution on any dataset with its classes; on its own data, also show the
     accuracy it recorded when trained, and how that was measured (precision and resolution may differ)."""
     from distill.data import Transformed, eval_loader, eval_transform, open_dataset
     from distill.engine import make_accelerator
-    from distill.evaluation import bare, evaluate, plain_logits
+    from distill.evaluation import bare, evaluate
     from distill.errors import DistillError
+    from distill.pretrained import open_source
     from distill.stages import check_classes, frozen_teacher, read_teacher
     from distill.students import named_outputs, resize
 
@@ -207,7 +228,7 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None, data_dir: Path | Non
         from distill.tta import check_mode
 
         check_mode(tta, tta_res)
-    ckpt = read_checkpoint(path)
+    ckpt = open_source(path, model=model)
     acc = make_accelerator(mixed_precision)
     classes = None
     own = dataset is None and data_dir is None
@@ -219,28 +240,27 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None, data_dir: Path | Non
         skip_corrupt = own and bool((ckpt.meta.get("config") or {}).get("skip_corrupt"))
     data = open_dataset(None if data_dir else dataset, data_dir, classes=classes, skip_corrupt=skip_corrupt)
     skipped = describe_skipped(data.info)
-    if data.classes != ckpt.classes:
+    if not ckpt.knows_classes(data.classes):
         raise DistillError(f"{ckpt.path} was trained on other classes than {dataset or data_dir} "
                            f"({len(ckpt.classes)} vs {len(data.classes)}).")
     img_size = res or ckpt.img_size
-    model = build_model(ckpt)
+    net = build_model(ckpt)
     args = ckpt.model_args
-    if hasattr(model, "pos_embed") and img_size != ckpt.img_size:
-        resize(model, img_size)
+    if hasattr(net, "pos_embed") and img_size != ckpt.img_size:
+        resize(net, img_size)
         args["img_size"] = img_size
-    label = model_label(ckpt.model_name, args, img_size=img_size, params=sum(p.numel() for p in model.parameters()))
+    label = model_label(ckpt.model_name, args, img_size=img_size, params=sum(p.numel() for p in net.parameters()))
     mean, std = tuple(ckpt.data["mean"]), tuple(ckpt.data["std"])
     transform = eval_transform(img_size, mean=mean, std=std, crop_pct=crop_pct or ckpt.data.get("crop_pct", 0.875),
                                interpolation=ckpt.data.get("interpolation", "bicubic"))
     reference = None
     if teacher is not None:
-        teacher_ckpt = read_teacher(teacher)
+        teacher_ckpt = read_teacher(teacher, model=teacher_model)
         check_classes(teacher_ckpt, ckpt.classes, str(ckpt.path))
-        reference = frozen_teacher(teacher_ckpt, (mean, std), img_size).to(acc.device)
+        reference = frozen_teacher(teacher_ckpt, (mean, std), img_size, teacher_res=teacher_res).to(acc.device)
     loader = acc.prepare(eval_loader(Transformed(data.test, transform), batch_size=batch_size, num_workers=num_workers))
-    model = acc.prepare(model)
-    predict = named_outputs if ckpt.kind == "student" else plain_logits
-    metrics = evaluate(model, loader, acc, predict, reference=reference, per_class=per_class)
+    net = acc.prepare(net)
+    metrics = evaluate(net, loader, acc, named_outputs, reference=reference, per_class=per_class)
     if acc.is_main_process:
         if skipped:
             console.print(f"--skip-corrupt: {escape(skipped)}", soft_wrap=True)
@@ -252,7 +272,7 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None, data_dir: Path | Non
     if tta is not None:
         from distill.tta import evaluate_views, parse_resolutions, print_tta
 
-        metrics["tta"] = evaluate_views(ckpt, bare(acc, model), data.test, tta, img_size=img_size, crop_pct=crop_pct,
+        metrics["tta"] = evaluate_views(ckpt, bare(acc, net), data.test, tta, img_size=img_size, crop_pct=crop_pct,
                                         resolutions=parse_resolutions(tta_res), batch_size=batch_size,
                                         num_workers=num_workers, mixed_precision=mixed_precision)
         if acc.is_main_process:

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import timm
 import torch
 from rich.markup import escape
 from torch import nn
 
-from distill.checkpoint import MODEL_FILE, Checkpoint, build_model, find_by_sha256, read_checkpoint, stage_checkpoints
+from distill.checkpoint import MODEL_FILE, Checkpoint, build_model, find_by_sha256, stage_checkpoints
 from distill.config import (CacheConfig, FinetuneConfig, FixResConfig, StageConfig, StudentConfig, TeachConfig,
                             TransferConfig, resolve_auto, to_dict, validate)
 from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
@@ -34,7 +35,9 @@ from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
 from distill.naming import precision_name
 from distill.models import check_model_name, create
-from distill.students import (PreLogits, attention_parameter_names, build_student, default_patch_size, has_dist_token,
+from distill.pretrained import open_source
+from distill.students import (PreLogits, attention_parameter_names, build_student, default_patch_size, fit_deit_weights,
+                              has_dist_token,
                               head_parameter_names, named_outputs, records_token, resize, set_distilled_training,
                               student_args, student_model, train_only)
 from distill.teachers import FrozenTeacher, build_teacher, freeze_for_fixres
@@ -55,18 +58,20 @@ class Expected(Checkpoint):
 
 
 # -- parents ---------------------------------------------------------------------------------------
-def open_checkpoint(path: Path, role: str, expecting: Expecting, expect_kind: str | None = None) -> Checkpoint:
-    """A parent given by path: what the pipeline will write there, else the file on disk."""
+def open_checkpoint(path: Path, role: str, expecting: Expecting, expect_kind: str | None = None,
+                    model: str | None = None) -> Checkpoint:
+    """A parent given by path or source: what the pipeline will write there, else the file on disk, else
+    pretrained weights imported once (timm/NAME.TAG, hf-hub:, local-dir:, a weights file with `model`)."""
     key = Path(path).resolve()
     for candidate in (key, key / MODEL_FILE):
         if candidate in expecting:
             return expecting[candidate]
-    return read_checkpoint(path, expect_kind=expect_kind, role=role)
+    return open_source(path, model=model, role=role, expect_kind=expect_kind)
 
 
-def read_teacher(path: Path, role: str = "teacher", expecting: Expecting = {}) -> Checkpoint:
-    ckpt = open_checkpoint(path, role, expecting)
-    if ckpt.kind != "teacher":
+def read_teacher(path: Path | str, role: str = "teacher", expecting: Expecting = {}, model: str | None = None) -> Checkpoint:
+    ckpt = open_checkpoint(path, role, expecting, model=model)
+    if ckpt.kind not in ("teacher", "pretrained"):
         raise DistillError(f"The {role} {ckpt.path} is a {ckpt.kind} checkpoint (from `distill {ckpt.stage}`), not a teacher; "
                            "train one with `distill teach` (any timm classifier can be a teacher).")
     if not isinstance(ckpt, Expected) and (int(ckpt.model_args.get("num_classes", 0)) <= 0 or not ckpt.classes):
@@ -133,8 +138,9 @@ def inherit_data(cfg: StageConfig, parent: Checkpoint | None, *, dataset: bool =
         updates["img_size"] = int(data["img_size"]) if (img_size and data.get("img_size")) else DEFAULT_IMG_SIZE
     if cfg.crop_pct is None:
         updates["crop_pct"] = float(data.get("crop_pct", DEFAULT_CROP_PCT))
-    if cfg.norm is None:
-        updates["norm"] = data.get("norm", DEFAULT_NORM)
+    if cfg.norm is None:  # a parent's unnamed normalisation (imported weights) is not inherited
+        norm = data.get("norm", DEFAULT_NORM)
+        updates["norm"] = norm if norm in (*NORMS, "dataset") else DEFAULT_NORM
     return dataclasses.replace(cfg, **updates)
 
 
@@ -147,16 +153,24 @@ def planned_classes(cfg: StageConfig) -> list[str] | None:
 
 
 def check_classes(teacher: Checkpoint, classes: list[str] | None, where: str) -> None:
-    """Refuse a teacher that knows other classes (when both lists are known)."""
-    if classes is None or not teacher.classes or teacher.classes == classes:
+    """Refuse a teacher that knows other classes (when both lists are known); ImageNet classes match by
+    name or by synset."""
+    if classes is None or not teacher.classes or teacher.knows_classes(classes):
         return
-    only_teacher = [c for c in teacher.classes if c not in classes][:3]
-    only_data = [c for c in classes if c not in teacher.classes][:3]
-    detail = f"{len(teacher.classes)} classes vs {len(classes)}"
+    data = set(classes)
+    known = teacher.classes  # compared with whichever of the teacher's names or ids the data resembles more
+    if teacher.class_ids and len(data & set(teacher.class_ids)) > len(data & set(known)):
+        known = teacher.class_ids
+    only_teacher = [c for c in known if c not in data][:3]
+    only_data = [c for c in classes if c not in set(known)][:3]
+    detail = f"{len(known)} classes vs {len(classes)}"
     if only_teacher or only_data:
         detail += f"; only the teacher has {only_teacher or 'none'}, only the data has {only_data or 'none'}"
     else:
         detail += "; same names in a different order"
+    first = next((i for i, (a, b) in enumerate(zip(known, classes)) if a != b), None)
+    if first is not None and len(known) == len(classes):
+        detail += f"; class {first} is '{known[first]}' for the teacher, '{classes[first]}' in the data"
     raise DistillError(f"The teacher {teacher.path} was trained on other classes than {where} ({detail}).")
 
 
@@ -211,15 +225,27 @@ def resolution_setter(cfg: StageConfig, mean: tuple[float, ...], std: tuple[floa
     return at
 
 
+def teacher_resolution(teacher: Checkpoint, img_size: int, teacher_res: str = "student") -> int:
+    """The resolution the teacher reads the batch at: the student's (the paper), the teacher's own, or a number."""
+    if teacher_res == "student":
+        return img_size
+    if teacher_res == "teacher":
+        return teacher.img_size
+    return int(teacher_res)
+
+
 def frozen_teacher(ckpt: Checkpoint, input_norm: tuple[tuple[float, ...], tuple[float, ...]], img_size: int,
-                   cfg: StageConfig | None = None) -> FrozenTeacher:
-    """The teacher, frozen, renormalising the student's input; compiled and channels-last as the run asks."""
+                   cfg: StageConfig | None = None, teacher_res: str = "student") -> FrozenTeacher:
+    """The teacher, frozen, renormalising batches of `img_size` px and reading them at the resolution --teacher-res
+    asks for; compiled and channels-last as the run asks."""
+    size = teacher_resolution(ckpt, img_size, teacher_res)
     model = build_model(ckpt)
-    if hasattr(model, "set_input_size") and hasattr(model, "pos_embed") and ckpt.img_size != img_size:
-        resize(model, img_size)  # a ViT teacher must see the student's resolution too
+    if hasattr(model, "set_input_size") and hasattr(model, "pos_embed") and ckpt.img_size != size:
+        resize(model, size)  # a ViT teacher must read its input size
     if cfg is not None and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    teacher = FrozenTeacher(model, (ckpt.data["mean"], ckpt.data["std"]), input_norm)
+    teacher = FrozenTeacher(model, (ckpt.data["mean"], ckpt.data["std"]), input_norm,
+                            img_size=size if size != img_size else None)
     if cfg is not None and cfg.compile:
         teacher.model = torch.compile(teacher.model)
     return teacher
@@ -282,6 +308,7 @@ class StagePlan:
     before: list["StagePlan"] = field(default_factory=list)  # runs that must exist first (the FixRes teacher)
     model: dict[str, Any] = field(default_factory=dict)  # {"name", "args"} as far as known before the data
     classes: list[str] | None = None
+    init: Checkpoint | None = None  # the weights a student starts from
 
     @property
     def run_dir(self) -> Path:
@@ -290,13 +317,15 @@ class StagePlan:
     @property
     def waiting(self) -> bool:
         """A parent or teacher is still to be written by an earlier stage."""
-        return isinstance(self.parent, Expected) or isinstance(self.teacher, Expected)
+        return any(isinstance(c, Expected) for c in (self.parent, self.teacher, self.init))
 
     def identity(self) -> dict[str, Any]:
         """A run is its resolved config plus the hashes of its parent and teacher."""
         identity = {"stage": self.stage, "config": to_dict(self.config, result_only=True),
                     "parent": self.parent.sha256 if self.parent else None,
                     "teacher": self.teacher.sha256 if self.teacher else None}
+        if self.init is not None:
+            identity["init"] = self.init.sha256
         if "cache" in self.settings:  # a student taught by a cache: the cache (and its teacher) identify it
             identity["cache"] = self.settings["cache"]["identity"]
         return identity
@@ -331,7 +360,7 @@ def _planned(plan: StagePlan) -> StagePlan:
 def plan_teach(cfg: TeachConfig, expecting: Expecting = {}) -> StagePlan:
     """Train a teacher from scratch, or from --init (a FixRes config adapts --init to a new resolution)."""
     fixres = isinstance(cfg, FixResConfig)
-    init = read_teacher(cfg.init, role="--init checkpoint", expecting=expecting) if cfg.init else None
+    init = read_teacher(cfg.init, role="--init checkpoint", expecting=expecting, model=cfg.model) if cfg.init else None
     if init is not None:
         cfg = dataclasses.replace(cfg, model=init.model_name)
     cfg = inherit_data(cfg, init, img_size=not fixres)
@@ -357,13 +386,17 @@ def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
     if cfg.teacher_cache is not None:
         return plan_cached_student(cfg, expecting)
     if cfg.teacher is not None:  # with --distillation none, a given teacher is only measured against
-        teacher = read_teacher(cfg.teacher, expecting=expecting)
+        teacher = read_teacher(cfg.teacher, expecting=expecting, model=cfg.teacher_model)
     elif cfg.distillation != "none":
         teacher = default_parent(cfg.workdir, "teach", "teacher", "--teacher", "train one with `distill teach`", "teacher",
                                  expecting)
     else:
         teacher = None
-    cfg = inherit_data(cfg, teacher)
+    init = student_init(cfg, expecting) if cfg.init else None
+    if init is not None:  # the student takes the size of its starting weights
+        sizing = {k: init.model_args.get(k) for k in ("patch_size", "embed_dim", "depth", "num_heads")}
+        cfg = dataclasses.replace(cfg, model=init.model_name, **sizing)
+    cfg = inherit_data(cfg, teacher or init)
     name, token_args = student_model(cfg.model, cfg.token)
     cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
     classes = planned_classes(cfg)
@@ -372,9 +405,24 @@ def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
         classes = classes or teacher.classes or None
     args = {**student_args(cfg, len(classes) if classes else None), **token_args}
     distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss)
+    distillation["teacher_res"] = teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None
     return _planned(StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes,
                               settings={"distillation": distillation}, model={"name": name, "args": args},
-                              classes=classes))
+                              classes=classes, init=init))
+
+
+def student_init(cfg: StudentConfig, expecting: Expecting) -> Checkpoint:
+    """The DeiT a student starts from (--init), refused when it is not a ViT or when the flags resize it."""
+    given = [k for k in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(cfg, k) is not None]
+    if given:
+        raise DistillError(f"--{given[0].replace('_', '-')} cannot resize a student started from --init {cfg.init}; it "
+                           "takes the size of those weights.")
+    architecture = cfg.model if timm.is_model(cfg.model) else student_model(cfg.model, token=False)[0]
+    init = open_checkpoint(cfg.init, "--init checkpoint", expecting, model=architecture)
+    if not init.model_name.startswith("deit_") or "patch_size" not in init.model_args:
+        raise DistillError(f"The --init checkpoint {init.path} is a {init.model_name}; a student starts from a DeiT "
+                           "(deit_tiny/small/base, with or without the distillation token).")
+    return init
 
 
 # Settings a teacher cache fixes: the training data and every augmentation setting applied before the batch.
@@ -519,6 +567,8 @@ def locate_teacher(parent: Checkpoint, workdir: Path) -> Checkpoint | None:
     record = parent.meta.get("teacher")
     if not record:
         return None
+    if record.get("source") and not record.get("path"):  # imported weights whose teacher is a known source
+        return read_teacher(record["source"])
     path = Path(record.get("path", ""))
     if path.exists():
         try:
@@ -556,10 +606,13 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
     if cfg.img_size not in (None, cfg.res):
         raise DistillError(f"finetune trains at --res ({cfg.res} px); leave --img-size unset (it is {cfg.img_size}).")
     if cfg.checkpoint:
-        parent = open_checkpoint(cfg.checkpoint, "checkpoint", expecting, expect_kind="student")
+        parent = open_checkpoint(cfg.checkpoint, "checkpoint", expecting, expect_kind="student", model=cfg.model or None)
     else:
         parent = default_parent(cfg.workdir, "student", "student", "--checkpoint", "train one with `distill student`",
                                 "student", expecting)
+    if parent.kind == "pretrained" and "patch_size" not in parent.model_args:
+        raise DistillError(f"{parent.path} is a {parent.model_name}: finetune resamples a ViT's position embeddings; "
+                           "a convnet changes resolution without it (distill evaluate --res, or distill transfer).")
     cfg = inherit_data(dataclasses.replace(cfg, img_size=cfg.res), parent)
     patch = int(parent.model_args.get("patch_size") or default_patch_size(parent.img_size))
     if cfg.res % patch:
@@ -573,7 +626,7 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
     before: list[StagePlan] = []
     if kind != "none":
         if cfg.teacher is not None:
-            teacher = read_teacher(cfg.teacher, expecting=expecting)
+            teacher = read_teacher(cfg.teacher, expecting=expecting, model=cfg.teacher_model)
         else:
             original = locate_teacher(parent, cfg.workdir)
             if original is None:
@@ -586,6 +639,7 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
     model = {"name": parent.model_name, "args": {**parent.model_args, "img_size": cfg.res}}
     distillation = distillation_record(kind, cfg.alpha, cfg.tau, records_token(parent.model_name, parent.model_args),
                                        cfg.feature_loss)
+    distillation["teacher_res"] = teacher_resolution(teacher, cfg.res, cfg.teacher_res) if teacher else None
     return _planned(StagePlan("finetune", cfg, parent=parent, teacher=teacher, notes=notes, before=before,
                               settings={"distillation": distillation}, model=model, classes=parent.classes or None))
 
@@ -599,11 +653,11 @@ def plan_transfer(cfg: TransferConfig, expecting: Expecting = {}) -> StagePlan:
     if cfg.attn_only and cfg.head_only:
         raise DistillError("Choose one of --attn-only and --head-only.")
     if cfg.checkpoint:
-        parent = open_checkpoint(cfg.checkpoint, "checkpoint", expecting, expect_kind="student")
+        parent = open_checkpoint(cfg.checkpoint, "checkpoint", expecting, expect_kind="student", model=cfg.model or None)
     else:
         parent = transfer_parent(cfg.workdir, expecting)
     cfg = inherit_data(cfg, parent, dataset=False)
-    teacher = read_teacher(cfg.teacher, expecting=expecting) if cfg.teacher else None
+    teacher = read_teacher(cfg.teacher, expecting=expecting, model=cfg.teacher_model) if cfg.teacher else None
     inherited = parent.meta.get("distillation") or {}
     if teacher is None and cfg.distillation not in (None, "none"):
         raise DistillError(f"--distillation {cfg.distillation} needs a teacher trained on the target; pass --teacher CKPT "
@@ -620,6 +674,7 @@ def plan_transfer(cfg: TransferConfig, expecting: Expecting = {}) -> StagePlan:
         args["img_size"] = cfg.img_size
     distillation = distillation_record(kind, cfg.alpha, cfg.tau, records_token(parent.model_name, parent.model_args),
                                        cfg.feature_loss)
+    distillation["teacher_res"] = teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None
     return _planned(StagePlan("transfer", cfg, parent=parent, teacher=teacher, notes=notes,
                               settings={"distillation": distillation}, model={"name": parent.model_name, "args": args},
                               classes=classes))
@@ -694,7 +749,7 @@ def execute_teach(plan: StagePlan) -> Checkpoint:
     if init is not None:
         model = build_model(init, drop_path_rate=cfg.drop_path)
         args = init.model_args
-        if init.classes != data.classes:
+        if not init.knows_classes(data.classes):
             model.reset_classifier(len(data.classes))
             args["num_classes"] = len(data.classes)
         if hasattr(model, "pos_embed") and init.img_size != cfg.img_size:
@@ -737,8 +792,11 @@ def execute_student(plan: StagePlan) -> Checkpoint:
     model, args = build_student(name, len(data.classes), cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                                 depth=cfg.depth, num_heads=cfg.num_heads, layer_scale=cfg.layer_scale,
                                 drop_path=cfg.drop_path, extra=token_args)
+    if plan.init is not None:
+        model.load_state_dict(fit_deit_weights(plan.init.state_dict(), model,
+                                               keep_heads=plan.init.knows_classes(data.classes)))
     set_distilled_training(model, True)
-    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg) if teacher is not None else None
+    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg, cfg.teacher_res) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
     cache: TeacherCache | None = plan.settings.get("cache_object")
     view_seeds_ = None
@@ -756,7 +814,8 @@ def execute_student(plan: StagePlan) -> Checkpoint:
         return {"kind": "student", "stage": "student", "model": {"name": name, "args": args},
                 "params": count_params(model), "data": data_record(cfg, data.classes, mean, std, data.info),
                 "parent": record, "teacher": record, "distillation": plan.settings["distillation"],
-                "teacher_cache": {k: v for k, v in (plan.settings.get("cache") or {}).items() if k != "teacher"} or None}
+                "teacher_cache": {k: v for k, v in (plan.settings.get("cache") or {}).items() if k != "teacher"} or None,
+                "init": plan.init.lineage("weights") if plan.init else None}
 
     job = Job(model=model, train_set=train_set, eval_set=test_set,
               retransform=resolution_setter(cfg, mean, std, train_set, test_set, True),
@@ -773,15 +832,15 @@ def execute_finetune(plan: StagePlan) -> Checkpoint:
     if done is not None:
         return done
     data, mean, std = load_with_norm(run, teacher, f"the dataset {cfg.dataset or cfg.data_dir}")
-    if data.classes != parent.classes:
+    if not parent.knows_classes(data.classes):
         raise DistillError(f"The student {parent.path} was trained on other classes than {cfg.dataset or cfg.data_dir}.")
     model = build_model(parent, drop_path_rate=cfg.drop_path)
     resize(model, cfg.res)
     set_distilled_training(model, True)
-    frozen = frozen_teacher(teacher, (mean, std), cfg.res, cfg) if teacher is not None else None
+    frozen = frozen_teacher(teacher, (mean, std), cfg.res, cfg, cfg.teacher_res) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
     kind, alpha, tau = cfg.distillation, cfg.alpha, cfg.tau
-    distillation = distillation_record(kind, alpha, tau, has_dist_token(model), cfg.feature_loss)
+    distillation = {**plan.settings["distillation"], "token": has_dist_token(model)}
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "finetune", "model": plan.model, "params": count_params(model),
@@ -822,10 +881,10 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
         train_only(model, attention_parameter_names(model) + head_parameter_names(model))
         trainable = "attn"
     set_distilled_training(model, True)
-    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg) if teacher is not None else None
+    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg, cfg.teacher_res) if teacher is not None else None
     train_set, test_set = datasets_for(cfg, data, mean, std)
     kind, alpha, tau = cfg.distillation, cfg.alpha, cfg.tau
-    distillation = distillation_record(kind, alpha, tau, has_dist_token(model), cfg.feature_loss)
+    distillation = {**plan.settings["distillation"], "token": has_dist_token(model)}
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "transfer", "model": {"name": parent.model_name, "args": args},

@@ -45,6 +45,7 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "distill-cache"))
     monkeypatch.delenv("DISTILL_DEBUG", raising=False)
     from distill import cli
 

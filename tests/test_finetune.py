@@ -80,7 +80,8 @@ def test_finetune_with_the_automatic_fixres_teacher(trained):
     # the fine-tuned student: 24 px, child of the student, taught by the adapted teacher, same variant
     assert tuned.img_size == 24 and tuned.model_args["img_size"] == 24
     assert tuned.meta["parent"]["sha256"] == student.sha256 and tuned.meta["teacher"]["sha256"] == fixres.sha256
-    assert tuned.meta["distillation"] == student.meta["distillation"]
+    assert {**tuned.meta["distillation"], "teacher_res": 16} == student.meta["distillation"]
+    assert tuned.meta["distillation"]["teacher_res"] == 24  # the student's own batch, now at 24 px
     assert tuned.state_dict()["pos_embed"].shape == (1, 2 + 36, 32)
     metrics = tuned.meta["metrics"]
     assert {"before_top1", "parent_top1", "top1"} <= set(metrics) and metrics["parent_img_size"] == 16

@@ -189,7 +189,7 @@ def test_bad_inputs_are_one_sentence_and_a_non_zero_exit(tmp_path, folder):
     cases = [
         (["info", tmp_path / "missing.safetensors"], "does not exist"),
         (["info", tmp_path / "truncated.safetensors"], "truncated or corrupted"),
-        (["info", tmp_path / "foreign.safetensors"], "not a distill checkpoint"),
+        (["info", tmp_path / "foreign.safetensors"], "is a bare weights file: name its timm architecture with --model"),
         (["student", "--teacher", tmp_path / "truncated.safetensors", *TINY], "truncated or corrupted"),
         (["finetune", "--checkpoint", teacher, "--res", "32"], "is a teacher checkpoint"),
         (["teach", "--data-dir", empty, *TINY, "--name", "empty"], "is empty"),

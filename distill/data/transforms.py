@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD,
+                        OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 from timm.data import auto_augment, create_transform
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms
@@ -16,7 +17,16 @@ from distill.data.sources import ImageSource
 NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     "inception": (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),
+    "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
 }
+
+
+def norm_name(mean: tuple[float, ...] | list[float], std: tuple[float, ...] | list[float]) -> str:
+    """The name of a known normalisation (imagenet, inception, clip), else 'custom'."""
+    for name, (known_mean, known_std) in NORMS.items():
+        if all(abs(a - b) < 1e-4 for a, b in zip((*mean, *std), (*known_mean, *known_std))):
+            return name
+    return "custom"
 
 
 def measure_norm(source: ImageSource, max_images: int = 2000) -> tuple[tuple[float, ...], tuple[float, ...]]:

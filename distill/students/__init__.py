@@ -110,6 +110,40 @@ def resize(model: nn.Module, img_size: int) -> None:
     model.set_input_size(img_size=(img_size, img_size))
 
 
+def fit_deit_weights(weights: dict[str, torch.Tensor], model: nn.Module, keep_heads: bool) -> dict[str, torch.Tensor]:
+    """A DeiT's weights, with or without the distillation token, made to fit the student `model`.
+
+    A token the weights lack starts as a copy of the class token, with the class token's position
+    embedding, and its head as a copy of the class head; a token the student lacks is dropped. The patch
+    part of the position embeddings is resampled to the student's grid (timm's bicubic resampling). The
+    heads are the student's own fresh ones unless `keep_heads` (same classes).
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    fitted = dict(weights)
+    source_token, student_token = "dist_token" in weights, has_dist_token(model)
+    prefix = 2 if source_token else 1
+    position = weights["pos_embed"]
+    cls_position, patch_position = position[:, :1], position[:, prefix:]
+    dist_position = position[:, 1:2] if source_token else cls_position.clone()
+    if student_token and not source_token:
+        fitted["dist_token"] = weights["cls_token"].clone()
+        for key in ("weight", "bias"):
+            if f"head.{key}" in weights:
+                fitted[f"head_dist.{key}"] = weights[f"head.{key}"].clone()
+    if source_token and not student_token:
+        fitted = {k: v for k, v in fitted.items() if k != "dist_token" and not k.startswith("head_dist.")}
+    grid = tuple(model.patch_embed.grid_size)
+    if patch_position.shape[1] != grid[0] * grid[1]:
+        patch_position = resample_abs_pos_embed(patch_position, new_size=list(grid), num_prefix_tokens=0)
+    fitted["pos_embed"] = torch.cat([cls_position] + ([dist_position] if student_token else []) + [patch_position], dim=1)
+    own = model.state_dict()
+    for name in [n for n in own if n.startswith(("head.", "head_dist."))]:
+        if not keep_heads or name not in fitted or fitted[name].shape != own[name].shape:
+            fitted[name] = own[name]
+    return fitted
+
+
 def named_outputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Scores per head for evaluation; the first entry is the headline prediction.
 

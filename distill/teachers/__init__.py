@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import DistillError
@@ -22,12 +23,15 @@ class FrozenTeacher(nn.Module):
     """A teacher that always runs in eval mode, without gradients, on the student's own input.
 
     If the student's normalisation differs from the teacher's, the input is renormalised first,
-    so the teacher sees the pixel statistics it was trained on.
+    so the teacher sees the pixel statistics it was trained on. With `img_size`, the batch is resized
+    (bicubic, antialiased when shrinking, on the batch's device) to that resolution first: a teacher
+    trained at 224 px can then read a 32 px student's batch at the resolution it knows.
     """
 
     def __init__(self, model: nn.Module, teacher_norm: tuple[Sequence[float], Sequence[float]],
-                 input_norm: tuple[Sequence[float], Sequence[float]]):
+                 input_norm: tuple[Sequence[float], Sequence[float]], img_size: int | None = None):
         super().__init__()
+        self.img_size = img_size
         self.model = model.eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -44,6 +48,10 @@ class FrozenTeacher(nn.Module):
     def _renormalised(self, images: torch.Tensor) -> torch.Tensor:
         if self.renormalise:
             images = images * self.scale.to(images.dtype) + self.shift.to(images.dtype)
+        if self.img_size is not None and tuple(images.shape[-2:]) != (self.img_size, self.img_size):
+            shrink = images.shape[-1] > self.img_size
+            images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False,
+                                   antialias=shrink)
         return images
 
     @torch.no_grad()
