@@ -253,6 +253,10 @@ def evaluate(
                                                 help=escape("Leave unreadable test images out [default: as the "
                                                             "checkpoint was trained, on its own data; else no].")),
     per_class: bool = typer.Option(False, "--per-class", help="Print the accuracy of each class."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: flip, five-crop or multi-res; "
+                                      "reports each view and the mean of their probabilities."),
+    tta_res: Optional[str] = typer.Option(None, "--tta-res", help=escape("Resolutions of --tta multi-res, e.g. 24,32,40 "
+                                          "[default: the model's, a fifth below and above].")),
 ) -> None:
     """Top-1 (and top-5, with more than 5 classes) of any checkpoint on any dataset and resolution, per head for
     token students."""
@@ -262,7 +266,73 @@ def evaluate(
                                             teacher=teacher, batch_size=batch_size, num_workers=num_workers,
                                             mixed_precision=mixed_precision, per_class=per_class,
                                             skip_corrupt=skip_corrupt, model=model, teacher_model=teacher_model,
-                                            teacher_res=teacher_res))
+                                            teacher_res=teacher_res, tta=tta, tta_res=tta_res))
+
+
+@app.command()
+def soup(
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoints of one architecture and one set of classes."),
+    method: str = typer.Option("uniform", help="uniform (average them all) or greedy (add them by held-out accuracy "
+                               "while the soup's held-out accuracy does not drop)."),
+    out: Path = typer.Option(Path("runs/soup"), help="Folder of the soup's model.safetensors."),
+    held_out: Optional[int] = typer.Option(None, help=escape("Images of the held-out split, carved from the training "
+                                           "split [default: a tenth of it].")),
+    seed: int = typer.Option(0, help="Seed of the held-out split."),
+    bn_images: int = typer.Option(1000, help="Training images BatchNorm statistics are re-estimated on (models with "
+                                  "BatchNorm)."),
+    batch_size: int = typer.Option(128, help="Batch size."),
+    num_workers: int = typer.Option(2, help="Data-loading worker processes."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a soup already in --out."),
+) -> None:
+    """Average the weights of checkpoints (a model soup); the soup is a checkpoint whose lineage lists them."""
+    from distill import soup as soups
+
+    run_guarded(lambda: soups.print_soup(soups.make_soup(checkpoints, out, method=method, held_out=held_out, seed=seed,
+                                                         bn_images=bn_images, batch_size=batch_size,
+                                                         num_workers=num_workers, overwrite=overwrite)))
+
+
+@app.command()
+def ensemble(
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoints with the same classes; any architectures and "
+                                             "resolutions."),
+    mean: str = typer.Option("arith", help="arith (mean of the probabilities) or geo (their geometric mean)."),
+    save: Optional[Path] = typer.Option(None, help="Folder to save the predictions in (predictions.safetensors, "
+                                        "ensemble.json)."),
+    dataset: Optional[str] = typer.Option(None, help=escape("Dataset to test on [default: the first checkpoint's].")),
+    data_dir: Optional[Path] = typer.Option(None, help=escape("Image folder to test on [default: the first "
+                                            "checkpoint's].")),
+    batch_size: int = typer.Option(128, help="Batch size."),
+    num_workers: int = typer.Option(2, help="Data-loading worker processes."),
+    mixed_precision: str = typer.Option("no", help="Precision: no (fp32), bf16 or fp16."),
+) -> None:
+    """Evaluate checkpoints together, each with its own preprocessing: every member's top-1 and the ensemble's."""
+    from distill import ensemble as ens
+    from distill.inference import check_precision
+
+    def action() -> None:
+        check_precision(mixed_precision)
+        result = ens.evaluate_ensemble(checkpoints, mean=mean, dataset=dataset, data_dir=data_dir, batch_size=batch_size,
+                                       num_workers=num_workers, mixed_precision=mixed_precision, save=save)
+        ens.print_ensemble(result, save)
+
+    run_guarded(action)
+
+
+@app.command()
+def report(
+    workdir: Path = typer.Argument(Path("runs"), help="The work folder whose runs to show."),
+    out: Optional[Path] = typer.Option(None, help=escape("Folder of the page and its figures [default: WORKDIR/report].")),
+) -> None:
+    """One self-contained HTML page of a work folder (PNG figures beside it, opens offline): training curves,
+    lineage, accuracy against size and throughput, teacher agreement, per-class accuracy, FixRes before/after."""
+    from distill.html_report import write_report
+
+    def action() -> None:
+        path = write_report(workdir, out)
+        _console().print(f"report: {escape(str(path))}", soft_wrap=True)
+
+    run_guarded(action)
 
 
 
@@ -329,7 +399,6 @@ def predict(
             errors.print(f"skipped {len(skipped)} unreadable image(s), e.g. {escape(skipped[0])}", soft_wrap=True)
 
     run_guarded(action)
-
 
 
 @app.command()

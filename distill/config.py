@@ -83,6 +83,10 @@ class StageConfig:
     log_every: int = option(20, "Read the training loss (for the log and its NaN/inf check) every N optimizer steps: the "
                             "one host sync of the loop. A bad loss still stops the run naming the step it happened.", "Run",
                             result=False)
+    log_with: str | None = option(None, "Also log to experiment trackers through accelerate: tensorboard, wandb, mlflow, "
+                                  "aim, comet_ml, ... or all, comma-separated; written under <run>/logs, offline unless "
+                                  "the environment says otherwise (wandb offline mode, MLflow file store).", "Run",
+                                  result=False)
     overwrite: bool = option(False, "Replace a finished or interrupted run in the same folder whose config differs.", "Run", result=False)
     skip_corrupt: bool = option(False, "Leave out the images the check before training finds unreadable (their count and "
                                 "first paths are printed and shown by distill info) instead of stopping with the list of "
@@ -95,6 +99,9 @@ class StageConfig:
     classes: str | None = option(None, "Keep only these classes, comma-separated (e.g. 0,1,2,3,4) [default: all; "
                                  "a later stage takes its parent's].", "Data")
     img_size: int | None = option(None, "Training and test resolution in pixels [default: the parent's, else 32].", "Data")
+    img_size_schedule: str | None = option(None, "Progressive resizing: RESOLUTION:EPOCH pairs, e.g. 24:0,32:10 (24 px from "
+                                           "epoch 0, 32 px from epoch 10); ViT position embeddings are resampled at each "
+                                           "change. It ends at --img-size [default: --img-size throughout].", "Data")
     crop_pct: float | None = option(None, "Test-time crop ratio: resize to size/crop_pct, centre-crop [default: the parent's, else 0.875].", "Data")
     interpolation: str = option("bicubic", "Resize interpolation (DeiT trains with bicubic).", "Data",
                                 choices=("bicubic", "bilinear", "nearest"))
@@ -367,7 +374,8 @@ class CacheConfig(StageConfig):
     # Settings of training that a cache does not use: not offered as flags.
     unused = ("opt", "lr", "lr_scale", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "momentum", "clip_grad",
               "ema", "ema_decay", "ema_warmup", "drop_path", "mixup", "cutmix", "mixup_switch_prob", "smoothing",
-              "grad_accum", "save_every", "eval_every", "log_every", "repeated_aug", "model")
+              "grad_accum", "save_every", "eval_every", "log_every", "repeated_aug", "model", "log_with",
+              "img_size_schedule")
 
     def run_name(self) -> str:
         return self.name or "teacher-cache"
@@ -517,6 +525,10 @@ def resolve(cls: type[StageConfig], recipe_path: Path | None = None, overrides: 
         values = layer(values, check_keys(cls, recipe_values, "recipe"))
     values = layer(values, overrides or {})
     values = check_keys(cls, values, "command line") if overrides else values
+    if values.get("img_size_schedule") and values.get("img_size") is None:  # the run ends at the schedule's last size
+        from distill.schedule import parse_schedule
+
+        values["img_size"] = parse_schedule(values["img_size_schedule"])[-1][1]
     config = cls(**values)
     validate(config)
     return config
@@ -571,6 +583,12 @@ def validate(config: StageConfig) -> None:
     for ok, sentence in checks:
         if not ok:
             raise DistillError(sentence)
+    if config.img_size_schedule or config.log_with:
+        from distill.schedule import check_schedule
+        from distill.tracking import tracker_names
+
+        check_schedule(config.img_size_schedule, config.epochs, config.img_size)
+        tracker_names(config.log_with)
     for f in config_fields(type(config)):
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)

@@ -41,12 +41,16 @@ from distill.data.loaders import eval_loader, train_loader
 from distill.errors import DistillError
 from distill.evaluation import Predict, bare, evaluate, flatten, plain_logits
 from distill.naming import precision_name
-from distill.runfolder import RunFolder
+from distill.runfolder import RunFolder, saved_progress
+from distill.schedule import check_grid, parse_schedule, resolution_at, set_resolution, vits
+from distill.tracking import LOG_DIR, hyperparameters, numeric, offline_environment, tracker_names
 
 
-def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = False) -> Accelerator:
+def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = False,
+                     log_with: list[str] | None = None, project_dir: Path | None = None) -> Accelerator:
     """A fresh Accelerator for one run (a pipeline may change precision between stages); with `compile`,
-    accelerate's prepare() hands the model to torch.compile (inductor)."""
+    accelerate's prepare() hands the model to torch.compile (inductor); with `log_with`, accelerate's trackers
+    write under `project_dir`."""
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DistillError("fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16.")
     AcceleratorState._reset_state(reset_partial_state=False)  # keeps the process group, forgets the precision
@@ -54,7 +58,8 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = 
     # it runs on the CPU; a single process keeps accelerate's own device choice (CUDA, MPS, XPU, CPU).
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes, gradient_accumulation_steps=grad_accum,
-                       dynamo_backend="inductor" if compile else None)
+                       dynamo_backend="inductor" if compile else None, log_with=log_with or None,
+                       project_dir=str(project_dir) if project_dir is not None else None)
 
 
 @dataclass
@@ -75,6 +80,7 @@ class Job:
     extra_metrics: dict[str, Any] = field(default_factory=dict)  # e.g. accuracy before fine-tuning
     notes: list[str] = field(default_factory=list)  # the values `auto` chose, printed on the run's first line
     view_seeds: Any = None  # a teacher cache's [views, images] seeds: epoch e trains on view e % views of each image
+    retransform: Callable[[int], None] | None = None  # sets both datasets' preprocessing to a resolution (--img-size-schedule)
 
 
 def make_ema(model: nn.Module, cfg: StageConfig) -> ModelEmaV3:
@@ -111,6 +117,7 @@ class LossWatch:
         self.pending: list[torch.Tensor] = []
         self.steps: list[int] = []
         self.total, self.count, self.recent = 0.0, 0, float("nan")
+        self.last: list[tuple[int, float]] = []  # (step, loss) of the last read, for the trackers
 
     def add(self, loss: torch.Tensor, step: int) -> None:
         self.pending.append(loss.detach().float().reshape(1))
@@ -118,6 +125,7 @@ class LossWatch:
 
     def read(self) -> tuple[int, float] | None:
         """One host sync (and one gather across processes); returns the first bad step and its loss, if any."""
+        self.last = []
         if not self.pending:
             return None
         values = torch.cat(self.pending)
@@ -131,6 +139,7 @@ class LossWatch:
             return steps[first], float(values[first][~torch.isfinite(values[first])][0])
         self.total += float(values.mean(dim=1).sum())
         self.count += len(steps)
+        self.last = list(zip(steps, values.mean(dim=1).tolist()))
         self.recent = float(values.mean())
         return None
 
@@ -159,10 +168,13 @@ class Run:
 
     def __init__(self, config: StageConfig, identity: dict[str, Any]):
         self.config = config
-        self.accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.compile)
+        self.trackers = tracker_names(config.log_with)
+        self.accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.compile,
+                                            log_with=self.trackers, project_dir=config.run_dir())
         self.folder = RunFolder(config, identity, self.accelerator)
         self.dir = self.folder.dir
         self.finished: Checkpoint | None = self.folder.open()
+        self.size: int | None = None  # the training resolution now, with --img-size-schedule
         set_seed(config.seed)  # the same initial weights on every process
 
     def _optimisation(self, model: nn.Module, learned: nn.Module | None, steps_per_epoch: int, lr: float
@@ -211,11 +223,25 @@ class Run:
         steps_per_epoch = len(train_dl) // cfg.grad_accum
         if steps_per_epoch == 0:
             raise DistillError(f"An epoch has {len(train_dl)} batches, fewer than --grad-accum {cfg.grad_accum}.")
+        schedule = parse_schedule(cfg.img_size_schedule)
+        resized = vits([job.model, job.criterion, job.reference]) if schedule else []
+        if resized:
+            check_grid(resized, schedule)
+            if world > 1:
+                raise DistillError("--img-size-schedule resamples position embeddings during training, which runs on one "
+                                   "process only; drop the schedule or run on one process.")
+        if schedule:  # at the resolution of the state a resume starts from (the epoch it was saved in)
+            saved = None if self.folder.replacing else saved_progress(self.dir)
+            at = 0 if saved is None else saved[1]["epoch"] - (1 if saved[1]["batch"] == 0 and saved[1]["epoch"] > 0 else 0)
+            self._resolution(job, resized, resolution_at(schedule, at))
         lr = cfg.effective_lr(world)
         learned = getattr(job.criterion, "learned", None)
         optimizer, scheduler = self._optimisation(job.model, learned, steps_per_epoch, lr)
         mixup = self._mixup(job)
         self.folder.start()  # only once the inputs have proved usable
+        if self.trackers:
+            offline_environment(self.trackers, self.dir)
+            acc.init_trackers(LOG_DIR, config=hyperparameters(to_dict(cfg)))
         if cfg.channels_last:
             job.model.to(memory_format=torch.channels_last)
         criterion = job.criterion.to(acc.device)
@@ -227,6 +253,7 @@ class Run:
                                           pin_memory=pin))
         reference = job.reference.to(acc.device) if job.reference is not None else None
         ema = make_ema(bare(acc, model), cfg) if cfg.ema else None
+        resized += vits([ema.module]) if ema is not None and schedule else []
         if main:
             console.print(f"[bold]{cfg.stage}[/] -> {self.dir}  ({world} process{'es' if world > 1 else ''}, "
                           f"{acc.device.type}, precision {precision_name(cfg.mixed_precision)}, global batch "
@@ -255,6 +282,12 @@ class Run:
         first_epoch = progress["epoch"]
         for epoch in range(first_epoch, cfg.epochs):
             skip = progress["batch"] if epoch == first_epoch else 0
+            if schedule and self._resolution(job, resized, resolution_at(schedule, epoch), optimizer):
+                parts.loader = train_loader(job.train_set, batch_size=cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
+                                            world=world, num_workers=cfg.num_workers, repeated_aug=cfg.repeated_aug,
+                                            pin_memory=pin, view_seeds=job.view_seeds)  # fresh workers, new transform
+                if main:
+                    console.print(f"resolution {resolution_at(schedule, epoch)} px from epoch {epoch + 1} on")
             record = self._train_epoch(parts, epoch, skip, progress)
             started = time.perf_counter()
             if epoch + 1 == cfg.epochs:  # the last epoch's evaluation is the final one, with the teacher
@@ -266,6 +299,8 @@ class Run:
                 record.update({f"ema_{k}": v for k, v in flatten(evaluate(ema.module, test_dl, acc, job.predict)).items()})
             record["eval_time_s"] = round(time.perf_counter() - started, 2)
             self.folder.append_metrics(record, keep_epochs_below=epoch + 1 if epoch == first_epoch else None)
+            if self.trackers:
+                acc.log({"epoch": record["epoch"], **numeric(record, "epoch/")}, step=progress["step"])
             if main:
                 console.print(epoch_line(record, cfg.epochs), soft_wrap=True)
             progress = {**progress, "epoch": epoch + 1, "batch": 0}
@@ -284,6 +319,17 @@ class Run:
         acc.free_memory()
         return read_checkpoint(path)
 
+    def _resolution(self, job: Job, models: list[nn.Module], size: int, optimizer: Any = None) -> bool:
+        """Put the run at a resolution of its schedule: every ViT resampled, the datasets' preprocessing changed."""
+        if size == self.size:
+            return False
+        set_resolution(models, size, optimizer)
+        if job.retransform is None:
+            raise DistillError("This stage cannot change its resolution during training (--img-size-schedule).")
+        job.retransform(size)
+        self.size = size
+        return True
+
     def _train_epoch(self, parts: Prepared, epoch: int, skip: int, progress: dict[str, int]) -> dict[str, Any]:
         """One pass over the training loader (from batch `skip` when resuming); updates progress['step']."""
         cfg, acc = self.config, self.accelerator
@@ -293,9 +339,14 @@ class Run:
         parts.model.train()
         watch = LossWatch(acc)
         seen, started = 0, time.perf_counter()
+        rates: dict[int, float] = {}  # the lr of each optimizer step, logged with its loss
 
         def check() -> None:
             bad = watch.read()
+            if bad is None and self.trackers:  # the losses just read: no further sync
+                for step, value in watch.last:
+                    acc.log({"train/loss": value, "train/lr": rates.get(step, float("nan"))}, step=step)
+                rates.clear()
             if bad is not None:
                 kept = (f"the last good state in {self.dir} is kept" if self.folder.has_state()
                         else "nothing had been saved yet")
@@ -316,6 +367,7 @@ class Run:
                     bar.update(task, advance=1)
                     continue
                 progress["step"] += 1
+                rates[progress["step"]] = parts.optimizer.param_groups[0]["lr"]
                 parts.scheduler.step_update(num_updates=progress["step"])
                 if parts.ema is not None:
                     parts.ema.update(bare(acc, parts.model), step=ema_step(cfg, progress["step"]))
@@ -347,6 +399,9 @@ class Run:
                               if key in before})
             meta = {**job.describe(final), "identity": self.folder.identity, "config": to_dict(self.config),
                     "metrics": final, "lr_effective": lr, "processes": self.accelerator.num_processes}
+            if self.config.img_size_schedule:
+                meta["img_size_schedule"] = [{"epoch": e, "img_size": size}
+                                             for e, size in parse_schedule(self.config.img_size_schedule)]
             if ema is not None:
                 save_checkpoint(self.dir / EMA_FILE, ema.module.state_dict(),
                                 {**meta, "metrics": ema_final, "ema": ema_record,

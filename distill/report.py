@@ -110,7 +110,11 @@ def lineage_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
     from-scratch baseline) and the teacher, each saying what was taken from it."""
     parent, teacher = meta.get("parent"), meta.get("teacher")
     source = meta.get("architecture_from") or (parent if parent and inherited(parent, meta) == "recipe" else None)
-    if meta.get("source"):  # imported pretrained weights
+    if meta.get("ingredients"):  # a soup: the average of its ingredients' weights
+        kept = [record for record in meta["ingredients"] if record.get("in_soup")]
+        weights = (f"{(meta.get('soup') or {}).get('method', '')} soup, the average of {len(kept)} of "
+                   f"{len(meta['ingredients'])} checkpoints: " + "; ".join(_short(record) for record in kept))
+    elif meta.get("source"):  # imported pretrained weights
         weights = f"pretrained, imported from {meta['source'].get('source')}"
     elif meta.get("init"):  # a student started from pretrained weights (--init)
         weights = f"from {_short(meta['init'])} (--init)"
@@ -206,12 +210,13 @@ def info_table(ckpt: Checkpoint) -> None:
 def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path | None, res: int | None,
                         crop_pct: float | None, teacher: Path | str | None, batch_size: int, num_workers: int,
                         mixed_precision: str, per_class: bool, skip_corrupt: bool | None = None, model: str | None = None,
-                        teacher_model: str | None = None, teacher_res: str = "student") -> dict[str, Any]:
+                        teacher_model: str | None = None, teacher_res: str = "student", tta: str | None = None,
+                        tta_res: str | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint at any resolution on any dataset with its classes; on its own data, also show the
     accuracy it recorded when trained, and how that was measured (precision and resolution may differ)."""
     from distill.data import Transformed, eval_loader, eval_transform, open_dataset
     from distill.engine import make_accelerator
-    from distill.evaluation import evaluate
+    from distill.evaluation import bare, evaluate
     from distill.errors import DistillError
     from distill.pretrained import open_source
     from distill.stages import check_classes, frozen_teacher, read_teacher
@@ -219,6 +224,10 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
 
     if mixed_precision not in PRECISIONS:
         raise DistillError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, not '{mixed_precision}'.")
+    if tta is not None or tta_res is not None:
+        from distill.tta import check_mode
+
+        check_mode(tta, tta_res)
     ckpt = open_source(path, model=model)
     acc = make_accelerator(mixed_precision)
     classes = None
@@ -260,4 +269,12 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
             console.print(escape(f"recorded in the checkpoint at the end of training: {ckpt.accuracy()}"), soft_wrap=True)
         if per_class:
             console.print(per_class_table(ckpt.classes, metrics["per_class_top1"]))
+    if tta is not None:
+        from distill.tta import evaluate_views, parse_resolutions, print_tta
+
+        metrics["tta"] = evaluate_views(ckpt, bare(acc, net), data.test, tta, img_size=img_size, crop_pct=crop_pct,
+                                        resolutions=parse_resolutions(tta_res), batch_size=batch_size,
+                                        num_workers=num_workers, mixed_precision=mixed_precision)
+        if acc.is_main_process:
+            print_tta(metrics["tta"])
     return metrics

@@ -212,6 +212,19 @@ def datasets_for(cfg: StageConfig, data: DataSplits, mean: tuple[float, ...], st
     return Transformed(data.train, train_tf), Transformed(data.test, test_tf)
 
 
+def resolution_setter(cfg: StageConfig, mean: tuple[float, ...], std: tuple[float, ...], train_set: Transformed,
+                      test_set: Transformed, augment: bool = True) -> Callable[[int], None]:
+    """What --img-size-schedule calls at each change: both datasets' preprocessing set to the new resolution."""
+    def at(size: int) -> None:
+        if train_set.view_target is not None and size != cfg.img_size:
+            raise DistillError("A teacher cache holds views at one resolution; --img-size-schedule cannot be used with it.")
+        new_train, new_test = datasets_for(dataclasses.replace(cfg, img_size=size), DataSplits(train_set.source,
+                                           test_set.source, []), mean, std, augment)
+        train_set.transform, test_set.transform = new_train.transform, new_test.transform
+
+    return at
+
+
 def teacher_resolution(teacher: Checkpoint, img_size: int, teacher_res: str = "student") -> int:
     """The resolution the teacher reads the batch at: the student's (the paper), the teacher's own, or a number."""
     if teacher_res == "student":
@@ -762,6 +775,7 @@ def execute_teach(plan: StagePlan) -> Checkpoint:
                 "parent": init.lineage("weights") if init else None, "fixres": fixres_record}
 
     job = Job(model=model, train_set=train_set, eval_set=test_set,
+              retransform=resolution_setter(cfg, mean, std, train_set, test_set, not fixres),
               criterion=criterion_for(cfg, "none", None, 0.0, 1.0, use_mixup=not fixres), num_classes=len(data.classes),
               describe=describe, use_mixup=not fixres, class_names=data.classes, notes=plan.notes,
               evaluate_first=fixres, extra_metrics=parent_accuracy(init) if fixres else {})
@@ -804,6 +818,7 @@ def execute_student(plan: StagePlan) -> Checkpoint:
                 "init": plan.init.lineage("weights") if plan.init else None}
 
     job = Job(model=model, train_set=train_set, eval_set=test_set,
+              retransform=resolution_setter(cfg, mean, std, train_set, test_set, True),
               criterion=criterion_for(cfg, cfg.distillation, frozen if cache is None else None, cfg.alpha, cfg.tau,
                                       student=model, cached=cache is not None),
               num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
@@ -834,6 +849,7 @@ def execute_finetune(plan: StagePlan) -> Checkpoint:
                 "from_img_size": parent.img_size}
 
     job = Job(model=model, train_set=train_set, eval_set=test_set,
+              retransform=resolution_setter(cfg, mean, std, train_set, test_set, True),
               criterion=criterion_for(cfg, kind, frozen, alpha, tau, student=model),
               num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
               class_names=data.classes, evaluate_first=True, notes=plan.notes,
@@ -882,6 +898,7 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
                 "trainable": trainable, "from_scratch": cfg.from_scratch}
 
     job = Job(model=model, train_set=train_set, eval_set=test_set,
+              retransform=resolution_setter(cfg, mean, std, train_set, test_set, True),
               criterion=criterion_for(cfg, kind, frozen, alpha, tau, student=model),
               num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
               class_names=data.classes, notes=plan.notes)

@@ -1,0 +1,110 @@
+"""Progressive resizing within a stage: `--img-size-schedule 24:0,32:10` trains at 24 px from epoch 0 and at 32 px
+from epoch 10 on (epochs counted from 0, as in the metrics' `epoch - 1`).
+
+At each change every ViT of the run (the model, its EMA copy, a ViT teacher) has the patch part of its position
+embeddings resampled bicubically (timm's `resample_abs_pos_embed`, through `distill.students.resize`), and the
+optimizer holds the resampled embedding in place of the old one: its moments (AdamW's averages, SGD's momentum),
+which belonged to the old grid, start afresh. A run resumed from a saved state is put back at the resolution that
+state was saved at before the state is loaded, so it continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from torch import nn
+
+from distill.errors import DistillError
+from distill.students import patch_size_of, resize
+
+
+def parse_schedule(text: str | None) -> list[tuple[int, int]]:
+    """`24:0,32:10` -> [(0, 24), (10, 32)] as (first epoch, resolution), refused with a sentence when malformed."""
+    if not text:
+        return []
+    steps = []
+    for part in text.split(","):
+        size, _, epoch = part.strip().partition(":")
+        try:
+            steps.append((int(epoch), int(size)))
+        except ValueError:
+            raise DistillError(f"--img-size-schedule takes RESOLUTION:EPOCH pairs separated by commas (e.g. 24:0,32:10), "
+                               f"not '{text}'.") from None
+    epochs = [epoch for epoch, _ in steps]
+    if epochs[0] != 0:
+        raise DistillError(f"--img-size-schedule must start at epoch 0 (e.g. {steps[0][1]}:0,...), not at epoch {epochs[0]}.")
+    if epochs != sorted(set(epochs)):
+        raise DistillError(f"--img-size-schedule's epochs must increase, each once: {text}.")
+    small = [size for _, size in steps if size < 8]
+    if small:
+        raise DistillError(f"--img-size-schedule's resolutions must be at least 8 pixels, not {small[0]}.")
+    return steps
+
+
+def check_schedule(text: str | None, epochs: int, img_size: int | None) -> None:
+    """A schedule that fits the run: its changes fall inside it, and it ends at --img-size (the resolution the
+    checkpoint is written and measured at)."""
+    steps = parse_schedule(text)
+    if not steps:
+        return
+    late = [epoch for epoch, _ in steps if epoch >= epochs]
+    if late:
+        raise DistillError(f"--img-size-schedule changes the resolution at epoch {late[0]}, but the run has {epochs} "
+                           f"epoch(s) (0 to {epochs - 1}).")
+    if img_size is not None and steps[-1][1] != img_size:
+        raise DistillError(f"--img-size-schedule ends at {steps[-1][1]} px but --img-size is {img_size}: the checkpoint is "
+                           "written at the last resolution, so give the same (or leave --img-size out).")
+
+
+def resolution_at(steps: list[tuple[int, int]], epoch: int) -> int | None:
+    """The training resolution of an epoch (None without a schedule)."""
+    size = None
+    for start, value in steps:
+        if epoch >= start:
+            size = value
+    return size
+
+
+def vits(modules: Iterable[nn.Module | None]) -> list[nn.Module]:
+    """Every distinct ViT (a module with position embeddings and timm's set_input_size) inside these modules."""
+    found: dict[int, nn.Module] = {}
+    for module in modules:
+        if module is None:
+            continue
+        for sub in module.modules():
+            if hasattr(sub, "pos_embed") and hasattr(sub, "set_input_size") and hasattr(sub, "patch_embed"):
+                found.setdefault(id(sub), sub)
+    return list(found.values())
+
+
+def current_size(model: nn.Module) -> int:
+    return int(model.patch_embed.img_size[0])
+
+
+def check_grid(models: list[nn.Module], steps: list[tuple[int, int]]) -> None:
+    for model in models:
+        patch = patch_size_of(model)
+        for _, size in steps:
+            if size % patch:
+                raise DistillError(f"--img-size-schedule's {size} px is not a multiple of the patch size {patch}.")
+
+
+def set_resolution(models: list[nn.Module], size: int, optimizer: Any = None) -> bool:
+    """Resample every ViT that is not at `size` yet; the optimizer then holds each new position embedding in
+    place of the old one (with fresh moments). Returns whether anything changed."""
+    changed = False
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper keeps the torch optimizer inside
+    for model in models:
+        if current_size(model) == size:
+            continue
+        old = model.pos_embed
+        resize(model, size)
+        new = model.pos_embed
+        new.requires_grad_(old.requires_grad)
+        changed = True
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        inner.state.pop(old, None)
+    return changed
