@@ -272,7 +272,7 @@ def evaluate(
 @app.command()
 def soup(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoints of one architecture and one set of classes."),
-    method: str = typer.Option("uniform", help="uniform (average them all) or greedy (add them by held-out accuracy "
+    method: str = typer.Option("uniform", help="Method: uniform (average them all) or greedy (add them by held-out accuracy "
                                "while the soup's held-out accuracy does not drop)."),
     out: Path = typer.Option(Path("runs/soup"), help="Folder of the soup's model.safetensors."),
     held_out: Optional[int] = typer.Option(None, help=escape("Images of the held-out split, carved from the training "
@@ -296,7 +296,7 @@ def soup(
 def ensemble(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoints with the same classes; any architectures and "
                                              "resolutions."),
-    mean: str = typer.Option("arith", help="arith (mean of the probabilities) or geo (their geometric mean)."),
+    mean: str = typer.Option("arith", help="Mean: arith (of the probabilities) or geo (their geometric mean)."),
     save: Optional[Path] = typer.Option(None, help="Folder to save the predictions in (predictions.safetensors, "
                                         "ensemble.json)."),
     dataset: Optional[str] = typer.Option(None, help=escape("Dataset to test on [default: the first checkpoint's].")),
