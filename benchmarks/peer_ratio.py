@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,9 +43,10 @@ STUDENT = ["--model", "deit_tiny", "--patch-size", "4", "--drop-path", "0.1", "-
 
 
 def distill_rate(stage: str, args: list[str], precision: str, workdir: Path, name: str) -> float:
-    """Run one distill stage for one epoch and read its training rate from the run's metrics."""
+    """Run one distill stage for one epoch, afresh, and read its training rate from the run's metrics."""
+    shutil.rmtree(workdir / name, ignore_errors=True)  # a finished run with the same settings would be reused
     command = [sys.executable, "-m", "distill", stage, *args, *JOB, "--mixed-precision", precision,
-               "--workdir", str(workdir), "--name", name, "--overwrite"]
+               "--workdir", str(workdir), "--name", name]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"distill {stage} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")

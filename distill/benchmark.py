@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import functools
 import multiprocessing
 import resource
 import time
@@ -93,6 +94,12 @@ def _gflops(model: nn.Module, res: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def uniform_target(classes: int, index: int, view: int) -> torch.Tensor:
+    """A stand-in cached teacher target (what a cache read costs is not the question here); picklable, so the
+    loader's worker processes can take it."""
+    return torch.full((classes,), 1.0 / classes)
+
+
 def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
     """Everything for one model, in this process."""
     from timm.optim import create_optimizer_v2
@@ -154,7 +161,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
 
             row[f"train_{variant}_img_s"] = round(_rate(synthetic, settings.batch_size, settings.steps, settings.warmup,
                                                         device), 1)
-            target = (lambda index, view: torch.softmax(torch.zeros(classes), 0)) if variant == "cached" else None
+            target = functools.partial(uniform_target, classes) if variant == "cached" else None
             data = Transformed(splits.train, transform, target)
             loader = train_loader(data, batch_size=settings.batch_size, seed=0, rank=0, world=1,
                                   num_workers=settings.num_workers, view_seeds=_views(len(data)) if target else None)
