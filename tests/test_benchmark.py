@@ -18,7 +18,8 @@ def test_benchmark_measures_a_timm_model_and_a_checkpoint(folder, tmp_path):
     assert invoke("teach", "--data-dir", folder, "--workdir", runs, *TINY).exit_code == 0
     assert invoke("student", "--workdir", runs, *TINY, *TINY_VIT).exit_code == 0
     result = invoke("benchmark", "regnety_002", runs / "student", "--res", "16", "--batch-size", "4", "--steps", "1",
-                    "--warmup", "0", "--num-workers", "1",  # a worker process: what it is handed must pickle "--data-dir", folder, "--teacher", runs / "teach",
+                    # one loader worker process: what the benchmark hands it must pickle
+                    "--warmup", "0", "--num-workers", "1", "--data-dir", folder, "--teacher", runs / "teach",
                     "--csv", tmp_path / "b.csv", "--json", tmp_path / "b.json")
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "b.json").read_text())
