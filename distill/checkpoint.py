@@ -269,3 +269,20 @@ def stage_checkpoints(workdir: Path) -> list[Checkpoint]:
 def find_by_sha256(workdir: Path, sha256: str) -> Checkpoint | None:
     """A checkpoint under `workdir` with this file hash (lineage survives a moved work folder)."""
     return next((c for c in stage_checkpoints(workdir) if c.sha256 == sha256), None)
+
+
+def class_difference(known: list[str], classes: list[str], sides: tuple[str, str] = ("the first", "the second")) -> str:
+    """How two class lists differ, in a few words: counts, names only one side has, or the first position
+    that differs (for messages refusing a mismatch)."""
+    data = set(classes)
+    only_known = [c for c in known if c not in data][:3]
+    only_data = [c for c in classes if c not in set(known)][:3]
+    detail = f"{len(known)} classes vs {len(classes)}"
+    if only_known or only_data:
+        detail += f"; only {sides[0]} has {only_known or 'none'}, only {sides[1]} has {only_data or 'none'}"
+    else:
+        detail += "; same names in a different order"
+    first = next((i for i, (a, b) in enumerate(zip(known, classes)) if a != b), None)
+    if first is not None and len(known) == len(classes):
+        detail += f"; class {first} is '{known[first]}' for {sides[0]}, '{classes[first]}' for {sides[1]}"
+    return detail

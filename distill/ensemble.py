@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from distill.checkpoint import atomic_path, atomic_write_bytes, build_model, read_checkpoint
+from distill.checkpoint import atomic_path, atomic_write_bytes, build_model, class_difference, read_checkpoint
 from distill.errors import DistillError
 from distill.inference import checkpoint_data, class_probabilities, preprocessing, predictor, top1
 
@@ -68,8 +68,9 @@ def evaluate_ensemble(paths: list[Path], *, mean: str = "arith", dataset: str | 
     first = ckpts[0]
     for other in ckpts[1:]:
         if other.classes != first.classes:
-            raise DistillError(f"{other.path} was trained on other classes than {first.path} ({len(other.classes)} vs "
-                               f"{len(first.classes)}); an ensemble's members must share their classes.")
+            raise DistillError(f"{other.path} was trained on other classes than {first.path} "
+                               f"({class_difference(other.classes, first.classes)}); an ensemble's members must share "
+                               "their classes.")
     data, where = checkpoint_data(first, dataset, data_dir)
     members, probs, labels = [], [], None
     for ckpt in ckpts:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from distill.checkpoint import Checkpoint
+from distill.checkpoint import Checkpoint, class_difference
 from distill.data import DataSplits, ImageSource, Transformed, eval_loader, eval_transform, open_dataset
 from distill.errors import DistillError
 from distill.evaluation import Predict, plain_logits
@@ -60,9 +60,9 @@ def checkpoint_data(ckpt: Checkpoint, dataset: str | None = None, data_dir: Path
         skip_corrupt = own and bool((ckpt.meta.get("config") or {}).get("skip_corrupt"))
     data = open_dataset(None if data_dir else dataset, data_dir, classes=classes, skip_corrupt=skip_corrupt)
     where = str(data_dir or dataset)
-    if data.classes != ckpt.classes:
-        raise DistillError(f"{ckpt.path} was trained on other classes than {where} "
-                           f"({len(ckpt.classes)} vs {len(data.classes)}).")
+    if not ckpt.knows_classes(data.classes):
+        raise DistillError(f"{ckpt.path} was trained on other classes than {where} ("
+                           f"{class_difference(ckpt.classes, data.classes, ('the model', 'the data'))}).")
     return data, where
 
 

@@ -214,9 +214,10 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
                         tta_res: str | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint at any resolution on any dataset with its classes; on its own data, also show the
     accuracy it recorded when trained, and how that was measured (precision and resolution may differ)."""
-    from distill.data import Transformed, eval_loader, eval_transform, open_dataset
+    from distill.data import Transformed, eval_loader, eval_transform
     from distill.engine import make_accelerator
     from distill.evaluation import bare, evaluate
+    from distill.inference import checkpoint_data
     from distill.errors import DistillError
     from distill.pretrained import open_source
     from distill.stages import check_classes, frozen_teacher, read_teacher
@@ -230,19 +231,9 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
         check_mode(tta, tta_res)
     ckpt = open_source(path, model=model)
     acc = make_accelerator(mixed_precision)
-    classes = None
     own = dataset is None and data_dir is None
-    if own:
-        dataset = ckpt.data.get("dataset")
-        data_dir = Path(ckpt.data["data_dir"]) if ckpt.data.get("data_dir") else None
-        classes = ckpt.classes if ckpt.data.get("kept_classes") else None
-    if skip_corrupt is None:  # as the checkpoint was trained, on its own data
-        skip_corrupt = own and bool((ckpt.meta.get("config") or {}).get("skip_corrupt"))
-    data = open_dataset(None if data_dir else dataset, data_dir, classes=classes, skip_corrupt=skip_corrupt)
+    data, where = checkpoint_data(ckpt, dataset, data_dir, skip_corrupt)  # the checkpoint's own data unless told
     skipped = describe_skipped(data.info)
-    if not ckpt.knows_classes(data.classes):
-        raise DistillError(f"{ckpt.path} was trained on other classes than {dataset or data_dir} "
-                           f"({len(ckpt.classes)} vs {len(data.classes)}).")
     img_size = res or ckpt.img_size
     net = build_model(ckpt)
     args = ckpt.model_args
@@ -264,7 +255,7 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
     if acc.is_main_process:
         if skipped:
             console.print(f"--skip-corrupt: {escape(skipped)}", soft_wrap=True)
-        print_metrics(metrics, f"{ckpt.path}: {label} on {dataset or data_dir}")
+        print_metrics(metrics, f"{ckpt.path}: {label} on {where}")
         if own and ckpt.accuracy():
             console.print(escape(f"recorded in the checkpoint at the end of training: {ckpt.accuracy()}"), soft_wrap=True)
         if per_class:

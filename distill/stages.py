@@ -23,7 +23,7 @@ import torch
 from rich.markup import escape
 from torch import nn
 
-from distill.checkpoint import MODEL_FILE, Checkpoint, build_model, find_by_sha256, stage_checkpoints
+from distill.checkpoint import MODEL_FILE, Checkpoint, build_model, class_difference, find_by_sha256, stage_checkpoints
 from distill.config import (CacheConfig, FinetuneConfig, FixResConfig, StageConfig, StudentConfig, TeachConfig,
                             TransferConfig, resolve_auto, to_dict, validate)
 from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
@@ -157,20 +157,10 @@ def check_classes(teacher: Checkpoint, classes: list[str] | None, where: str) ->
     name or by synset."""
     if classes is None or not teacher.classes or teacher.knows_classes(classes):
         return
-    data = set(classes)
     known = teacher.classes  # compared with whichever of the teacher's names or ids the data resembles more
-    if teacher.class_ids and len(data & set(teacher.class_ids)) > len(data & set(known)):
+    if teacher.class_ids and len(set(classes) & set(teacher.class_ids)) > len(set(classes) & set(known)):
         known = teacher.class_ids
-    only_teacher = [c for c in known if c not in data][:3]
-    only_data = [c for c in classes if c not in set(known)][:3]
-    detail = f"{len(known)} classes vs {len(classes)}"
-    if only_teacher or only_data:
-        detail += f"; only the teacher has {only_teacher or 'none'}, only the data has {only_data or 'none'}"
-    else:
-        detail += "; same names in a different order"
-    first = next((i for i, (a, b) in enumerate(zip(known, classes)) if a != b), None)
-    if first is not None and len(known) == len(classes):
-        detail += f"; class {first} is '{known[first]}' for the teacher, '{classes[first]}' in the data"
+    detail = class_difference(known, classes, ("the teacher", "the data"))
     raise DistillError(f"The teacher {teacher.path} was trained on other classes than {where} ({detail}).")
 
 
