@@ -10,9 +10,11 @@ the same CIFAR-10 folder, and the ratio of their training images per second (dat
 
 The job is the peer script's: 32 px, batch 128, RandAugment rand-m9-mstd0.5-inc1, Mixup 0.8 / CutMix 1.0,
 random erasing 0.25, random-resized crop from 0.08, label smoothing 0.1, drop path 0.1 (the DeiT), 2 data
-workers. distill's rate is its first epoch's (a fixed subset of 7,680 images, 60 steps); the peer's is the
-running mean train.py logs, over a time window (`--peer-seconds`). Each pair runs in the order
-distill, peer, and with `--rounds 2` again as peer, distill, so drift over time falls on both sides.
+workers. Both rates cover the same work from the same starting point: distill's is its first epoch's (a fixed
+subset of 7,808 images, 61 steps, timed from the creation of the loader to the last step), the peer's is the running
+mean train.py logs at batch 60 (its first 61 steps, timed from the creation of its loader). The peer runs under a
+time limit (`--peer-seconds`) that must let it reach batch 60. Each pair runs in the order distill, peer, and with
+`--rounds 2` again as peer, distill, so drift over time falls on both sides.
 
     TIMM_TRAIN=/tmp/timm_train.py python benchmarks/peer_ratio.py --data /tmp/data/cifar10 --precisions bf16 no
 
@@ -36,8 +38,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PEER = HERE.parent.parent / "shared" / "bench" / "peer_timm.sh"
+STEPS = 61  # timm's train.py logs its running mean at batches 0, 5, ..., 60: the rates compare 61 steps each
 JOB = ["--img-size", "32", "--batch-size", "128", "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8",
-       "--cutmix", "1.0", "--scale-min", "0.08", "--smoothing", "0.1", "--num-workers", "2", "--train-subset", "7680",
+       "--cutmix", "1.0", "--scale-min", "0.08", "--smoothing", "0.1", "--num-workers", "2", "--train-subset", str(STEPS * 128),
        "--epochs", "1", "--warmup-epochs", "0"]
 STUDENT = ["--model", "deit_tiny", "--patch-size", "4", "--drop-path", "0.1", "--distillation", "hard", "--token"]
 
@@ -64,7 +67,7 @@ def peer_script(job: str) -> Path:
         text = text.replace("--drop-path 0.1 ", "")
         assert "--kd-" not in text.split("amp=")[1], "the peer script changed: update peer_ratio.py"
     path = Path(tempfile.mkdtemp()) / "peer.sh"
-    path.write_text(text)
+    path.write_text(text + 'echo "log: $P/log.txt"\n')
     return path
 
 
@@ -72,9 +75,14 @@ def peer_rate(job: str, precision: str, data: Path, seconds: int) -> float:
     env = {**os.environ, "DATA": str(data), "PY": sys.executable}
     done = subprocess.run(["bash", str(peer_script(job)), "bf16" if precision == "bf16" else "fp32", str(seconds)],
                           capture_output=True, text=True, env=env)
-    found = re.search(r"img/s: ([0-9.]+)", done.stdout)
-    if not found:
+    log = re.search(r"^log: (.+)$", done.stdout, re.MULTILINE)
+    if not re.search(r"img/s: ([0-9.]+)", done.stdout) or not log:
         raise SystemExit(f"the peer failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    # "Train: 0 [  60/390 ( 16%)]  Loss: ... Time: 1.2s, 104/s  (1.3s, 98.5/s)": the running mean at batch 60
+    text = Path(log.group(1)).read_text()
+    found = re.search(rf"\[\s*{STEPS - 1}/\d+ .*?\(\s*[0-9.]+s,\s+([0-9.]+)/s\)", text)
+    if not found:
+        raise SystemExit(f"the peer did not reach batch {STEPS - 1} in {seconds} s; raise --peer-seconds.\n{text[-1500:]}")
     return float(found.group(1))
 
 
@@ -84,7 +92,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/distill-peer-ratio"))
     parser.add_argument("--jobs", nargs="+", default=["student", "teach"], choices=["student", "teach"])
     parser.add_argument("--precisions", nargs="+", default=["bf16", "no"], choices=["bf16", "no"])
-    parser.add_argument("--peer-seconds", type=int, default=180)
+    parser.add_argument("--peer-seconds", type=int, default=240)
     parser.add_argument("--rounds", type=int, default=1, help="1: distill then peer; 2: also peer then distill.")
     args = parser.parse_args()
     if not os.environ.get("TIMM_TRAIN"):

@@ -23,6 +23,7 @@ drop path 0.1, 2 data workers. The first `--warmup` steps are not counted.
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import time
 from collections import defaultdict
@@ -83,11 +84,13 @@ class TimedLoader:
             STATE["counting"] = STATE["steps"] > STATE["warmup"]
             if STATE["steps"] == STATE["warmup"] + 1:
                 STATE["started"] = time.perf_counter()
+                STATE["faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             with timer("data wait"):
                 try:
                     batch = next(iterator)
                 except StopIteration:
                     STATE["ended"] = time.perf_counter()
+                    STATE["faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - STATE["faults"]
                     STATE["counting"] = False
                     return
             yield batch
@@ -130,7 +133,7 @@ def main() -> None:
     steps = STATE["steps"] - args.warmup - 1
     total = STATE["ended"] - STATE["started"]
     print(f"\n{steps} steps of {student.batch_size} images, precision {args.precision}: {total / steps * 1000:.0f} ms a step, "
-          f"{steps * student.batch_size / total:.1f} img/s\n")
+          f"{steps * student.batch_size / total:.1f} img/s, {STATE['faults'] / steps:,.0f} page faults a step\n")
     parts = dict(TOTALS)
     parts["loss (with teacher)"] = parts.get("loss (with teacher)", 0.0) - parts.get("teacher forward", 0.0)
     parts["loss"] = parts.pop("loss (with teacher)")

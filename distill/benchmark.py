@@ -105,7 +105,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
     from timm.optim import create_optimizer_v2
 
     from distill.data import NORMS, Transformed, open_dataset, train_loader, train_transform
-    from distill.engine import Prepared, TargetMixup, make_accelerator, train_step
+    from distill.engine import Prepared, TargetMixup, choose_attention, make_accelerator, train_step
     from distill.losses import DistillationLoss, base_criterion
     from distill.students import has_dist_token, set_distilled_training
     from distill.teachers import FrozenTeacher
@@ -117,6 +117,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
                            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                            "gflops": round(_gflops(model, settings.res), 3)}
     acc = make_accelerator(settings.mixed_precision, compile=settings.compile)
+    choose_attention(acc, [model])  # the kernel `distill student` would use here
     device = acc.device
     batch = torch.randn(settings.batch_size, 3, settings.res, settings.res)
     if settings.channels_last:
@@ -132,6 +133,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
         if settings.channels_last:
             teacher_model.to(memory_format=torch.channels_last)
         teacher = FrozenTeacher(teacher_model, NORMS["imagenet"], NORMS["imagenet"]).to(device)
+        choose_attention(acc, [teacher])
         if settings.compile:
             teacher.model = torch.compile(teacher.model)
         row["teacher"] = teacher_what

@@ -80,6 +80,10 @@ class StageConfig:
                            "compile for a while). Measured in docs/results.md.", "Run", result=False)
     channels_last: bool = option(False, "Channels-last memory format for convolutional models and teachers (faster "
                                  "convolutions on many GPUs and CPUs). Measured in docs/results.md.", "Run", result=False)
+    attention: str = option("auto", "The kernel of timm's attention layers: fused (PyTorch's scaled_dot_product_attention), "
+                            "manual (timm's matmul-softmax-matmul, more memory) or auto (manual on a CPU in bf16, where it "
+                            "is 1.3-1.9x faster, else timm's choice). Measured in docs/results.md.", "Run",
+                            choices=("auto", "fused", "manual"), result=False)
     log_every: int = option(20, "Read the training loss (for the log and its NaN/inf check) every N optimizer steps: the "
                             "one host sync of the loop. A bad loss still stops the run naming the step it happened.", "Run",
                             result=False)

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from distill.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, read_checkpoint, save_checkpoint
 from distill.config import StageConfig, to_dict
 from distill.console import console
+from distill.cpu import fused_attention, keep_freed_memory, set_fused_attention
 from distill.data.loaders import eval_loader, train_loader
 from distill.errors import DistillError
 from distill.evaluation import Predict, bare, evaluate, flatten, plain_logits
@@ -57,9 +58,17 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = 
     # Several processes without CUDA (torchrun on a CPU): accelerate joins them over gloo only when told
     # it runs on the CPU; a single process keeps accelerate's own device choice (CUDA, MPS, XPU, CPU).
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes, gradient_accumulation_steps=grad_accum,
-                       dynamo_backend="inductor" if compile else None, log_with=log_with or None,
-                       project_dir=str(project_dir) if project_dir is not None else None)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes,
+                              gradient_accumulation_steps=grad_accum, dynamo_backend="inductor" if compile else None,
+                              log_with=log_with or None, project_dir=str(project_dir) if project_dir is not None else None)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # distill.cpu: no page faults for each step's activations
+    return accelerator
+
+
+def choose_attention(acc: Accelerator, modules: list[nn.Module | None], choice: str = "auto") -> None:
+    """timm's attention kernel for these modules on this device and precision (distill.cpu.fused_attention)."""
+    set_fused_attention(modules, fused_attention(choice, acc.device.type, acc.mixed_precision))
 
 
 @dataclass
@@ -245,6 +254,7 @@ class Run:
         if cfg.channels_last:
             job.model.to(memory_format=torch.channels_last)
         criterion = job.criterion.to(acc.device)
+        choose_attention(acc, [job.model, criterion, job.reference], cfg.attention)
         if learned is None:
             model, optimizer = acc.prepare(job.model, optimizer)
         else:  # prepared after the model, so the resumable state holds it as model_1
@@ -252,6 +262,10 @@ class Run:
         test_dl = acc.prepare(eval_loader(job.eval_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                           pin_memory=pin))
         reference = job.reference.to(acc.device) if job.reference is not None else None
+
+        def measure(net: nn.Module, **kwargs: Any) -> dict[str, Any]:
+            return evaluate(net, test_dl, acc, job.predict, attention=cfg.attention, **kwargs)
+
         ema = make_ema(bare(acc, model), cfg) if cfg.ema else None
         resized += vits([ema.module]) if ema is not None and schedule else []
         if main:
@@ -270,7 +284,7 @@ class Run:
             progress = {"epoch": 0, "batch": 0, "step": 0, "processes": world}
             set_seed(cfg.seed, device_specific=True)  # drop path and Mixup differ across processes
             if job.evaluate_first:
-                before = evaluate(model, test_dl, acc, job.predict)
+                before = measure(model)
                 self.folder.append_metrics({"epoch": 0, "step": 0, **flatten(before)}, keep_epochs_below=0)
                 if main:
                     console.print(f"before training, at {cfg.img_size} px: test top-1 [bold]{before['top1']:.2f}[/]"
@@ -291,12 +305,12 @@ class Run:
             record = self._train_epoch(parts, epoch, skip, progress)
             started = time.perf_counter()
             if epoch + 1 == cfg.epochs:  # the last epoch's evaluation is the final one, with the teacher
-                final = evaluate(model, test_dl, acc, job.predict, reference=reference, per_class=True)
+                final = measure(model, reference=reference, per_class=True)
                 record.update(flatten(final))
             elif (epoch + 1) % cfg.eval_every == 0:
-                record.update(flatten(evaluate(model, test_dl, acc, job.predict)))
+                record.update(flatten(measure(model)))
             if ema is not None and "top1" in record:
-                record.update({f"ema_{k}": v for k, v in flatten(evaluate(ema.module, test_dl, acc, job.predict)).items()})
+                record.update({f"ema_{k}": v for k, v in flatten(measure(ema.module)).items()})
             record["eval_time_s"] = round(time.perf_counter() - started, 2)
             self.folder.append_metrics(record, keep_epochs_below=epoch + 1 if epoch == first_epoch else None)
             if self.trackers:
@@ -307,10 +321,10 @@ class Run:
             self.folder.save_state(ema.module if ema is not None else None, progress)
 
         if final is None:  # resumed after the last epoch had been saved
-            final = evaluate(model, test_dl, acc, job.predict, reference=reference, per_class=True)
+            final = measure(model, reference=reference, per_class=True)
         ema_final = ema_record = None
         if ema is not None:  # with the decay the last update used, as timm computes it
-            ema_final = evaluate(ema.module, test_dl, acc, job.predict, per_class=True)
+            ema_final = measure(ema.module, per_class=True)
             ema_record = {"decay": cfg.ema_decay, "warmup": cfg.ema_warmup, "step": progress["step"],
                           "last_decay": ema.get_decay(ema_step(cfg, progress["step"]))}
         path = self._write_checkpoints(job, bare(acc, model), ema, final, ema_final, lr, ema_record)

@@ -63,7 +63,7 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
             progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """(one record per readable image with its top-k classes and probabilities, the unreadable files skipped)."""
     from distill.data import eval_transform
-    from distill.engine import make_accelerator
+    from distill.engine import choose_attention, make_accelerator
     from distill.students import named_outputs
 
     if tta not in (None, "none", "flip"):
@@ -72,6 +72,7 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
         raise DistillError("--top-k must be at least 1.")
     acc = make_accelerator(mixed_precision)
     model = build_model(ckpt).to(acc.device)
+    choose_attention(acc, [model])
     data = ckpt.data
     transform = eval_transform(ckpt.img_size, mean=tuple(data["mean"]), std=tuple(data["std"]),
                                crop_pct=data.get("crop_pct", 0.875), interpolation=data.get("interpolation", "bicubic"))

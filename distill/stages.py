@@ -29,7 +29,7 @@ from distill.config import (CacheConfig, FinetuneConfig, FixResConfig, StageConf
 from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
 from distill.data.sources import describe_skipped, peek_classes, peek_train_size
 from distill.console import console
-from distill.engine import Job, Run, make_accelerator
+from distill.engine import Job, Run, choose_attention, make_accelerator
 from distill.runfolder import FolderStatus, folder_status, normalise
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
@@ -533,6 +533,7 @@ def execute_cache(plan: StagePlan) -> None:
             write_manifest(root, manifest)
     acc.wait_for_everyone()
     frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg).to(acc.device)
+    choose_attention(acc, [frozen], cfg.attention)
     dataset = Transformed(data.train, training_transform(cfg, mean, std))
     total = shard_count(cfg.views, len(data.train), cfg.shard_size)
     from rich.progress import Progress

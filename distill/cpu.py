@@ -1,0 +1,76 @@
+"""Two settings that make training on a CPU faster, each measured in docs/results.md section 8.
+
+- glibc's allocator, by default, hands a large freed block back to the kernel (unmapping it, or trimming the top of
+  its heap), so the next step's activations of the same size fault in fresh zeroed pages: on a DeiT-Ti step about
+  120,000 page faults and 10 to 15 % of the time. `keep_freed_memory` asks glibc (mallopt) to keep freed memory for
+  reuse, as jemalloc or tcmalloc would; the process then holds its peak between steps, which it reaches every step
+  anyway (PyTorch's caching allocator serves CUDA only).
+- PyTorch's fused attention kernel (scaled_dot_product_attention) is slow in bf16 on a CPU: timm's own
+  unfused attention (two matmuls and a softmax) runs a DeiT-Ti step 1.3x (224 px) to 1.9x (32 px / patch 4)
+  faster there, for some more memory (it keeps each layer's attention matrix). In fp32 the two are even, and on a
+  GPU the fused kernel is the fast one, so only CPU + bf16 switches by default (`--attention auto`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Iterable
+
+from torch import nn
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_KEEP_BYTES = 1 << 30  # blocks up to 1 GiB come from the heap, and up to 1 GiB of free heap is kept
+_USER_CHOSE_ALLOCATOR = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_state: dict[str, bool] = {}
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse (once per process; the loader's forked workers inherit it).
+    Left alone when the user chose: DISTILL_KEEP_MALLOC=1, glibc's own MALLOC_* variables or GLIBC_TUNABLES for
+    malloc, or another allocator preloaded (jemalloc, tcmalloc, mimalloc). Returns whether it is in effect."""
+    if "tuned" in _state:
+        return _state["tuned"]
+    preload = os.environ.get("LD_PRELOAD", "")
+    chosen = (os.environ.get("DISTILL_KEEP_MALLOC") == "1" or any(v in os.environ for v in _USER_CHOSE_ALLOCATOR)
+              or "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(a in preload for a in ("jemalloc", "tcmalloc", "mimalloc")))
+    tuned = False
+    if not chosen:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            mallopt = libc.mallopt  # glibc only: musl, macOS and Windows have none, and keep their behaviour
+        except (OSError, AttributeError):
+            mallopt = None
+        if mallopt is not None:
+            tuned = bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+    _state["tuned"] = tuned
+    return tuned
+
+
+def fused_attention(choice: str, device_type: str, mixed_precision: str) -> bool | None:
+    """Whether timm's attention layers should use the fused kernel: `fused`/`manual` as asked; `auto` unfused on
+    a CPU in bf16 (measured faster), else None (leave timm's choice, which TIMM_FUSED_ATTN also sets)."""
+    if choice == "fused":
+        return True
+    if choice == "manual":
+        return False
+    if "TIMM_FUSED_ATTN" in os.environ:
+        return None
+    return False if device_type == "cpu" and mixed_precision == "bf16" else None
+
+
+def set_fused_attention(modules: Iterable[nn.Module | None], fused: bool | None) -> int:
+    """Switch every timm attention layer (they all carry `fused_attn` and implement both paths) in these modules;
+    returns how many were switched. The weights and the maths are the same; only the kernel differs."""
+    if fused is None:
+        return 0
+    count = 0
+    for module in modules:
+        if module is None:
+            continue
+        for layer in module.modules():
+            if isinstance(getattr(layer, "fused_attn", None), bool):
+                layer.fused_attn = fused
+                count += 1
+    return count

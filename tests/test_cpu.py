@@ -1,0 +1,114 @@
+"""The two CPU settings (distill.cpu): freed memory kept for reuse, and timm's attention kernel chosen per device and
+precision, with the engine, evaluation and an explicit --attention all honouring it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from conftest import TINY, TINY_VIT, invoke
+from distill import cpu
+
+# A step's pattern: blocks of several sizes allocated, then all freed, ten times over. With glibc's defaults the
+# blocks above its mmap threshold are unmapped on free, and the freed top of the heap is trimmed, so every round
+# faults most of its pages in afresh.
+SIZES_MB = [40, 8, 24, 70, 3, 12]
+FAULTS = f"""
+import resource, torch
+from distill.cpu import keep_freed_memory
+kept = keep_freed_memory()
+def step():
+    blocks = [torch.empty(size << 20, dtype=torch.uint8).fill_(1) for size in {SIZES_MB}]
+    del blocks
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(env: dict[str, str]) -> tuple[str, int]:
+    import os
+
+    done = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True,
+                          env={k: v for k, v in {**os.environ, **env}.items() if v is not None})
+    kept, faults = done.stdout.split()
+    return kept, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    kept, faults = _faults({"DISTILL_KEEP_MALLOC": None})
+    assert kept == "True"
+    opted_out, baseline = _faults({"DISTILL_KEEP_MALLOC": "1"})
+    assert opted_out == "False"
+    pages = 10 * sum(SIZES_MB) * 256  # 4 KiB pages allocated over the ten rounds
+    assert baseline > pages // 2  # most of them faulted in again
+    assert faults < baseline // 5  # kept and reused (measured: about 1/15)
+
+
+@pytest.mark.parametrize("env", [{"DISTILL_KEEP_MALLOC": "1"}, {"MALLOC_TRIM_THRESHOLD_": "1000"},
+                                 {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}])
+def test_an_allocator_the_user_chose_is_left_alone(monkeypatch, env):
+    monkeypatch.setattr(cpu, "_state", {})
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert cpu.keep_freed_memory() is False
+
+
+def test_the_attention_kernel_follows_device_precision_and_choice(monkeypatch):
+    monkeypatch.delenv("TIMM_FUSED_ATTN", raising=False)
+    assert cpu.fused_attention("auto", "cpu", "bf16") is False
+    assert cpu.fused_attention("auto", "cpu", "no") is None  # fp32: even, timm's default kept
+    assert cpu.fused_attention("auto", "cuda", "bf16") is None
+    assert cpu.fused_attention("fused", "cpu", "bf16") is True
+    assert cpu.fused_attention("manual", "cuda", "no") is False
+    monkeypatch.setenv("TIMM_FUSED_ATTN", "1")
+    assert cpu.fused_attention("auto", "cpu", "bf16") is None  # timm's own switch, set by the user
+
+
+def test_both_kernels_compute_the_same_attention():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5).eval()
+    images = torch.randn(4, 3, 32, 32)
+    assert cpu.set_fused_attention([model], True) == 2
+    with torch.no_grad():
+        fused = model(images)
+    assert cpu.set_fused_attention([model, None], False) == 2
+    assert all(not block.attn.fused_attn for block in model.blocks)
+    with torch.no_grad():
+        manual = model(images)
+    torch.testing.assert_close(fused, manual, rtol=1e-4, atol=1e-5)
+    assert cpu.set_fused_attention([model], None) == 0 and not model.blocks[0].attn.fused_attn
+
+
+def _kernels_seen(monkeypatch) -> list[tuple[bool, bool]]:
+    """(training, fused) of every attention forward of every timm ViT block."""
+    seen: list[tuple[bool, bool]] = []
+    original = timm.models.vision_transformer.Attention.forward
+
+    def forward(self, *args, **kwargs):
+        seen.append((self.training, self.fused_attn))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(timm.models.vision_transformer.Attention, "forward", forward)
+    return seen
+
+
+@pytest.mark.parametrize("precision, choice, expected", [("bf16", None, False), ("no", None, True),
+                                                         ("bf16", "fused", True), ("no", "manual", False)])
+def test_training_and_evaluation_use_the_chosen_kernel(folder, tmp_path, monkeypatch, precision, choice, expected):
+    monkeypatch.delenv("TIMM_FUSED_ATTN", raising=False)
+    runs = tmp_path / "runs"
+    assert invoke("teach", "--data-dir", folder, "--workdir", runs, *TINY).exit_code == 0
+    seen = _kernels_seen(monkeypatch)
+    extra = ["--attention", choice] if choice else []
+    result = invoke("student", "--workdir", runs, *TINY, *TINY_VIT, "--mixed-precision", precision, *extra)
+    assert result.exit_code == 0, result.output
+    assert {training for training, _ in seen} == {True, False}  # trained and evaluated
+    assert {fused for _, fused in seen} == {expected}
