@@ -41,7 +41,7 @@ class BenchSettings:
     data_dir: Path | None = None
     num_workers: int = 2
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: the training stages' default (distill.speed.channels_last)
 
 
 def build(source: str, res: int, num_classes: int | None = None) -> tuple[nn.Module, str, int]:
@@ -106,6 +106,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
 
     from distill.data import NORMS, Transformed, open_dataset, train_loader, train_transform
     from distill.engine import Prepared, TargetMixup, choose_attention, make_accelerator, train_step
+    from distill.speed import channels_last, to_channels_last
     from distill.losses import DistillationLoss, base_criterion
     from distill.students import has_dist_token, set_distilled_training
     from distill.teachers import FrozenTeacher
@@ -117,11 +118,12 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
                            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                            "gflops": round(_gflops(model, settings.res), 3)}
     acc = make_accelerator(settings.mixed_precision, compile=settings.compile)
-    choose_attention(acc, [model])  # the kernel `distill student` would use here
+    choose_attention(acc, [model])  # the kernel and memory format `distill student` would use here
     device = acc.device
+    nhwc = channels_last(settings.channels_last, device.type, settings.mixed_precision)
     batch = torch.randn(settings.batch_size, 3, settings.res, settings.res)
-    if settings.channels_last:
-        model.to(memory_format=torch.channels_last)
+    nhwc_inputs = bool(nhwc and to_channels_last([model]))
+    if nhwc_inputs:
         batch = batch.contiguous(memory_format=torch.channels_last)
     inference = acc.prepare(model).eval()
     batch = batch.to(device)
@@ -130,8 +132,8 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
                                          device), 1)
     if settings.training:
         teacher_model, teacher_what, _ = build(settings.teacher, settings.res, classes)
-        if settings.channels_last:
-            teacher_model.to(memory_format=torch.channels_last)
+        if nhwc:
+            to_channels_last([teacher_model])
         teacher = FrozenTeacher(teacher_model, NORMS["imagenet"], NORMS["imagenet"]).to(device)
         choose_attention(acc, [teacher])
         if settings.compile:
@@ -159,7 +161,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
             cached = [torch.softmax(torch.randn(settings.batch_size, classes), dim=1)] if variant == "cached" else []
 
             def synthetic() -> torch.Tensor:
-                return train_step(acc, parts, (batch.clone(), labels, *cached), channels_last=settings.channels_last)
+                return train_step(acc, parts, (batch.clone(), labels, *cached), channels_last=nhwc_inputs)
 
             row[f"train_{variant}_img_s"] = round(_rate(synthetic, settings.batch_size, settings.steps, settings.warmup,
                                                         device), 1)
@@ -169,7 +171,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
                                   num_workers=settings.num_workers, view_seeds=_views(len(data)) if target else None)
             batches = _cycle(loader)
             row[f"train_{variant}_data_img_s"] = round(_rate(
-                lambda: train_step(acc, parts, next(batches), channels_last=settings.channels_last),
+                lambda: train_step(acc, parts, next(batches), channels_last=nhwc_inputs),
                 settings.batch_size, settings.steps, settings.warmup, device), 1)
         row["token"] = token
     if device.type == "cuda":

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from distill.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, read_checkpoint, save_checkpoint
 from distill.config import StageConfig, to_dict
 from distill.console import console
-from distill.cpu import fused_attention, keep_freed_memory, set_fused_attention
+from distill.speed import channels_last, fused_attention, keep_freed_memory, set_fused_attention, to_channels_last
 from distill.data.loaders import eval_loader, train_loader
 from distill.errors import DistillError
 from distill.evaluation import Predict, bare, evaluate, flatten, plain_logits
@@ -62,12 +62,12 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = 
                               gradient_accumulation_steps=grad_accum, dynamo_backend="inductor" if compile else None,
                               log_with=log_with or None, project_dir=str(project_dir) if project_dir is not None else None)
     if accelerator.device.type == "cpu":
-        keep_freed_memory()  # distill.cpu: no page faults for each step's activations
+        keep_freed_memory()  # distill.speed: no page faults for each step's activations
     return accelerator
 
 
 def choose_attention(acc: Accelerator, modules: list[nn.Module | None], choice: str = "auto") -> None:
-    """timm's attention kernel for these modules on this device and precision (distill.cpu.fused_attention)."""
+    """timm's attention kernel for these modules on this device and precision (distill.speed.fused_attention)."""
     set_fused_attention(modules, fused_attention(choice, acc.device.type, acc.mixed_precision))
 
 
@@ -170,6 +170,7 @@ class Prepared:
     loader: Any
     batches: int  # micro-batches per epoch: a whole number of optimizer steps
     trained: list[nn.Module]  # the model and any module the criterion trains beside it
+    channels_last: bool = False  # the model is convolutional and in channels-last format: so are its inputs
 
 
 class Run:
@@ -251,10 +252,10 @@ class Run:
         if self.trackers:
             offline_environment(self.trackers, self.dir)
             acc.init_trackers(LOG_DIR, config=hyperparameters(to_dict(cfg)))
-        if cfg.channels_last:
-            job.model.to(memory_format=torch.channels_last)
         criterion = job.criterion.to(acc.device)
         choose_attention(acc, [job.model, criterion, job.reference], cfg.attention)
+        nhwc = (to_channels_last([job.model, *criterion.children(), job.reference])  # before DDP wraps the model
+                if channels_last(cfg.channels_last, acc.device.type, cfg.mixed_precision) else [])
         if learned is None:
             model, optimizer = acc.prepare(job.model, optimizer)
         else:  # prepared after the model, so the resumable state holds it as model_1
@@ -291,7 +292,7 @@ class Run:
                                   + (f"  top-5 {before['top5']:.2f}" if "top5" in before else ""))
 
         parts = Prepared(model, optimizer, scheduler, criterion, mixup, ema, train_dl, steps_per_epoch * cfg.grad_accum,
-                         [model] + ([criterion.learned] if learned is not None else []))
+                         [model] + ([criterion.learned] if learned is not None else []), job.model in nhwc)
         final: dict[str, Any] | None = None
         first_epoch = progress["epoch"]
         for epoch in range(first_epoch, cfg.epochs):
@@ -374,7 +375,7 @@ class Run:
             for batch_index, batch in enumerate(loader, start=skip):
                 if batch_index >= parts.batches:
                     break
-                loss = train_step(acc, parts, batch, cfg.clip_grad, cfg.channels_last)
+                loss = train_step(acc, parts, batch, cfg.clip_grad, parts.channels_last)
                 watch.add(loss, progress["step"] + 1)
                 seen += len(batch[0])
                 if not acc.sync_gradients:

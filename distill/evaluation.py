@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from distill.cpu import fused_attention, set_fused_attention
+from distill.speed import fused_attention, set_fused_attention
 from distill.naming import precision_name
 
 Predict = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
@@ -33,7 +33,7 @@ def evaluate(model: nn.Module, loader: Any, acc: Accelerator, predict: Predict =
     Top-5 is measured only with more than 5 classes (with 5 or fewer it is 100 by construction). The result
     says the precision and the resolution it was measured at: the same weights give other numbers in bf16
     than in fp32, and at another resolution. With a `reference` (a teacher), also its accuracy and how often
-    each head disagrees with it. `attention` picks timm's attention kernel (distill.cpu).
+    each head disagrees with it. `attention` picks timm's attention kernel (distill.speed).
     """
     net = bare(acc, model)
     set_fused_attention([net, reference], fused_attention(attention, acc.device.type, acc.mixed_precision))

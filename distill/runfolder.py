@@ -143,7 +143,13 @@ class RunFolder:
     def _probe_writable(self) -> None:
         """Create the folder and take back what was created: a run that fails on its inputs leaves nothing."""
         missing = [p for p in [self.dir, *self.dir.parents] if not p.exists()]
-        self.dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(5):  # other processes probe at the same time, and may remove what this one just saw
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                break
+            except (FileExistsError, FileNotFoundError):
+                if attempt == 4:
+                    raise
         for folder in missing:  # deepest first
             try:
                 folder.rmdir()

@@ -30,6 +30,7 @@ from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure
 from distill.data.sources import describe_skipped, peek_classes, peek_train_size
 from distill.console import console
 from distill.engine import Job, Run, choose_attention, make_accelerator
+from distill.speed import channels_last, to_channels_last
 from distill.runfolder import FolderStatus, folder_status, normalise
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
@@ -227,13 +228,11 @@ def teacher_resolution(teacher: Checkpoint, img_size: int, teacher_res: str = "s
 def frozen_teacher(ckpt: Checkpoint, input_norm: tuple[tuple[float, ...], tuple[float, ...]], img_size: int,
                    cfg: StageConfig | None = None, teacher_res: str = "student") -> FrozenTeacher:
     """The teacher, frozen, renormalising batches of `img_size` px and reading them at the resolution --teacher-res
-    asks for; compiled and channels-last as the run asks."""
+    asks for; compiled as the run asks (the engine puts it in channels-last format)."""
     size = teacher_resolution(ckpt, img_size, teacher_res)
     model = build_model(ckpt)
     if hasattr(model, "set_input_size") and hasattr(model, "pos_embed") and ckpt.img_size != size:
         resize(model, size)  # a ViT teacher must read its input size
-    if cfg is not None and cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
     teacher = FrozenTeacher(model, (ckpt.data["mean"], ckpt.data["std"]), input_norm,
                             img_size=size if size != img_size else None)
     if cfg is not None and cfg.compile:
@@ -534,6 +533,8 @@ def execute_cache(plan: StagePlan) -> None:
     acc.wait_for_everyone()
     frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg).to(acc.device)
     choose_attention(acc, [frozen], cfg.attention)
+    if channels_last(cfg.channels_last, acc.device.type, cfg.mixed_precision):
+        to_channels_last([frozen])
     dataset = Transformed(data.train, training_transform(cfg, mean, std))
     total = shard_count(cfg.views, len(data.train), cfg.shard_size)
     from rich.progress import Progress

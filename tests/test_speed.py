@@ -1,4 +1,4 @@
-"""The two CPU settings (distill.cpu): freed memory kept for reuse, and timm's attention kernel chosen per device and
+"""The two CPU settings (distill.speed): freed memory kept for reuse, and timm's attention kernel chosen per device and
 precision, with the engine, evaluation and an explicit --attention all honouring it."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import timm
 import torch
 
 from conftest import TINY, TINY_VIT, invoke
-from distill import cpu
+from distill import speed
 
 # A step's pattern: blocks of several sizes allocated, then all freed, ten times over. With glibc's defaults the
 # blocks above its mmap threshold are unmapped on free, and the freed top of the heap is trimmed, so every round
@@ -19,7 +19,7 @@ from distill import cpu
 SIZES_MB = [40, 8, 24, 70, 3, 12]
 FAULTS = f"""
 import resource, torch
-from distill.cpu import keep_freed_memory
+from distill.speed import keep_freed_memory
 kept = keep_freed_memory()
 def step():
     blocks = [torch.empty(size << 20, dtype=torch.uint8).fill_(1) for size in {SIZES_MB}]
@@ -55,36 +55,36 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
 @pytest.mark.parametrize("env", [{"DISTILL_KEEP_MALLOC": "1"}, {"MALLOC_TRIM_THRESHOLD_": "1000"},
                                  {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}])
 def test_an_allocator_the_user_chose_is_left_alone(monkeypatch, env):
-    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(speed, "_state", {})
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    assert cpu.keep_freed_memory() is False
+    assert speed.keep_freed_memory() is False
 
 
 def test_the_attention_kernel_follows_device_precision_and_choice(monkeypatch):
     monkeypatch.delenv("TIMM_FUSED_ATTN", raising=False)
-    assert cpu.fused_attention("auto", "cpu", "bf16") is False
-    assert cpu.fused_attention("auto", "cpu", "no") is None  # fp32: even, timm's default kept
-    assert cpu.fused_attention("auto", "cuda", "bf16") is None
-    assert cpu.fused_attention("fused", "cpu", "bf16") is True
-    assert cpu.fused_attention("manual", "cuda", "no") is False
+    assert speed.fused_attention("auto", "cpu", "bf16") is False
+    assert speed.fused_attention("auto", "cpu", "no") is None  # fp32: even, timm's default kept
+    assert speed.fused_attention("auto", "cuda", "bf16") is None
+    assert speed.fused_attention("fused", "cpu", "bf16") is True
+    assert speed.fused_attention("manual", "cuda", "no") is False
     monkeypatch.setenv("TIMM_FUSED_ATTN", "1")
-    assert cpu.fused_attention("auto", "cpu", "bf16") is None  # timm's own switch, set by the user
+    assert speed.fused_attention("auto", "cpu", "bf16") is None  # timm's own switch, set by the user
 
 
 def test_both_kernels_compute_the_same_attention():
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5).eval()
     images = torch.randn(4, 3, 32, 32)
-    assert cpu.set_fused_attention([model], True) == 2
+    assert speed.set_fused_attention([model], True) == 2
     with torch.no_grad():
         fused = model(images)
-    assert cpu.set_fused_attention([model, None], False) == 2
+    assert speed.set_fused_attention([model, None], False) == 2
     assert all(not block.attn.fused_attn for block in model.blocks)
     with torch.no_grad():
         manual = model(images)
     torch.testing.assert_close(fused, manual, rtol=1e-4, atol=1e-5)
-    assert cpu.set_fused_attention([model], None) == 0 and not model.blocks[0].attn.fused_attn
+    assert speed.set_fused_attention([model], None) == 0 and not model.blocks[0].attn.fused_attn
 
 
 def _kernels_seen(monkeypatch) -> list[tuple[bool, bool]]:
@@ -112,3 +112,51 @@ def test_training_and_evaluation_use_the_chosen_kernel(folder, tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     assert {training for training, _ in seen} == {True, False}  # trained and evaluated
     assert {fused for _, fused in seen} == {expected}
+
+
+def test_channels_last_follows_device_precision_and_choice():
+    assert speed.channels_last(None, "cpu", "no") and speed.channels_last(None, "cuda", "bf16")
+    assert not speed.channels_last(None, "cuda", "no")
+    assert not speed.channels_last(None, "cpu", "bf16")  # PyTorch's bf16 channels-last grouped convolution: NaN
+    assert speed.channels_last(True, "cuda", "no") and not speed.channels_last(False, "cpu", "bf16")
+    regnet = timm.create_model("regnety_002", num_classes=3)
+    vit = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+    assert speed.to_channels_last([vit, None, regnet]) == [regnet]  # a ViT's patch convolution alone is left
+    assert regnet.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert vit.patch_embed.proj.weight.is_contiguous()
+
+
+def _conv_layouts(monkeypatch) -> list[tuple[bool, bool, bool]]:
+    """(training, channels-last weight, a ViT's patch embedding) of every 2-D convolution's forward."""
+    seen: list[tuple[bool, bool, bool]] = []
+    original = torch.nn.Conv2d.forward
+
+    def forward(self, x):
+        if self.kernel_size == (1, 1):  # a 1x1 kernel's weight is contiguous in both layouts: it tells nothing
+            return original(self, x)
+        patches = self.kernel_size == self.stride == (4, 4)  # TINY_VIT's patch size; RegNet's stride is at most 2
+        seen.append((self.training, self.weight.is_contiguous(memory_format=torch.channels_last), patches))
+        return original(self, x)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", forward)
+    return seen
+
+
+@pytest.mark.parametrize("extra, expected", [([], True), (["--no-channels-last"], False),
+                                             (["--mixed-precision", "bf16"], False),
+                                             (["--mixed-precision", "bf16", "--channels-last"], True)])
+def test_a_convnet_trains_and_teaches_in_channels_last_on_a_cpu(folder, tmp_path, monkeypatch, extra, expected):
+    runs = tmp_path / "runs"
+    seen = _conv_layouts(monkeypatch)
+    assert invoke("teach", "--data-dir", folder, "--workdir", runs, *TINY, *extra).exit_code == 0
+    assert {training for training, _, _ in seen} == {True, False} and {nhwc for _, nhwc, _ in seen} == {expected}
+    seen.clear()
+    result = invoke("student", "--workdir", runs, *TINY, *TINY_VIT, *extra)  # a ViT student, the RegNet teacher
+    assert result.exit_code == 0, result.output
+    teacher = {(training, nhwc) for training, nhwc, patches in seen if not patches}
+    student = {nhwc for _, nhwc, patches in seen if patches}
+    assert teacher == {(False, expected)} and student == {False}  # the teacher is frozen, in eval mode
+    from distill.checkpoint import build_model, read_checkpoint
+
+    rebuilt = build_model(read_checkpoint(runs / "teach"))  # saved in the standard layout, reloaded as timm builds it
+    assert rebuilt.stem.conv.weight.is_contiguous()

@@ -1,14 +1,19 @@
-"""Two settings that make training on a CPU faster, each measured in docs/results.md section 8.
+"""Settings that change how fast a run computes, never what it computes; each measured in docs/results.md section 8.
 
 - glibc's allocator, by default, hands a large freed block back to the kernel (unmapping it, or trimming the top of
   its heap), so the next step's activations of the same size fault in fresh zeroed pages: on a DeiT-Ti step about
   120,000 page faults and 10 to 15 % of the time. `keep_freed_memory` asks glibc (mallopt) to keep freed memory for
   reuse, as jemalloc or tcmalloc would; the process then holds its peak between steps, which it reaches every step
-  anyway (PyTorch's caching allocator serves CUDA only).
+  anyway (PyTorch's caching allocator serves CUDA only). Used on a CPU.
 - PyTorch's fused attention kernel (scaled_dot_product_attention) is slow in bf16 on a CPU: timm's own
   unfused attention (two matmuls and a softmax) runs a DeiT-Ti step 1.3x (224 px) to 1.9x (32 px / patch 4)
   faster there, for some more memory (it keeps each layer's attention matrix). In fp32 the two are even, and on a
   GPU the fused kernel is the fast one, so only CPU + bf16 switches by default (`--attention auto`).
+- Convolutions run faster on channels-last tensors with oneDNN (CPU) and with tensor cores (GPU, mixed precision):
+  `--channels-last` is on by default for convolutional models on a CPU in fp32 and on a GPU with mixed precision (a
+  ViT's one patch convolution is left alone). Not on a CPU in bf16: there, PyTorch 2.14's channels-last grouped
+  convolution (RegNet's) sometimes returns non-finite weight gradients (a stride-2 3x3 convolution over a 1x1 input,
+  about one call in eight), which ended a FixRes teacher's run with a NaN loss.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import ctypes.util
 import os
 from typing import Iterable
 
+import torch
 from torch import nn
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
@@ -74,3 +80,26 @@ def set_fused_attention(modules: Iterable[nn.Module | None], fused: bool | None)
                 layer.fused_attn = fused
                 count += 1
     return count
+
+
+def is_convolutional(module: nn.Module) -> bool:
+    """More than one 2-D convolution: a convnet, not a ViT with its patch embedding."""
+    return sum(isinstance(m, nn.Conv2d) for m in module.modules()) > 1
+
+
+def channels_last(choice: bool | None, device_type: str, mixed_precision: str) -> bool:
+    """--channels-last as asked, or by default (None) on a CPU in fp32, and on a GPU with mixed precision."""
+    if choice is not None:
+        return choice
+    if device_type == "cpu":
+        return mixed_precision == "no"
+    return device_type == "cuda" and mixed_precision in ("bf16", "fp16")
+
+
+def to_channels_last(modules: Iterable[nn.Module | None]) -> list[nn.Module]:
+    """Put the convolutional ones of these modules in channels-last memory format; returns those."""
+    converted = [m for m in modules if m is not None and is_convolutional(m)]
+    for module in converted:
+        module.to(memory_format=torch.channels_last)
+    return converted
+
