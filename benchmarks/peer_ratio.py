@@ -11,8 +11,9 @@ the same CIFAR-10 folder, and the ratio of their training images per second (dat
 The job is the peer script's: 32 px, batch 128, RandAugment rand-m9-mstd0.5-inc1, Mixup 0.8 / CutMix 1.0,
 random erasing 0.25, random-resized crop from 0.08, label smoothing 0.1, drop path 0.1 (the DeiT), 2 data
 workers. Both rates cover the same work from the same starting point: distill's is its first epoch's (a fixed
-subset of 7,808 images, 61 steps, timed from the creation of the loader to the last step), the peer's is the running
-mean train.py logs at batch 60 (its first 61 steps, timed from the creation of its loader). The peer runs under a
+subset of 61 batches for the student, 301 for the teacher, timed from the creation of the loader to the last step),
+the peer's is the running mean train.py logs at batch 60 (or 300: the same number of steps, timed from the creation
+of its loader). The peer runs under a
 time limit (`--peer-seconds`) that must let it reach batch 60. Each pair runs in the order distill, peer, and with
 `--rounds 2` again as peer, distill, so drift over time falls on both sides.
 
@@ -38,17 +39,20 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PEER = HERE.parent.parent / "shared" / "bench" / "peer_timm.sh"
-STEPS = 61  # timm's train.py logs its running mean at batches 0, 5, ..., 60: the rates compare 61 steps each
+# timm's train.py logs its running mean at batches 0, 5, 10, ...: the rates compare this many steps on each side
+# (the teacher's steps take a fifth of the student's: more of them, so that start-up weighs alike).
+STEPS = {"student": 61, "teach": 301}
 JOB = ["--img-size", "32", "--batch-size", "128", "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8",
-       "--cutmix", "1.0", "--scale-min", "0.08", "--smoothing", "0.1", "--num-workers", "2", "--train-subset", str(STEPS * 128),
-       "--epochs", "1", "--warmup-epochs", "0"]
+       "--cutmix", "1.0", "--scale-min", "0.08", "--smoothing", "0.1", "--num-workers", "2", "--epochs", "1",
+       "--warmup-epochs", "0"]
 STUDENT = ["--model", "deit_tiny", "--patch-size", "4", "--drop-path", "0.1", "--distillation", "hard", "--token"]
 
 
 def distill_rate(stage: str, args: list[str], precision: str, workdir: Path, name: str) -> float:
     """Run one distill stage for one epoch, afresh, and read its training rate from the run's metrics."""
     shutil.rmtree(workdir / name, ignore_errors=True)  # a finished run with the same settings would be reused
-    command = [sys.executable, "-m", "distill", stage, *args, *JOB, "--mixed-precision", precision,
+    command = [sys.executable, "-m", "distill", stage, *args, *JOB, "--train-subset", str(STEPS[stage] * 128),
+               "--mixed-precision", precision,
                "--workdir", str(workdir), "--name", name]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -80,9 +84,9 @@ def peer_rate(job: str, precision: str, data: Path, seconds: int) -> float:
         raise SystemExit(f"the peer failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     # "Train: 0 [  60/390 ( 16%)]  Loss: ... Time: 1.2s, 104/s  (1.3s, 98.5/s)": the running mean at batch 60
     text = Path(log.group(1)).read_text()
-    found = re.search(rf"\[\s*{STEPS - 1}/\d+ .*?\(\s*[0-9.]+s,\s+([0-9.]+)/s\)", text)
+    found = re.search(rf"\[\s*{STEPS[job] - 1}/\d+ .*?\(\s*[0-9.]+s,\s+([0-9.]+)/s\)", text)
     if not found:
-        raise SystemExit(f"the peer did not reach batch {STEPS - 1} in {seconds} s; raise --peer-seconds.\n{text[-1500:]}")
+        raise SystemExit(f"the peer did not reach batch {STEPS[job] - 1} in {seconds} s; raise --peer-seconds.\n{text[-1500:]}")
     return float(found.group(1))
 
 
