@@ -13,8 +13,7 @@ random erasing 0.25, random-resized crop from 0.08, label smoothing 0.1, drop pa
 workers. Both rates cover the same work from the same starting point: distill's is its first epoch's (a fixed
 subset of 61 batches for the student, 301 for the teacher, timed from the creation of the loader to the last step),
 the peer's is the running mean train.py logs at batch 60 (or 300: the same number of steps, timed from the creation
-of its loader). The peer runs under a
-time limit (`--peer-seconds`) that must let it reach batch 60. Each pair runs in the order distill, peer, and with
+of its loader). The peer runs under a time limit (`--peer-seconds`) that must let it reach that batch. Each pair runs in the order distill, peer, and with
 `--rounds 2` again as peer, distill, so drift over time falls on both sides.
 
     TIMM_TRAIN=/tmp/timm_train.py python benchmarks/peer_ratio.py --data /tmp/data/cifar10 --precisions bf16 no

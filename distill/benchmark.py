@@ -11,8 +11,8 @@ CUDA's allocator peak on a GPU, the process's peak resident set on a CPU.
 from __future__ import annotations
 
 import csv
-import json
 import functools
+import json
 import multiprocessing
 import resource
 import time
@@ -105,9 +105,9 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
     from timm.optim import create_optimizer_v2
 
     from distill.data import NORMS, Transformed, open_dataset, train_loader, train_transform
-    from distill.engine import Prepared, TargetMixup, choose_attention, make_accelerator, train_step
-    from distill.speed import channels_last, to_channels_last
+    from distill.engine import Prepared, TargetMixup, make_accelerator, train_step
     from distill.losses import DistillationLoss, base_criterion
+    from distill.speed import channels_last, choose_attention, to_channels_last
     from distill.students import has_dist_token, set_distilled_training
     from distill.teachers import FrozenTeacher
 

@@ -37,13 +37,13 @@ from torch.utils.data import Dataset
 from distill.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, read_checkpoint, save_checkpoint
 from distill.config import StageConfig, to_dict
 from distill.console import console
-from distill.speed import channels_last, fused_attention, keep_freed_memory, set_fused_attention, to_channels_last
 from distill.data.loaders import eval_loader, train_loader
 from distill.errors import DistillError
 from distill.evaluation import Predict, bare, evaluate, flatten, plain_logits
 from distill.naming import precision_name
 from distill.runfolder import RunFolder, saved_progress
 from distill.schedule import check_grid, parse_schedule, resolution_at, set_resolution, vits
+from distill.speed import channels_last, choose_attention, keep_freed_memory, to_channels_last
 from distill.tracking import LOG_DIR, hyperparameters, numeric, offline_environment, tracker_names
 
 
@@ -64,11 +64,6 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = 
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # distill.speed: no page faults for each step's activations
     return accelerator
-
-
-def choose_attention(acc: Accelerator, modules: list[nn.Module | None], choice: str = "auto") -> None:
-    """timm's attention kernel for these modules on this device and precision (distill.speed.fused_attention)."""
-    set_fused_attention(modules, fused_attention(choice, acc.device.type, acc.mixed_precision))
 
 
 @dataclass

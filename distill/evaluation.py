@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from distill.speed import fused_attention, set_fused_attention
 from distill.naming import precision_name
+from distill.speed import choose_attention
 
 Predict = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
 TOP_K = 5
@@ -36,7 +36,7 @@ def evaluate(model: nn.Module, loader: Any, acc: Accelerator, predict: Predict =
     each head disagrees with it. `attention` picks timm's attention kernel (distill.speed).
     """
     net = bare(acc, model)
-    set_fused_attention([net, reference], fused_attention(attention, acc.device.type, acc.mixed_precision))
+    choose_attention(acc, [net, reference], attention)
     was_training = net.training
     net.eval()
     parts: dict[str, list[torch.Tensor]] = {}

@@ -63,7 +63,8 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
             progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """(one record per readable image with its top-k classes and probabilities, the unreadable files skipped)."""
     from distill.data import eval_transform
-    from distill.engine import choose_attention, make_accelerator
+    from distill.engine import make_accelerator
+    from distill.speed import choose_attention
     from distill.students import named_outputs
 
     if tta not in (None, "none", "flip"):

@@ -21,10 +21,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 _KEEP_BYTES = 1 << 30  # blocks up to 1 GiB come from the heap, and up to 1 GiB of free heap is kept
@@ -80,6 +83,11 @@ def set_fused_attention(modules: Iterable[nn.Module | None], fused: bool | None)
                 layer.fused_attn = fused
                 count += 1
     return count
+
+
+def choose_attention(acc: "Accelerator", modules: Iterable[nn.Module | None], choice: str = "auto") -> None:
+    """timm's attention kernel for these modules on the accelerator's device and precision."""
+    set_fused_attention(modules, fused_attention(choice, acc.device.type, acc.mixed_precision))
 
 
 def is_convolutional(module: nn.Module) -> bool:

@@ -29,14 +29,14 @@ from distill.config import (CacheConfig, FinetuneConfig, FixResConfig, StageConf
 from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
 from distill.data.sources import describe_skipped, peek_classes, peek_train_size
 from distill.console import console
-from distill.engine import Job, Run, choose_attention, make_accelerator
-from distill.speed import channels_last, to_channels_last
+from distill.engine import Job, Run, make_accelerator
 from distill.runfolder import FolderStatus, folder_status, normalise
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
 from distill.naming import precision_name
 from distill.models import check_model_name, create
 from distill.pretrained import open_source
+from distill.speed import channels_last, choose_attention, to_channels_last
 from distill.students import (PreLogits, attention_parameter_names, build_student, default_patch_size, fit_deit_weights,
                               has_dist_token,
                               head_parameter_names, named_outputs, records_token, resize, set_distilled_training,

@@ -3,6 +3,7 @@ precision, with the engine, evaluation and an explicit --attention all honouring
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -32,9 +33,7 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(env: dict[str, str]) -> tuple[str, int]:
-    import os
-
+def _faults(env: dict[str, str | None]) -> tuple[str, int]:
     done = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True,
                           env={k: v for k, v in {**os.environ, **env}.items() if v is not None})
     kept, faults = done.stdout.split()
