@@ -10,10 +10,11 @@
   faster there, for some more memory (it keeps each layer's attention matrix). In fp32 the two are even, and on a
   GPU the fused kernel is the fast one, so only CPU + bf16 switches by default (`--attention auto`).
 - Convolutions run faster on channels-last tensors with oneDNN (CPU) and with tensor cores (GPU, mixed precision):
-  `--channels-last` is on by default for convolutional models on a CPU in fp32 and on a GPU with mixed precision (a
-  ViT's one patch convolution is left alone). Not on a CPU in bf16: there, PyTorch 2.14's channels-last grouped
-  convolution (RegNet's) sometimes returns non-finite weight gradients (a stride-2 3x3 convolution over a 1x1 input,
-  about one call in eight), which ended a FixRes teacher's run with a NaN loss.
+  `--channels-last` is on by default for convolutional models on a CPU and on a GPU with mixed precision (a ViT's
+  one patch convolution is left alone). On a CPU in bf16, PyTorch's channels-last grouped convolution returns
+  non-finite gradients, in about one call out of two to eight, when a strided convolution meets a 1x1 input (RegNet's
+  last stage at 32 px); it ended a FixRes teacher's run with a NaN loss. `to_channels_last` therefore has such
+  convolutions compute a 1x1 input in the standard layout (`_standard_layout_for_1x1`), which no library does.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from types import MethodType
 from typing import TYPE_CHECKING, Iterable
 
 import torch
@@ -96,18 +98,30 @@ def is_convolutional(module: nn.Module) -> bool:
 
 
 def channels_last(choice: bool | None, device_type: str, mixed_precision: str) -> bool:
-    """--channels-last as asked, or by default (None) on a CPU in fp32, and on a GPU with mixed precision."""
+    """--channels-last as asked, or by default (None) on a CPU, and on a GPU with mixed precision."""
     if choice is not None:
         return choice
-    if device_type == "cpu":
-        return mixed_precision == "no"
-    return device_type == "cuda" and mixed_precision in ("bf16", "fp16")
+    return device_type == "cpu" or (device_type == "cuda" and mixed_precision in ("bf16", "fp16"))
+
+
+def _standard_layout_for_1x1(self: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None) -> torch.Tensor:
+    """nn.Conv2d._conv_forward, with a 1x1 input and the weight in the standard layout: oneDNN's bf16 channels-last
+    strided convolution returns non-finite gradients there (module docstring). Both are needed (either alone still
+    fails); on a 1x1 map the copies cost nothing."""
+    if input.shape[-2:] == (1, 1):
+        input, weight = input.clone(memory_format=torch.contiguous_format), weight.contiguous()
+    return nn.Conv2d._conv_forward(self, input, weight, bias)
 
 
 def to_channels_last(modules: Iterable[nn.Module | None]) -> list[nn.Module]:
-    """Put the convolutional ones of these modules in channels-last memory format; returns those."""
+    """Put the convolutional ones of these modules in channels-last memory format; returns those. Their strided
+    convolutions compute a 1x1 input in the standard layout (see _standard_layout_for_1x1)."""
     converted = [m for m in modules if m is not None and is_convolutional(m)]
     for module in converted:
         module.to(memory_format=torch.channels_last)
+        for conv in module.modules():
+            if isinstance(conv, nn.Conv2d) and conv.stride != (1, 1):
+                conv._conv_forward = MethodType(_standard_layout_for_1x1, conv)
     return converted
 

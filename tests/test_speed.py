@@ -3,6 +3,7 @@ precision, with the engine, evaluation and an explicit --attention all honouring
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def test_training_and_evaluation_use_the_chosen_kernel(folder, tmp_path, monkeyp
 def test_channels_last_follows_device_precision_and_choice():
     assert speed.channels_last(None, "cpu", "no") and speed.channels_last(None, "cuda", "bf16")
     assert not speed.channels_last(None, "cuda", "no")
-    assert not speed.channels_last(None, "cpu", "bf16")  # PyTorch's bf16 channels-last grouped convolution: NaN
+    assert speed.channels_last(None, "cpu", "bf16")
     assert speed.channels_last(True, "cuda", "no") and not speed.channels_last(False, "cpu", "bf16")
     regnet = timm.create_model("regnety_002", num_classes=3)
     vit = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
@@ -142,8 +143,8 @@ def _conv_layouts(monkeypatch) -> list[tuple[bool, bool, bool]]:
 
 
 @pytest.mark.parametrize("extra, expected", [([], True), (["--no-channels-last"], False),
-                                             (["--mixed-precision", "bf16"], False),
-                                             (["--mixed-precision", "bf16", "--channels-last"], True)])
+                                             (["--mixed-precision", "bf16"], True),
+                                             (["--mixed-precision", "bf16", "--no-channels-last"], False)])
 def test_a_convnet_trains_and_teaches_in_channels_last_on_a_cpu(folder, tmp_path, monkeypatch, extra, expected):
     runs = tmp_path / "runs"
     seen = _conv_layouts(monkeypatch)
@@ -159,3 +160,24 @@ def test_a_convnet_trains_and_teaches_in_channels_last_on_a_cpu(folder, tmp_path
 
     rebuilt = build_model(read_checkpoint(runs / "teach"))  # saved in the standard layout, reloaded as timm builds it
     assert rebuilt.stem.conv.weight.is_contiguous()
+
+
+def test_a_channels_last_strided_convolution_over_a_1x1_map_has_finite_exact_gradients_in_bf16():
+    """RegNet's last stage at 32 px: oneDNN's bf16 channels-last grouped convolution gave NaN or wrong gradients
+    here in most calls; after to_channels_last they match the standard layout's, call after call."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 368, 1), torch.nn.Conv2d(368, 368, 3, 2, 1, groups=46, bias=False))
+    reference = copy.deepcopy(net[1])
+    assert speed.to_channels_last([net]) == [net]
+    conv = copy.deepcopy(net)[1]  # as the EMA's copy would have it
+    for _ in range(8):
+        pooled = torch.nn.functional.avg_pool2d(torch.randn(64, 368, 2, 2).to(memory_format=torch.channels_last), 2)
+        grads = []
+        for layer, x in ((conv, pooled.clone()), (reference, pooled.clone(memory_format=torch.contiguous_format))):
+            x.requires_grad_()
+            with torch.autocast("cpu", torch.bfloat16):
+                layer(x).float().square().sum().backward()
+            grads.append((layer.weight.grad, x.grad))
+            layer.weight.grad = None
+        (weight, inputs), (weight_ref, inputs_ref) = grads
+        assert torch.isfinite(weight).all() and torch.equal(weight, weight_ref) and torch.equal(inputs, inputs_ref)
