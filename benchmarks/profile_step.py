@@ -1,4 +1,4 @@
-"""Where a training step of `distill student` spends its time.
+"""Where a training step of `distill student` (or, with `--job teach`, of `distill teach`) spends its time.
 
 Not part of the test suite. Runs the real student stage (the same plan, engine and loop as
 `distill student`) on a CIFAR-10 folder with timers around each part of the step, on a CPU where every
@@ -6,7 +6,7 @@ operation is synchronous so wall-clock timers are exact:
 
     data wait          the loop waiting for the next batch from the loader workers
     mixup              timm's Mixup/CutMix on the batch
-    student forward    the DeiT's forward pass
+    student forward    the DeiT's forward pass (with --job teach: the RegNet's)
     teacher forward    the frozen teacher's forward pass (inside the loss)
     loss               the rest of the distillation loss
     backward           accelerate's backward
@@ -17,7 +17,8 @@ operation is synchronous so wall-clock timers are exact:
 
 The job is the speed peer's (../shared/bench/peer_timm.sh): DeiT-Ti with the distillation token at 32 px /
 patch 4, a RegNetY-002 teacher, hard token distillation, batch 128, RandAugment, Mixup/CutMix, erasing,
-drop path 0.1, 2 data workers. The first `--warmup` steps are not counted.
+drop path 0.1, 2 data workers. `--job teach`: the same job for `distill teach` (RegNetY-002, no teacher, no drop
+path), as benchmarks/peer_ratio.py runs it. The first `--warmup` steps are not counted.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import accelerate
 import timm.data
+import timm.models.regnet
 import timm.models.vision_transformer
 import torch
 
@@ -99,6 +101,7 @@ class TimedLoader:
 def instrument() -> None:
     wrap(timm.data.Mixup, "__call__", "mixup")
     wrap(timm.models.vision_transformer.VisionTransformer, "forward", "student forward")
+    wrap(timm.models.regnet.RegNet, "forward", "student forward")
     wrap(FrozenTeacher, "forward", "teacher forward")
     wrap(DistillationLoss, "forward", "loss (with teacher)")
     wrap(accelerate.Accelerator, "backward", "backward")
@@ -112,6 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="CIFAR-10 image folder (train/, test/)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/distill-profile"))
+    parser.add_argument("--job", default="student", choices=("student", "teach"))
     parser.add_argument("--precision", default="bf16", choices=("bf16", "no"))
     parser.add_argument("--images", type=int, default=3840, help="training images (30 steps of 128)")
     parser.add_argument("--warmup", type=int, default=5)
@@ -119,21 +123,27 @@ def main() -> None:
     args = parser.parse_args()
     STATE["warmup"] = args.warmup
     common = dict(workdir=args.workdir, data_dir=args.data, img_size=32, num_workers=2, eval_every=1000)
-    teacher = stages.teach(resolve(TeachConfig, overrides={**common, "epochs": 1, "train_subset": 2000, "name": "teacher"}))
-    extra = {k: (v.lower() == "true" if v.lower() in ("true", "false") else v) for k, v in (s.split("=", 1) for s in args.set)}
-    name = "-".join(["student", args.precision, *(s.replace("=", "-") for s in args.set)])
+    extra = {k: (v.lower() == "true" if v.lower() in ("true", "false") else int(v) if v.isdigit() else v)
+             for k, v in (s.split("=", 1) for s in args.set)}
+    name = "-".join([args.job, args.precision, *(s.replace("=", "-") for s in args.set)])
     shutil.rmtree(args.workdir / name, ignore_errors=True)  # always a fresh run: a finished one would be reused
-    student = resolve(StudentConfig, overrides={
-        **common, "teacher": teacher.path, "name": name, "epochs": 1,
-        "model": "deit_tiny", "patch_size": 4, "batch_size": 128, "train_subset": args.images, "mixed_precision":
-        args.precision, "aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0, "scale_min": 0.08,
-        "drop_path": 0.1, "lr": 5e-4, "lr_scale": False, **extra})
-    instrument()
-    stages.student(student)
+    job = {**common, "name": name, "epochs": 1, "batch_size": 128, "train_subset": args.images, "mixed_precision":
+           args.precision, "aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0, "scale_min": 0.08,
+           "lr": 5e-4, "lr_scale": False}
+    if args.job == "teach":
+        config: Any = resolve(TeachConfig, overrides={**job, "model": "regnety_002", **extra})
+        instrument()
+        stages.teach(config)
+    else:
+        teacher = stages.teach(resolve(TeachConfig, overrides={**common, "epochs": 1, "train_subset": 2000, "name": "teacher"}))
+        config = resolve(StudentConfig, overrides={**job, "teacher": teacher.path, "model": "deit_tiny", "patch_size": 4,
+                                                   "drop_path": 0.1, **extra})
+        instrument()
+        stages.student(config)
     steps = STATE["steps"] - args.warmup - 1
     total = STATE["ended"] - STATE["started"]
-    print(f"\n{steps} steps of {student.batch_size} images, precision {args.precision}: {total / steps * 1000:.0f} ms a step, "
-          f"{steps * student.batch_size / total:.1f} img/s, {STATE['faults'] / steps:,.0f} page faults a step\n")
+    print(f"\n{steps} steps of {config.batch_size} images, precision {args.precision}: {total / steps * 1000:.0f} ms a step, "
+          f"{steps * config.batch_size / total:.1f} img/s, {STATE['faults'] / steps:,.0f} page faults a step\n")
     parts = dict(TOTALS)
     parts["loss (with teacher)"] = parts.get("loss (with teacher)", 0.0) - parts.get("teacher forward", 0.0)
     parts["loss"] = parts.pop("loss (with teacher)")

@@ -107,7 +107,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
     from distill.data import NORMS, Transformed, open_dataset, train_loader, train_transform
     from distill.engine import Prepared, TargetMixup, make_accelerator, train_step
     from distill.losses import DistillationLoss, base_criterion
-    from distill.speed import channels_last, choose_attention, to_channels_last
+    from distill.speed import channels_last, choose_attention, idle_workers, to_channels_last
     from distill.students import has_dist_token, set_distilled_training
     from distill.teachers import FrozenTeacher
 
@@ -168,7 +168,8 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
             target = functools.partial(uniform_target, classes) if variant == "cached" else None
             data = Transformed(splits.train, transform, target)
             loader = train_loader(data, batch_size=settings.batch_size, seed=0, rank=0, world=1,
-                                  num_workers=settings.num_workers, view_seeds=_views(len(data)) if target else None)
+                                  num_workers=settings.num_workers, view_seeds=_views(len(data)) if target else None,
+                                  idle_workers=idle_workers(None, device.type))
             batches = _cycle(loader)
             row[f"train_{variant}_data_img_s"] = round(_rate(
                 lambda: train_step(acc, parts, next(batches), channels_last=nhwc_inputs),

@@ -79,9 +79,13 @@ class StageConfig:
     compile: bool = option(False, "Hand the model being trained and the teacher to torch.compile (inductor; the first steps "
                            "compile for a while). Measured in docs/results.md.", "Run", result=False)
     channels_last: bool | None = option(None, "Channels-last memory format for convolutional models (teachers, convnet "
-                                        "students) [default: on a CPU in fp32, and on a GPU with mixed precision, "
-                                        "where convolutions run faster that way]. Measured in docs/results.md.", "Run",
+                                        "students) [default: on a CPU, and on a GPU with mixed precision, where "
+                                        "convolutions run faster that way]. Measured in docs/results.md.", "Run",
                                         result=False)
+    idle_workers: bool | None = option(None, "Run the data-loading workers at idle CPU priority, so they use the cores the "
+                                       "training threads leave instead of interrupting them [default: on a CPU]. Turn "
+                                       "off when a busy program shares the CPU. Measured in docs/results.md.", "Run",
+                                       result=False)
     attention: str = option("auto", "The kernel of timm's attention layers: fused (PyTorch's scaled_dot_product_attention), "
                             "manual (timm's matmul-softmax-matmul, more memory) or auto (manual on a CPU in bf16, where it "
                             "is 1.3-1.9x faster, else timm's choice). Measured in docs/results.md.", "Run",

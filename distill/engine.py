@@ -43,7 +43,7 @@ from distill.evaluation import Predict, bare, evaluate, flatten, plain_logits
 from distill.naming import precision_name
 from distill.runfolder import RunFolder, saved_progress
 from distill.schedule import check_grid, parse_schedule, resolution_at, set_resolution, vits
-from distill.speed import channels_last, choose_attention, keep_freed_memory, to_channels_last
+from distill.speed import channels_last, choose_attention, idle_workers, keep_freed_memory, to_channels_last
 from distill.tracking import LOG_DIR, hyperparameters, numeric, offline_environment, tracker_names
 
 
@@ -221,10 +221,10 @@ class Run:
     def _fit(self, job: Job) -> Checkpoint:
         cfg, acc = self.config, self.accelerator
         main, world = acc.is_main_process, acc.num_processes
-        pin = acc.device.type == "cuda"
+        pin, idle = acc.device.type == "cuda", idle_workers(cfg.idle_workers, acc.device.type)
         train_dl = train_loader(job.train_set, batch_size=cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
                                 world=world, num_workers=cfg.num_workers, repeated_aug=cfg.repeated_aug, pin_memory=pin,
-                                view_seeds=job.view_seeds)
+                                view_seeds=job.view_seeds, idle_workers=idle)
         steps_per_epoch = len(train_dl) // cfg.grad_accum
         if steps_per_epoch == 0:
             raise DistillError(f"An epoch has {len(train_dl)} batches, fewer than --grad-accum {cfg.grad_accum}.")
@@ -256,7 +256,7 @@ class Run:
         else:  # prepared after the model, so the resumable state holds it as model_1
             model, criterion.learned, optimizer = acc.prepare(job.model, learned, optimizer)
         test_dl = acc.prepare(eval_loader(job.eval_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                          pin_memory=pin))
+                                          pin_memory=pin, idle_workers=idle))
         reference = job.reference.to(acc.device) if job.reference is not None else None
 
         def measure(net: nn.Module, **kwargs: Any) -> dict[str, Any]:
@@ -295,7 +295,8 @@ class Run:
             if schedule and self._resolution(job, resized, resolution_at(schedule, epoch), optimizer):
                 parts.loader = train_loader(job.train_set, batch_size=cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
                                             world=world, num_workers=cfg.num_workers, repeated_aug=cfg.repeated_aug,
-                                            pin_memory=pin, view_seeds=job.view_seeds)  # fresh workers, new transform
+                                            pin_memory=pin, view_seeds=job.view_seeds,
+                                            idle_workers=idle)  # fresh workers, new transform
                 if main:
                     console.print(f"resolution {resolution_at(schedule, epoch)} px from epoch {epoch + 1} on")
             record = self._train_epoch(parts, epoch, skip, progress)

@@ -19,6 +19,7 @@ from distill.data import DataSplits, ImageSource, Transformed, eval_loader, eval
 from distill.errors import DistillError
 from distill.evaluation import Predict, plain_logits
 from distill.naming import PRECISIONS
+from distill.speed import idle_workers
 from distill.students import named_outputs
 
 
@@ -79,7 +80,7 @@ def class_probabilities(model: nn.Module, predict: Predict, source: ImageSource,
     where = device()
     model = model.to(where).eval()
     loader = eval_loader(Transformed(source, transform), batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=where.type == "cuda")
+                         pin_memory=where.type == "cuda", idle_workers=idle_workers(None, where.type))
     probs, labels = [], []
     for images, targets in loader:
         with _autocast(mixed_precision, where):

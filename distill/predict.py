@@ -64,7 +64,7 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
     """(one record per readable image with its top-k classes and probabilities, the unreadable files skipped)."""
     from distill.data import eval_transform
     from distill.engine import make_accelerator
-    from distill.speed import choose_attention
+    from distill.speed import choose_attention, idle_workers, lower_worker_priority
     from distill.students import named_outputs
 
     if tta not in (None, "none", "flip"):
@@ -78,7 +78,8 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
     transform = eval_transform(ckpt.img_size, mean=tuple(data["mean"]), std=tuple(data["std"]),
                                crop_pct=data.get("crop_pct", 0.875), interpolation=data.get("interpolation", "bicubic"))
     loader = DataLoader(ImageFiles(files, transform, ckpt.img_size), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=acc.device.type == "cuda")
+                        pin_memory=acc.device.type == "cuda",
+                        worker_init_fn=lower_worker_priority if idle_workers(None, acc.device.type) else None)
     classes = ckpt.classes
     k = min(top_k, len(classes))
     records: list[dict[str, Any]] = []

@@ -220,6 +220,7 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
     from distill.inference import checkpoint_data
     from distill.errors import DistillError
     from distill.pretrained import open_source
+    from distill.speed import idle_workers
     from distill.stages import check_classes, frozen_teacher, read_teacher
     from distill.students import named_outputs, resize
 
@@ -249,7 +250,8 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
         teacher_ckpt = read_teacher(teacher, model=teacher_model)
         check_classes(teacher_ckpt, ckpt.classes, str(ckpt.path))
         reference = frozen_teacher(teacher_ckpt, (mean, std), img_size, teacher_res=teacher_res).to(acc.device)
-    loader = acc.prepare(eval_loader(Transformed(data.test, transform), batch_size=batch_size, num_workers=num_workers))
+    loader = acc.prepare(eval_loader(Transformed(data.test, transform), batch_size=batch_size, num_workers=num_workers,
+                                     idle_workers=idle_workers(None, acc.device.type)))
     net = acc.prepare(net)
     metrics = evaluate(net, loader, acc, named_outputs, reference=reference, per_class=per_class)
     if acc.is_main_process:

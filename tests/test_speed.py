@@ -8,12 +8,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
 
 from conftest import TINY, TINY_VIT, invoke
 from distill import speed
+from distill.data import Transformed, eval_loader, train_loader
+from distill.data.sources import ArrayImages
 
 # A step's pattern: blocks of several sizes allocated, then all freed, ten times over. With glibc's defaults the
 # blocks above its mmap threshold are unmapped on free, and the freed top of the heap is trimmed, so every round
@@ -181,3 +184,36 @@ def test_a_channels_last_strided_convolution_over_a_1x1_map_has_finite_exact_gra
             layer.weight.grad = None
         (weight, inputs), (weight_ref, inputs_ref) = grads
         assert torch.isfinite(weight).all() and torch.equal(weight, weight_ref) and torch.equal(inputs, inputs_ref)
+
+
+def _policy_of_worker(image) -> torch.Tensor:
+    return torch.tensor(os.sched_getscheduler(0))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+@pytest.mark.parametrize("idle, expected", [(True, "SCHED_IDLE"), (False, "SCHED_OTHER")])
+def test_idle_loader_workers_run_at_idle_priority_and_others_keep_theirs(idle, expected):
+    source = ArrayImages(np.zeros((8, 4, 4), dtype=np.uint8), [0, 1] * 4)
+    data = Transformed(source, _policy_of_worker)
+    train = train_loader(data, batch_size=4, seed=0, rank=0, world=1, num_workers=2, idle_workers=idle)
+    test = eval_loader(data, batch_size=4, num_workers=1, idle_workers=idle)
+    policies = {int(p) for batch, _ in [*train, *test] for p in batch}
+    assert policies == {getattr(os, expected)}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the training process itself is never lowered
+
+
+@pytest.mark.parametrize("extra, expected", [([], True), (["--no-idle-workers"], False)])
+def test_a_cpu_run_gives_its_loaders_idle_workers_by_default(folder, tmp_path, monkeypatch, extra, expected):
+    from distill import engine
+
+    made = []
+    for name in ("train_loader", "eval_loader"):
+        def recording(*args, _original=getattr(engine, name), **kwargs):
+            loader = _original(*args, **kwargs)
+            made.append(loader.worker_init_fn is speed.lower_worker_priority)
+            return loader
+        monkeypatch.setattr(engine, name, recording)
+    result = invoke("teach", "--data-dir", folder, "--workdir", tmp_path / "runs", *TINY, "--num-workers", "1", *extra)
+    assert result.exit_code == 0, result.output
+    assert made == [expected, expected]  # the training loader and the test loader
+    assert speed.idle_workers(None, "cuda") is False and speed.idle_workers(True, "cuda") is True

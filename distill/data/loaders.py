@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from distill.data.sources import ImageSource
 from distill.errors import DistillError
+from distill.speed import lower_worker_priority
 
 
 def sample_seeds(run_seed: int, epoch: int, count: int) -> np.ndarray:
@@ -118,8 +119,10 @@ class EpochOffsetRepeatSampler(RepeatAugSampler):
 
 
 def train_loader(dataset: Transformed, *, batch_size: int, seed: int, rank: int, world: int, num_workers: int,
-                 repeated_aug: int = 1, pin_memory: bool = False, view_seeds: np.ndarray | None = None) -> DataLoader:
-    """Shuffled, sharded over processes, drop_last (Mixup needs even, full batches)."""
+                 repeated_aug: int = 1, pin_memory: bool = False, view_seeds: np.ndarray | None = None,
+                 idle_workers: bool = False) -> DataLoader:
+    """Shuffled, sharded over processes, drop_last (Mixup needs even, full batches). `idle_workers`: the workers
+    run at idle CPU priority (distill.speed.lower_worker_priority)."""
     if repeated_aug > 1:
         inner: Sampler = EpochOffsetRepeatSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   num_repeats=repeated_aug, run_seed=seed)
@@ -132,9 +135,11 @@ def train_loader(dataset: Transformed, *, batch_size: int, seed: int, rank: int,
     # A private generator: creating a loader iterator then draws no number from the global RNG, which
     # drop path and Mixup use, so a resumed run's random stream matches an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=torch.Generator())
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=torch.Generator(),
+                      worker_init_fn=lower_worker_priority if idle_workers else None)
 
 
-def eval_loader(dataset: Transformed, *, batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
+def eval_loader(dataset: Transformed, *, batch_size: int, num_workers: int, pin_memory: bool = False,
+                idle_workers: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator())
+                      generator=torch.Generator(), worker_init_fn=lower_worker_priority if idle_workers else None)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from distill.checkpoint import atomic_path, atomic_write_bytes
 from distill.errors import DistillError
+from distill.speed import idle_workers, lower_worker_priority
 
 MANIFEST, SEEDS = "cache.json", "seeds.safetensors"
 FORMAT = "distill-teacher-cache"
@@ -150,7 +151,8 @@ def fill_shards(root: Path, dataset: Any, seeds: np.ndarray, teacher: torch.nn.M
         positions = range(shard * shard_size, min((shard + 1) * shard_size, views * images))
         keys = [(p % images, int(seeds[p // images, p % images])) for p in positions]
         loader = DataLoader(_Keyed(dataset, keys), batch_size=batch_size, num_workers=num_workers,
-                            generator=torch.Generator())
+                            generator=torch.Generator(),
+                            worker_init_fn=lower_worker_priority if idle_workers(None, accelerator.device.type) else None)
         chunks = []
         with torch.no_grad():
             for batch, _ in loader:
