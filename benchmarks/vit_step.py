@@ -6,8 +6,11 @@ Not part of the test suite. One fresh process per setting, so glibc's allocator 
     python benchmarks/vit_step.py --precision bf16 --keep-freed-memory   # mallopt as distill.speed does
     python benchmarks/vit_step.py --precision bf16 --keep-freed-memory --manual-attention
     python benchmarks/vit_step.py --model deit_small_patch16_224 --img-size 384 --patch-size 16 --batch-size 8 ...
+    python benchmarks/vit_step.py --precision no --keep-freed-memory --roofline   # how near the CPU's limit
 
-Prints ms a step, images/s and page faults a step (the minor faults of this process).
+Prints ms a step, images/s and page faults a step (the minor faults of this process). `--roofline` also counts the
+step's floating-point operations (torch's FlopCounterMode: matrix multiplications and convolutions) and sets the
+rate achieved against the rate of one large matrix multiplication in the same precision on the same threads.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 
 import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from distill.speed import keep_freed_memory, set_fused_attention
 
@@ -33,6 +37,7 @@ def main() -> None:
     parser.add_argument("--keep-freed-memory", action="store_true")
     parser.add_argument("--manual-attention", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--roofline", action="store_true")
     args = parser.parse_args()
     if args.keep_freed_memory:
         assert keep_freed_memory(), "glibc's mallopt is not available here"
@@ -68,6 +73,19 @@ def main() -> None:
     print(f"{args.model} {args.img_size}/{args.patch_size} batch {args.batch_size} {args.precision} "
           f"keep-freed-memory={args.keep_freed_memory} manual-attention={args.manual_attention}: "
           f"{seconds * 1000:.1f} ms a step, {args.batch_size / seconds:.1f} img/s, {faults:,.0f} page faults a step")
+    if args.roofline:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        achieved = counter.get_total_flops() / seconds / 1e9
+        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+        a @ b
+        started = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        gemm = 5 * 2 * 4096**3 / (time.perf_counter() - started) / 1e9
+        print(f"step: {counter.get_total_flops() / 1e9:.1f} GFLOP, {achieved:.0f} GFLOP/s; one 4096x4096 matrix "
+              f"multiplication: {gemm:.0f} GFLOP/s; the step runs at {achieved / gemm * 100:.0f} % of it")
 
 
 if __name__ == "__main__":
