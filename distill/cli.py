@@ -419,7 +419,7 @@ def benchmark(
     compile: bool = typer.Option(False, "--compile", help="Hand the models and the teacher to torch.compile."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", show_default=False,
                                                  help="Channels-last memory format for convolutional models; by default "
-                                                 "as the training stages choose (on a CPU in fp32, and on a GPU with "
+                                                 "as the training stages choose (on a CPU, and on a GPU with "
                                                  "mixed precision)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON."),

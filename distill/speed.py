@@ -133,7 +133,6 @@ def to_channels_last(modules: Iterable[nn.Module | None]) -> list[nn.Module]:
     return converted
 
 
-
 def idle_workers(choice: bool | None, device_type: str) -> bool:
     """--idle-workers as asked, or by default (None) on a CPU, where the workers share cores with the step. On a GPU
     the workers are the CPU's main work and keep their priority."""
