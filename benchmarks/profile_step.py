@@ -1,7 +1,7 @@
 """Where a training step of `distill student` (or, with `--job teach`, of `distill teach`) spends its time.
 
-Not part of the test suite. Runs the real student stage (the same plan, engine and loop as
-`distill student`) on a CIFAR-10 folder with timers around each part of the step, on a CPU where every
+Not part of the test suite. Runs the real stage (the same plan, engine and loop as `distill student` or
+`distill teach`) on a CIFAR-10 folder with timers around each part of the step, on a CPU where every
 operation is synchronous so wall-clock timers are exact:
 
     data wait          the loop waiting for the next batch from the loader workers
