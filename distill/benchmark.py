@@ -42,6 +42,7 @@ class BenchSettings:
     num_workers: int = 2
     compile: bool = False
     channels_last: bool | None = None  # None: the training stages' default (distill.speed.channels_last)
+    onednn_linear: bool | None = None  # None: the training stages' default (distill.speed.onednn_linear)
 
 
 def build(source: str, res: int, num_classes: int | None = None) -> tuple[nn.Module, str, int]:
@@ -107,7 +108,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
     from distill.data import NORMS, Transformed, open_dataset, train_loader, train_transform
     from distill.engine import Prepared, TargetMixup, make_accelerator, train_step
     from distill.losses import DistillationLoss, base_criterion
-    from distill.speed import channels_last, choose_attention, idle_workers, to_channels_last
+    from distill.speed import channels_last, choose_kernels, idle_workers, to_channels_last
     from distill.students import has_dist_token, set_distilled_training
     from distill.teachers import FrozenTeacher
 
@@ -118,7 +119,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
                            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                            "gflops": round(_gflops(model, settings.res), 3)}
     acc = make_accelerator(settings.mixed_precision, compile=settings.compile)
-    choose_attention(acc, [model])  # the kernel and memory format `distill student` would use here
+    choose_kernels(acc, [model], onednn=settings.onednn_linear)  # the kernels `distill student` would use here
     device = acc.device
     nhwc = channels_last(settings.channels_last, device.type, settings.mixed_precision)
     batch = torch.randn(settings.batch_size, 3, settings.res, settings.res)
@@ -135,7 +136,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
         if nhwc:
             to_channels_last([teacher_model])
         teacher = FrozenTeacher(teacher_model, NORMS["imagenet"], NORMS["imagenet"]).to(device)
-        choose_attention(acc, [teacher])
+        choose_kernels(acc, [teacher], onednn=settings.onednn_linear)
         if settings.compile:
             teacher.model = torch.compile(teacher.model)
         row["teacher"] = teacher_what

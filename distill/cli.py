@@ -421,6 +421,9 @@ def benchmark(
                                                  help="Channels-last memory format for convolutional models; by default "
                                                  "as the training stages choose (on a CPU, and on a GPU with "
                                                  "mixed precision)."),
+    onednn_linear: Optional[bool] = typer.Option(None, "--onednn-linear/--no-onednn-linear", show_default=False,
+                                                 help="fp32 linear layers on a CPU through oneDNN; by default as the "
+                                                 "training stages choose (on a CPU not made by Intel)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON."),
 ) -> None:
@@ -434,7 +437,7 @@ def benchmark(
         settings = bench.BenchSettings(batch_size=batch_size, res=res, steps=steps, warmup=warmup,
                                        mixed_precision=mixed_precision, teacher=teacher, training=training,
                                        data_dir=data_dir, num_workers=num_workers, compile=compile,
-                                       channels_last=channels_last)
+                                       channels_last=channels_last, onednn_linear=onednn_linear)
         rows = bench.run(models, settings)
         _console().print(bench.table(rows))
         bench.save(rows, csv_path, json_path)

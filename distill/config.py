@@ -86,6 +86,10 @@ class StageConfig:
                                        "training threads leave instead of interrupting them [default: on a CPU]. Turn "
                                        "off when a busy program shares the CPU. Measured in docs/results.md.", "Run",
                                        result=False)
+    onednn_linear: bool | None = option(None, "Compute fp32 linear layers on a CPU with oneDNN instead of MKL, the same maths "
+                                        "[default: on a CPU not made by Intel, where MKL runs its slower AVX2 code: "
+                                        "2x the matmul rate on AMD]. Measured in docs/results.md.", "Run",
+                                        result=False)
     attention: str = option("auto", "The kernel of timm's attention layers: fused (PyTorch's scaled_dot_product_attention), "
                             "manual (timm's matmul-softmax-matmul, more memory) or auto (manual on a CPU in bf16, where it "
                             "is 1.3-1.9x faster, else timm's choice). Measured in docs/results.md.", "Run",

@@ -43,7 +43,7 @@ from distill.evaluation import Predict, bare, evaluate, flatten, plain_logits
 from distill.naming import precision_name
 from distill.runfolder import RunFolder, saved_progress
 from distill.schedule import check_grid, parse_schedule, resolution_at, set_resolution, vits
-from distill.speed import channels_last, choose_attention, idle_workers, keep_freed_memory, to_channels_last
+from distill.speed import channels_last, choose_kernels, idle_workers, keep_freed_memory, to_channels_last
 from distill.tracking import LOG_DIR, hyperparameters, numeric, offline_environment, tracker_names
 
 
@@ -248,7 +248,7 @@ class Run:
             offline_environment(self.trackers, self.dir)
             acc.init_trackers(LOG_DIR, config=hyperparameters(to_dict(cfg)))
         criterion = job.criterion.to(acc.device)
-        choose_attention(acc, [job.model, criterion, job.reference], cfg.attention)
+        choose_kernels(acc, [job.model, criterion, job.reference], cfg.attention, cfg.onednn_linear)
         nhwc = (to_channels_last([job.model, *criterion.children(), job.reference])  # before DDP wraps the model
                 if channels_last(cfg.channels_last, acc.device.type, cfg.mixed_precision) else [])
         if learned is None:
@@ -260,7 +260,8 @@ class Run:
         reference = job.reference.to(acc.device) if job.reference is not None else None
 
         def measure(net: nn.Module, **kwargs: Any) -> dict[str, Any]:
-            return evaluate(net, test_dl, acc, job.predict, attention=cfg.attention, **kwargs)
+            return evaluate(net, test_dl, acc, job.predict, attention=cfg.attention, onednn_linear=cfg.onednn_linear,
+                            **kwargs)
 
         ema = make_ema(bare(acc, model), cfg) if cfg.ema else None
         resized += vits([ema.module]) if ema is not None and schedule else []

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from distill.naming import precision_name
-from distill.speed import choose_attention
+from distill.speed import choose_kernels
 
 Predict = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
 TOP_K = 5
@@ -27,16 +27,17 @@ def plain_logits(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tens
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, acc: Accelerator, predict: Predict = plain_logits,
-             reference: nn.Module | None = None, per_class: bool = False, attention: str = "auto") -> dict[str, Any]:
+             reference: nn.Module | None = None, per_class: bool = False, attention: str = "auto",
+             onednn_linear: bool | None = None) -> dict[str, Any]:
     """Top-1/top-5 and loss per head, each test image counted exactly once across processes.
 
     Top-5 is measured only with more than 5 classes (with 5 or fewer it is 100 by construction). The result
     says the precision and the resolution it was measured at: the same weights give other numbers in bf16
     than in fp32, and at another resolution. With a `reference` (a teacher), also its accuracy and how often
-    each head disagrees with it. `attention` picks timm's attention kernel (distill.speed).
+    each head disagrees with it. `attention` and `onednn_linear` pick the kernels (distill.speed).
     """
     net = bare(acc, model)
-    choose_attention(acc, [net, reference], attention)
+    choose_kernels(acc, [net, reference], attention, onednn_linear)
     was_training = net.training
     net.eval()
     parts: dict[str, list[torch.Tensor]] = {}

@@ -64,7 +64,7 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
     """(one record per readable image with its top-k classes and probabilities, the unreadable files skipped)."""
     from distill.data import eval_transform
     from distill.engine import make_accelerator
-    from distill.speed import choose_attention, idle_workers, lower_worker_priority
+    from distill.speed import choose_kernels, idle_workers, lower_worker_priority
     from distill.students import named_outputs
 
     if tta not in (None, "none", "flip"):
@@ -73,7 +73,7 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
         raise DistillError("--top-k must be at least 1.")
     acc = make_accelerator(mixed_precision)
     model = build_model(ckpt).to(acc.device)
-    choose_attention(acc, [model])
+    choose_kernels(acc, [model])
     data = ckpt.data
     transform = eval_transform(ckpt.img_size, mean=tuple(data["mean"]), std=tuple(data["std"]),
                                crop_pct=data.get("crop_pct", 0.875), interpolation=data.get("interpolation", "bicubic"))

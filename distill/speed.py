@@ -22,6 +22,13 @@
   the lowest nice value): they use the cores the training threads leave, and when they fall behind the loop waits
   for a batch, which frees both cores for them. Augmentation is seeded per sample, so what a run computes does not
   depend on when workers run. The price: a busy program of normal priority beside the run starves its workers.
+- PyTorch sends fp32 matrix multiplications on a CPU to MKL, which runs its AVX-512 code only on Intel CPUs: on
+  an AMD CPU it runs its AVX2 code, at half the rate oneDNN (also inside PyTorch, used for bf16 and for
+  convolutions) reaches with AVX-512 on the same shapes (DeiT-Ti's linear layers: about 190 against 400 GFLOP/s on
+  2 Zen 5 cores). PyTorch has no switch for fp32 at full precision (its oneDNN fp32 switch computes in bf16 or
+  TF32), so `--onednn-linear` (default on a CPU whose vendor is not Intel) has timm's linear layers call oneDNN's
+  linear (`_OneDNNLinear`: forward, input and weight gradients all in oneDNN), the same fp32 maths in another
+  summation order. Off under autocast, in bf16 and fp16, on a GPU and inside torch.compile, which keep PyTorch's.
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ from types import MethodType
 from typing import TYPE_CHECKING, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from distill.errors import DistillError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -94,9 +104,97 @@ def set_fused_attention(modules: Iterable[nn.Module | None], fused: bool | None)
     return count
 
 
-def choose_attention(acc: "Accelerator", modules: Iterable[nn.Module | None], choice: str = "auto") -> None:
-    """timm's attention kernel for these modules on the accelerator's device and precision."""
-    set_fused_attention(modules, fused_attention(choice, acc.device.type, acc.mixed_precision))
+def choose_kernels(acc: "Accelerator", modules: Iterable[nn.Module | None], attention: str = "auto",
+                   onednn: bool | None = None) -> None:
+    """timm's attention kernel and the linear layers' library for these modules on the accelerator's device and
+    precision (--attention, --onednn-linear)."""
+    modules = list(modules)
+    set_fused_attention(modules, fused_attention(attention, acc.device.type, acc.mixed_precision))
+    set_linear_kernel(modules, onednn_linear(onednn, acc.device.type))
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor ("GenuineIntel", "AuthenticAMD", ...) from Linux's /proc/cpuinfo; "" where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def onednn_linear_available() -> bool:
+    """PyTorch was built with oneDNN and has its linear operator (the one inductor calls on a CPU)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(choice: bool | None, device_type: str) -> bool:
+    """--onednn-linear as asked (refused where PyTorch has no oneDNN), or by default (None) on a CPU from another
+    vendor than Intel, where MKL's fp32 matrix multiplication runs at half oneDNN's rate (module docstring)."""
+    if choice and not onednn_linear_available():
+        raise DistillError("--onednn-linear needs a PyTorch built with oneDNN (torch.backends.mkldnn), which this "
+                           "one is not; drop the flag.")
+    if choice is not None:
+        return choice and device_type == "cpu"
+    return device_type == "cpu" and cpu_vendor() not in ("", "GenuineIntel") and onednn_linear_available()
+
+
+def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN's fp32 linear: input @ weight.T (+ bias) over the last dimension, any leading ones."""
+    return torch.ops.mkldnn._linear_pointwise(input, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear with the forward and both gradients computed by oneDNN (PyTorch defines no gradient for its oneDNN
+    linear, so the three products are written here); saves what F.linear saves (input and weight)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, input: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        return _linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        input, weight = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # grad @ weight
+            grad_input = _linear(grad_2d, weight.t().contiguous()).view(input.shape)
+        if ctx.needs_input_grad[1]:  # grad.T @ input, over the batch; the smaller operand goes first (measured faster)
+            input_2d = input.reshape(-1, input.shape[-1])
+            out_features, in_features = weight.shape
+            grad_weight = (_linear(input_2d.t(), grad_2d.t()).t().contiguous() if in_features <= out_features
+                           else _linear(grad_2d.t(), input_2d.t()))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0)
+        return grad_input, grad_weight, grad_bias
+
+
+def _onednn_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward through oneDNN where it computes the same fp32 maths; PyTorch's own everywhere else."""
+    if (input.dtype == torch.float32 and self.weight.dtype == torch.float32 and input.device.type == "cpu"
+            and input.dim() >= 2 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        return _OneDNNLinear.apply(input, self.weight, self.bias)
+    return F.linear(input, self.weight, self.bias)
+
+
+def set_linear_kernel(modules: Iterable[nn.Module | None], onednn: bool) -> int:
+    """Have every nn.Linear in these modules compute through oneDNN (or, with onednn False, PyTorch's own forward
+    again); returns how many. Weights and state dicts are untouched; a deepcopy (the EMA) keeps the choice."""
+    count = 0
+    for module in modules:
+        for layer in module.modules() if module is not None else ():
+            if type(layer) is nn.Linear:
+                if onednn:
+                    layer.forward = MethodType(_onednn_linear_forward, layer)
+                else:
+                    layer.__dict__.pop("forward", None)
+                count += 1
+    return count
 
 
 def is_convolutional(module: nn.Module) -> bool:

@@ -36,7 +36,7 @@ from distill.losses import DistillationLoss, base_criterion
 from distill.naming import precision_name
 from distill.models import check_model_name, create
 from distill.pretrained import open_source
-from distill.speed import channels_last, choose_attention, to_channels_last
+from distill.speed import channels_last, choose_kernels, to_channels_last
 from distill.students import (PreLogits, attention_parameter_names, build_student, default_patch_size, fit_deit_weights,
                               has_dist_token,
                               head_parameter_names, named_outputs, records_token, resize, set_distilled_training,
@@ -532,7 +532,7 @@ def execute_cache(plan: StagePlan) -> None:
             write_manifest(root, manifest)
     acc.wait_for_everyone()
     frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, cfg).to(acc.device)
-    choose_attention(acc, [frozen], cfg.attention)
+    choose_kernels(acc, [frozen], cfg.attention, cfg.onednn_linear)
     if channels_last(cfg.channels_last, acc.device.type, cfg.mixed_precision):
         to_channels_last([frozen])
     dataset = Transformed(data.train, training_transform(cfg, mean, std))
