@@ -7,10 +7,12 @@ Not part of the test suite. One fresh process per setting, so glibc's allocator 
     python benchmarks/vit_step.py --precision bf16 --keep-freed-memory --manual-attention
     python benchmarks/vit_step.py --model deit_small_patch16_224 --img-size 384 --patch-size 16 --batch-size 8 ...
     python benchmarks/vit_step.py --precision no --keep-freed-memory --roofline   # how near the CPU's limit
+    python benchmarks/vit_step.py --precision no --keep-freed-memory --onednn-linear --roofline
 
 Prints ms a step, images/s and page faults a step (the minor faults of this process). `--roofline` also counts the
 step's floating-point operations (torch's FlopCounterMode: matrix multiplications and convolutions) and sets the
-rate achieved against the rate of one large matrix multiplication in the same precision on the same threads.
+rate achieved against the rate of one large matrix multiplication in the same precision on the same threads, through
+PyTorch's `@` (MKL for fp32 on a CPU, oneDNN for bf16) and through oneDNN's linear (what `--onednn-linear` calls).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from distill.speed import keep_freed_memory, set_fused_attention
+from distill.speed import _linear, keep_freed_memory, set_fused_attention, set_linear_kernel
 
 
 def main() -> None:
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--keep-freed-memory", action="store_true")
     parser.add_argument("--manual-attention", action="store_true")
+    parser.add_argument("--onednn-linear", action="store_true", help="linear layers through oneDNN (distill.speed)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--roofline", action="store_true")
     args = parser.parse_args()
@@ -45,6 +48,7 @@ def main() -> None:
     model = timm.create_model(args.model, img_size=args.img_size, patch_size=args.patch_size, num_classes=10,
                               drop_path_rate=0.1)
     set_fused_attention([model], not args.manual_attention)
+    set_linear_kernel([model], args.onednn_linear)
     token = hasattr(model, "set_distilled_training")
     if token:
         model.set_distilled_training(True)
@@ -71,21 +75,27 @@ def main() -> None:
     seconds = (time.perf_counter() - started) / args.steps
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
     print(f"{args.model} {args.img_size}/{args.patch_size} batch {args.batch_size} {args.precision} "
-          f"keep-freed-memory={args.keep_freed_memory} manual-attention={args.manual_attention}: "
+          f"keep-freed-memory={args.keep_freed_memory} manual-attention={args.manual_attention} "
+          f"onednn-linear={args.onednn_linear}: "
           f"{seconds * 1000:.1f} ms a step, {args.batch_size / seconds:.1f} img/s, {faults:,.0f} page faults a step")
     if args.roofline:
+        set_linear_kernel([model], False)  # the counter sees PyTorch's matrix multiplications only: the same FLOPs
         with FlopCounterMode(display=False) as counter:
             step()
         achieved = counter.get_total_flops() / seconds / 1e9
         dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
         a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
-        a @ b
-        started = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        gemm = 5 * 2 * 4096**3 / (time.perf_counter() - started) / 1e9
+        rates = {}
+        for library, product in (("torch @", lambda: a @ b), ("oneDNN linear", lambda: _linear(a, b))):
+            product()
+            started = time.perf_counter()
+            for _ in range(5):
+                product()
+            rates[library] = 5 * 2 * 4096**3 / (time.perf_counter() - started) / 1e9
+        best = max(rates.values())
         print(f"step: {counter.get_total_flops() / 1e9:.1f} GFLOP, {achieved:.0f} GFLOP/s; one 4096x4096 matrix "
-              f"multiplication: {gemm:.0f} GFLOP/s; the step runs at {achieved / gemm * 100:.0f} % of it")
+              f"multiplication: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items())
+              + f"; the step runs at {achieved / best * 100:.0f} % of the best")
 
 
 if __name__ == "__main__":

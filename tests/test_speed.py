@@ -1,5 +1,6 @@
-"""The two CPU settings (distill.speed): freed memory kept for reuse, and timm's attention kernel chosen per device and
-precision, with the engine, evaluation and an explicit --attention all honouring it."""
+"""The CPU settings (distill.speed): freed memory kept for reuse, timm's attention kernel and the linear layers'
+library chosen per device and precision, channels-last convnets and idle loader workers, with the engine, evaluation
+and the explicit flags all honouring them."""
 
 from __future__ import annotations
 
@@ -217,3 +218,96 @@ def test_a_cpu_run_gives_its_loaders_idle_workers_by_default(folder, tmp_path, m
     assert result.exit_code == 0, result.output
     assert made == [expected, expected]  # the training loader and the test loader
     assert speed.idle_workers(None, "cuda") is False and speed.idle_workers(True, "cuda") is True
+
+
+def test_onednn_linear_follows_device_vendor_and_choice(monkeypatch):
+    monkeypatch.setattr(speed, "cpu_vendor", lambda: "AuthenticAMD")
+    assert speed.onednn_linear(None, "cpu") is True  # MKL runs its AVX2 code there
+    assert speed.onednn_linear(None, "cuda") is False
+    assert speed.onednn_linear(False, "cpu") is False
+    monkeypatch.setattr(speed, "cpu_vendor", lambda: "GenuineIntel")
+    assert speed.onednn_linear(None, "cpu") is False and speed.onednn_linear(True, "cpu") is True
+    monkeypatch.setattr(speed, "onednn_linear_available", lambda: False)
+    with pytest.raises(speed.DistillError, match="oneDNN"):
+        speed.onednn_linear(True, "cpu")
+
+
+def _graph_nodes(output: torch.Tensor) -> set[str]:
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in seen:
+            seen.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return seen
+
+
+@pytest.mark.parametrize("in_features, out_features, bias, shape, strided",
+                         [(24, 40, True, (3, 7), False), (40, 24, True, (21,), False), (16, 16, False, (2, 3, 5), False),
+                          (24, 40, True, (3, 7), True)])  # a strided view, as a token's slice (x[:, 0]) is
+def test_the_onednn_linear_gives_fp32_exact_outputs_and_gradients(in_features, out_features, bias, shape, strided):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(in_features, out_features, bias=bias)
+    if strided:
+        leaf = torch.randn(shape[-1], *shape[:-1], in_features, requires_grad=True)
+        x = leaf.transpose(0, -2)
+        x.retain_grad()
+    else:
+        x = torch.randn(*shape, in_features, requires_grad=True)
+    grad = torch.randn(*shape, out_features)
+    assert speed.set_linear_kernel([layer], True) == 1
+    out = layer(x)
+    assert "_OneDNNLinearBackward" in _graph_nodes(out)  # oneDNN's path, not PyTorch's
+    out.backward(grad)
+    reference = torch.nn.Linear(in_features, out_features, bias=bias).double()
+    reference.load_state_dict(layer.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    reference(x64).backward(grad.double())
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), reference(x64).detach(), **close)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **close)
+    torch.testing.assert_close(layer.weight.grad.double(), reference.weight.grad, **close)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad.double(), reference.bias.grad, **close)
+
+
+def test_the_onednn_linear_steps_aside_in_bf16_and_can_be_undone():
+    model = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                              num_classes=3)
+    keys = list(model.state_dict())
+    assert speed.set_linear_kernel([model, None], True) == 5  # qkv, proj, fc1, fc2, head
+    twin = copy.deepcopy(model)  # the EMA's copy keeps the choice, bound to its own layers
+    assert twin.head.forward.__self__ is twin.head and list(twin.state_dict()) == keys
+    x = torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and "_OneDNNLinearBackward" not in _graph_nodes(out)  # autocast's own
+    assert "_OneDNNLinearBackward" in _graph_nodes(model(x))
+    assert speed.set_linear_kernel([model], False) == 5
+    assert "forward" not in model.head.__dict__ and "_OneDNNLinearBackward" not in _graph_nodes(model(x))
+
+
+@pytest.mark.parametrize("vendor, extra, expected", [("AuthenticAMD", [], True), ("GenuineIntel", [], False),
+                                                     ("AuthenticAMD", ["--no-onednn-linear"], False),
+                                                     ("GenuineIntel", ["--onednn-linear"], True)])
+def test_training_and_evaluation_use_onednn_linear_where_chosen(folder, tmp_path, monkeypatch, vendor, extra, expected):
+    runs = tmp_path / "runs"
+    assert invoke("teach", "--data-dir", folder, "--workdir", runs, *TINY).exit_code == 0
+    monkeypatch.setattr(speed, "cpu_vendor", lambda: vendor)
+    forwards: list[bool] = []  # whether each oneDNN layer call records gradients
+    products: list[int] = []  # oneDNN's matrix products, forward and backward
+
+    def forward(self, input, _original=speed._onednn_linear_forward):
+        forwards.append(torch.is_grad_enabled())
+        return _original(self, input)
+
+    def product(*args, _original=speed._linear):
+        products.append(1)
+        return _original(*args)
+
+    monkeypatch.setattr(speed, "_onednn_linear_forward", forward)
+    monkeypatch.setattr(speed, "_linear", product)
+    result = invoke("student", "--workdir", runs, *TINY, *TINY_VIT, *extra)
+    assert result.exit_code == 0, result.output
+    # training (with gradients) and evaluation (without); the backward's products on top of the forward's
+    assert (True in forwards, False in forwards, len(products) > len(forwards)) == (expected,) * 3
