@@ -70,7 +70,8 @@ class StageConfig:
     workdir: Path = option(Path("runs"), "Work folder; each stage writes <workdir>/<name>/.", "Run", result=False)
     name: str | None = option(None, "Run folder name under --workdir [default: the stage's name].", "Run", result=False)
     seed: int = option(0, "Random seed; with it a run is reproducible, also across a resume.", "Run")
-    mixed_precision: str = option("no", "Mixed precision: no, bf16 (fast on CPUs with bf16 instructions (AMX, AVX512-BF16) and on recent GPUs) or fp16 (GPU only).",
+    mixed_precision: str = option("no", "Mixed precision: no, bf16 (fast on recent GPUs and on CPUs with bf16 instructions, AMX "
+                                  "or AVX512-BF16) or fp16 (GPU only).",
                                   "Run", choices=("no", "bf16", "fp16"))
     save_every: int = option(0, "Also save the resumable state every N optimizer steps (0: once per epoch).", "Run", result=False)
     num_workers: int = option(2, "Data-loading worker processes per training process.", "Run", result=False)
