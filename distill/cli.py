@@ -423,7 +423,7 @@ def benchmark(
                                                  "mixed precision)."),
     onednn_linear: Optional[bool] = typer.Option(None, "--onednn-linear/--no-onednn-linear", show_default=False,
                                                  help="Compute fp32 linear layers on a CPU with oneDNN; by default as the "
-                                                 "training stages choose (on a CPU not made by Intel)."),
+                                                 "training stages choose (on an AVX-512 CPU not made by Intel)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON."),
 ) -> None:

@@ -88,7 +88,7 @@ class StageConfig:
                                        "off when a busy program shares the CPU. Measured in docs/results.md.", "Run",
                                        result=False)
     onednn_linear: bool | None = option(None, "Compute fp32 linear layers on a CPU with oneDNN instead of MKL, the same maths "
-                                        "[default: on a CPU not made by Intel, where MKL runs its slower AVX2 code: "
+                                        "[default: on an AVX-512 CPU not made by Intel, where MKL runs its AVX2 code: "
                                         "2x the matmul rate on AMD]. Measured in docs/results.md.", "Run",
                                         result=False)
     attention: str = option("auto", "The kernel of timm's attention layers: fused (PyTorch's scaled_dot_product_attention), "
@@ -595,6 +595,10 @@ def validate(config: StageConfig) -> None:
                               f"'{teacher_res}'."))
     if getattr(config, "teacher_lr", None) is not None and config.teacher_lr <= 0:
         checks.append((False, "--teacher-lr must be positive."))
+    if config.onednn_linear:  # refused here, before a run folder or a cache is touched
+        from distill.speed import ONEDNN_MISSING, onednn_linear_available
+
+        checks.append((onednn_linear_available(), ONEDNN_MISSING))
     for ok, sentence in checks:
         if not ok:
             raise DistillError(sentence)

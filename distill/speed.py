@@ -26,7 +26,7 @@
   an AMD CPU it runs its AVX2 code, at half the rate oneDNN (also inside PyTorch, used for bf16 and for
   convolutions) reaches with AVX-512 on the same shapes (DeiT-Ti's linear layers: about 190 against 400 GFLOP/s on
   2 Zen 5 cores). PyTorch has no switch for fp32 at full precision (its oneDNN fp32 switch computes in bf16 or
-  TF32), so `--onednn-linear` (default on a CPU whose vendor is not Intel) has timm's linear layers call oneDNN's
+  TF32), so `--onednn-linear` (default on an AVX-512 CPU not made by Intel) has timm's linear layers call oneDNN's
   linear (`_OneDNNLinear`: forward, input and weight gradients all in oneDNN), the same fp32 maths in another
   summation order. Off under autocast, in bf16 and fp16, on a GPU and inside torch.compile, which keep PyTorch's.
 """
@@ -36,7 +36,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from types import MethodType
+from functools import partial
 from typing import TYPE_CHECKING, Iterable
 
 import torch
@@ -130,15 +130,20 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+ONEDNN_MISSING = ("--onednn-linear needs a PyTorch built with oneDNN (torch.backends.mkldnn), which this one is not; "
+                  "drop the flag.")
+
+
 def onednn_linear(choice: bool | None, device_type: str) -> bool:
-    """--onednn-linear as asked (refused where PyTorch has no oneDNN), or by default (None) on a CPU from another
-    vendor than Intel, where MKL's fp32 matrix multiplication runs at half oneDNN's rate (module docstring)."""
+    """--onednn-linear as asked (refused where PyTorch has no oneDNN; config.validate refuses it first), or by default
+    (None) on an AVX-512 CPU from another vendor than Intel, where MKL's fp32 matrix multiplication runs its AVX2 code
+    at half oneDNN's rate (module docstring). On AVX2-only CPUs both libraries run AVX2: left alone."""
     if choice and not onednn_linear_available():
-        raise DistillError("--onednn-linear needs a PyTorch built with oneDNN (torch.backends.mkldnn), which this "
-                           "one is not; drop the flag.")
+        raise DistillError(ONEDNN_MISSING)
     if choice is not None:
         return choice and device_type == "cpu"
-    return device_type == "cpu" and cpu_vendor() not in ("", "GenuineIntel") and onednn_linear_available()
+    return (device_type == "cpu" and cpu_vendor() not in ("", "GenuineIntel") and onednn_linear_available()
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 
 
 def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,26 +153,28 @@ def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 class _OneDNNLinear(torch.autograd.Function):
     """F.linear with the forward and both gradients computed by oneDNN (PyTorch defines no gradient for its oneDNN
-    linear, so the three products are written here); saves what F.linear saves (input and weight)."""
+    linear, so the three products are written here); saves only what the gradients asked for need, as F.linear
+    does. Not twice differentiable (oneDNN's linear has no gradient): a double backward raises."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, input: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(input, weight)
+        ctx.save_for_backward(input if weight.requires_grad else None, weight if input.requires_grad else None)
+        ctx.input_shape = input.shape
         ctx.has_bias = bias is not None
         return _linear(input, weight, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         input, weight = ctx.saved_tensors
         grad_2d = grad.reshape(-1, grad.shape[-1])
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:  # grad @ weight
-            grad_input = _linear(grad_2d, weight.t().contiguous()).view(input.shape)
+            grad_input = _linear(grad_2d, weight.t().contiguous()).view(ctx.input_shape)
         if ctx.needs_input_grad[1]:  # grad.T @ input, over the batch; the smaller operand goes first (measured faster)
             input_2d = input.reshape(-1, input.shape[-1])
-            out_features, in_features = weight.shape
-            grad_weight = (_linear(input_2d.t(), grad_2d.t()).t().contiguous() if in_features <= out_features
+            grad_weight = (_linear(input_2d.t(), grad_2d.t()).t().contiguous() if input_2d.shape[1] <= grad_2d.shape[1]
                            else _linear(grad_2d.t(), input_2d.t()))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
@@ -177,7 +184,8 @@ class _OneDNNLinear(torch.autograd.Function):
 def _onednn_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """nn.Linear.forward through oneDNN where it computes the same fp32 maths; PyTorch's own everywhere else."""
     if (input.dtype == torch.float32 and self.weight.dtype == torch.float32 and input.device.type == "cpu"
-            and input.dim() >= 2 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+            and input.dim() >= 2 and input.numel() > 0 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()):
         return _OneDNNLinear.apply(input, self.weight, self.bias)
     return F.linear(input, self.weight, self.bias)
 
@@ -189,8 +197,8 @@ def set_linear_kernel(modules: Iterable[nn.Module | None], onednn: bool) -> int:
     for module in modules:
         for layer in module.modules() if module is not None else ():
             if type(layer) is nn.Linear:
-                if onednn:
-                    layer.forward = MethodType(_onednn_linear_forward, layer)
+                if onednn:  # a partial, not a bound method: it pickles (by the function's name) and deep-copies
+                    layer.forward = partial(_onednn_linear_forward, layer)
                 else:
                     layer.__dict__.pop("forward", None)
                 count += 1
@@ -227,7 +235,7 @@ def to_channels_last(modules: Iterable[nn.Module | None]) -> list[nn.Module]:
         module.to(memory_format=torch.channels_last)
         for conv in module.modules():
             if isinstance(conv, nn.Conv2d) and conv.stride != (1, 1):
-                conv._conv_forward = MethodType(_standard_layout_for_1x1, conv)
+                conv._conv_forward = partial(_standard_layout_for_1x1, conv)
     return converted
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import subprocess
 import sys
 
@@ -225,11 +226,25 @@ def test_onednn_linear_follows_device_vendor_and_choice(monkeypatch):
     assert speed.onednn_linear(None, "cpu") is True  # MKL runs its AVX2 code there
     assert speed.onednn_linear(None, "cuda") is False
     assert speed.onednn_linear(False, "cpu") is False
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert speed.onednn_linear(None, "cpu") is False  # both libraries run AVX2 there
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(speed, "cpu_vendor", lambda: "GenuineIntel")
     assert speed.onednn_linear(None, "cpu") is False and speed.onednn_linear(True, "cpu") is True
     monkeypatch.setattr(speed, "onednn_linear_available", lambda: False)
     with pytest.raises(speed.DistillError, match="oneDNN"):
         speed.onednn_linear(True, "cpu")
+
+
+def test_onednn_linear_without_onednn_is_refused_before_the_run_folder_is_touched(folder, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    assert invoke("teach", "--data-dir", folder, "--workdir", runs, *TINY).exit_code == 0
+    model = runs / "teach" / "model.safetensors"
+    before = model.read_bytes()
+    monkeypatch.setattr(speed, "onednn_linear_available", lambda: False)
+    result = invoke("teach", "--data-dir", folder, "--workdir", runs, *TINY, "--onednn-linear", "--overwrite")
+    assert result.exit_code == 2 and "needs a PyTorch built with oneDNN" in result.output, result.output
+    assert "Traceback" not in result.output and model.read_bytes() == before  # the finished run is kept
 
 
 def _graph_nodes(output: torch.Tensor) -> set[str]:
@@ -271,13 +286,27 @@ def test_the_onednn_linear_gives_fp32_exact_outputs_and_gradients(in_features, o
         torch.testing.assert_close(layer.bias.grad.double(), reference.bias.grad, **close)
 
 
+def test_the_onednn_linear_refuses_a_double_backward_and_passes_empty_batches():
+    layer = torch.nn.Linear(6, 4)
+    speed.set_linear_kernel([layer], True)
+    x = torch.randn(3, 6, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|differentiable"):
+        grad.sum().backward()  # oneDNN's linear has no gradient of its own: an error, never a silent zero
+    empty = torch.randn(0, 5, 6, requires_grad=True)
+    layer(empty).sum().backward()
+    assert empty.grad.shape == (0, 5, 6) and torch.equal(layer.weight.grad, torch.zeros(4, 6))
+
+
 def test_the_onednn_linear_steps_aside_in_bf16_and_can_be_undone():
     model = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
                               num_classes=3)
     keys = list(model.state_dict())
     assert speed.set_linear_kernel([model, None], True) == 5  # qkv, proj, fc1, fc2, head
     twin = copy.deepcopy(model)  # the EMA's copy keeps the choice, bound to its own layers
-    assert twin.head.forward.__self__ is twin.head and list(twin.state_dict()) == keys
+    assert twin.head.forward.args[0] is twin.head and list(twin.state_dict()) == keys
+    pickled = pickle.loads(pickle.dumps(model))  # torch.save(model) by a user still loads
+    assert pickled.head.forward.args[0] is pickled.head
     x = torch.randn(2, 3, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
