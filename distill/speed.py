@@ -36,7 +36,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from functools import partial
+from functools import cache, partial
 from typing import TYPE_CHECKING, Iterable
 
 import torch
@@ -113,8 +113,10 @@ def choose_kernels(acc: "Accelerator", modules: Iterable[nn.Module | None], atte
     set_linear_kernel(modules, onednn_linear(onednn, acc.device.type))
 
 
+@cache
 def cpu_vendor() -> str:
-    """The CPU's vendor ("GenuineIntel", "AuthenticAMD", ...) from Linux's /proc/cpuinfo; "" where unknown."""
+    """The CPU's vendor ("GenuineIntel", "AuthenticAMD", ...) from Linux's /proc/cpuinfo; "" where unknown. Read once
+    per process (every evaluation chooses kernels again)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
             for line in info:
