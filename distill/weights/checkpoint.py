@@ -1,7 +1,7 @@
 """Self-describing safetensors checkpoints, atomic writes, and finding a stage's parent.
 
 A checkpoint's tensors are exactly timm's state dict, so `timm.create_model(name, **args)` plus
-`load_state_dict(strict=True)` rebuilds it (`distill.models.create` for a deit3_* student with the distillation
+`load_state_dict(strict=True)` rebuilds it (`distill.weights.models.create` for a deit3_* student with the distillation
 token, whose position embedding timm sizes wrongly; the keys are still timm's). Its header metadata (one JSON document under the key
 "distill") says what it is, how it was built and from which parent.
 """
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from distill import __version__
 from distill.errors import DistillError
-from distill.naming import measured_at, model_label
+from distill.weights.naming import measured_at, model_label
 
 FORMAT = "distill-checkpoint"
 FORMAT_VERSION = 1
@@ -240,7 +240,7 @@ def read_checkpoint(path: Path | str, expect_kind: str | None = None, role: str 
 
 def build_model(ckpt: Checkpoint, **overrides: Any) -> torch.nn.Module:
     """Rebuild the timm model a checkpoint describes and load its weights strictly (returned in eval mode)."""
-    from distill.models import create
+    from distill.weights.models import create
 
     args = {**ckpt.model_args, **overrides}
     try:

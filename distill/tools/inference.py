@@ -14,11 +14,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from distill.checkpoint import Checkpoint, class_difference
+from distill.weights.checkpoint import Checkpoint, class_difference
 from distill.data import DataSplits, ImageSource, Transformed, eval_loader, eval_transform, open_dataset
 from distill.errors import DistillError
-from distill.evaluation import Predict, plain_logits
-from distill.naming import PRECISIONS
+from distill.training.evaluation import Predict, plain_logits
+from distill.weights.naming import PRECISIONS
 from distill.speed import idle_workers
 from distill.students import named_outputs
 

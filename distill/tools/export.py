@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.checkpoint import MODEL_FILE, Checkpoint, build_model
+from distill.weights.checkpoint import MODEL_FILE, Checkpoint, build_model
 from distill.errors import DistillError
 from distill.students import named_outputs
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from distill.checkpoint import atomic_path, atomic_write_bytes, build_model, class_difference, read_checkpoint
+from distill.weights.checkpoint import atomic_path, atomic_write_bytes, build_model, class_difference, read_checkpoint
 from distill.errors import DistillError
-from distill.inference import checkpoint_data, class_probabilities, preprocessing, predictor, top1
+from distill.tools.inference import checkpoint_data, class_probabilities, preprocessing, predictor, top1
 
 MEANS = ("arith", "geo")
 PREDICTIONS_FILE, SUMMARY_FILE = "predictions.safetensors", "ensemble.json"

@@ -21,11 +21,11 @@ from torch import nn
 from torchvision.transforms import Compose
 from torchvision.transforms import functional as TF
 
-from distill.checkpoint import Checkpoint
+from distill.weights.checkpoint import Checkpoint
 from distill.data import ImageSource
-from distill.ensemble import combine
+from distill.tools.ensemble import combine
 from distill.errors import DistillError
-from distill.inference import class_probabilities, predictor, preprocessing, top1
+from distill.tools.inference import class_probabilities, predictor, preprocessing, top1
 from distill.students import patch_size_of, resize
 
 MODES = ("flip", "five-crop", "multi-res")

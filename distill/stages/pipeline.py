@@ -20,12 +20,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from distill import stages
-from distill.checkpoint import MODEL_FILE, Checkpoint
+from distill.weights.checkpoint import MODEL_FILE, Checkpoint
 from distill.config import (CONFIGS, NOT_SHARED, STAGES, StageConfig, check_keys, check_recipe, config_fields, layer, read_toml,
                             resolve, stage_section, transfer_targets)
 from distill.console import console
 from distill.errors import DistillError
-from distill.naming import measured_at, model_label
+from distill.weights.naming import measured_at, model_label
 
 
 @dataclass

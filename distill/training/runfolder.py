@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distill.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, atomic_write_bytes, read_checkpoint
+from distill.weights.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, atomic_write_bytes, read_checkpoint
 from distill.config import StageConfig, config_differences, to_dict, write_toml
 from distill.errors import DistillError
 

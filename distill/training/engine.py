@@ -34,17 +34,17 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import Dataset
 
-from distill.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, read_checkpoint, save_checkpoint
+from distill.weights.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, read_checkpoint, save_checkpoint
 from distill.config import StageConfig, to_dict
 from distill.console import console
 from distill.data.loaders import eval_loader, train_loader
 from distill.errors import DistillError
-from distill.evaluation import Predict, bare, evaluate, flatten, plain_logits
-from distill.naming import precision_name
-from distill.runfolder import RunFolder, saved_progress
-from distill.schedule import check_grid, parse_schedule, resolution_at, set_resolution, vits
+from distill.training.evaluation import Predict, bare, evaluate, flatten, plain_logits
+from distill.weights.naming import precision_name
+from distill.training.runfolder import RunFolder, saved_progress
+from distill.training.schedule import check_grid, parse_schedule, resolution_at, set_resolution, vits
 from distill.speed import channels_last, choose_kernels, idle_workers, keep_freed_memory, to_channels_last
-from distill.tracking import LOG_DIR, hyperparameters, numeric, offline_environment, tracker_names
+from distill.training.tracking import LOG_DIR, hyperparameters, numeric, offline_environment, tracker_names
 
 
 def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = False,

@@ -112,7 +112,7 @@ def stage_command(stage: str, runner: Callable[[StageConfig], Any], doc: str) ->
             config = resolve(cls, recipe, kwargs)
             ckpt = runner(config)
             if _is_main_process() and ckpt is not None:
-                from distill.report import print_summary
+                from distill.tools.summary import print_summary
 
                 print_summary(ckpt)
 
@@ -197,8 +197,8 @@ def info(checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
          model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
          as_json: bool = typer.Option(False, "--json", help="Print the raw metadata as JSON.")) -> None:
     """Show what a checkpoint is: model, data, lineage, distillation, metrics and the config that built it."""
-    from distill.pretrained import open_source
-    from distill.report import info_table
+    from distill.weights.pretrained import open_source
+    from distill.tools.summary import info_table
 
     def action() -> None:
         ckpt = open_source(checkpoint, model=model)
@@ -219,8 +219,8 @@ def import_(source: str = typer.Argument(..., help=escape("Pretrained weights: t
             ) -> None:
     """Import pretrained weights once as a self-describing distill checkpoint: architecture, class names, preprocessing,
     and the source with its revision or sha256. Every command also does this by itself when given such a source."""
-    from distill.pretrained import import_weights
-    from distill.report import info_table
+    from distill.weights.pretrained import import_weights
+    from distill.tools.summary import info_table
 
     def action() -> None:
         ckpt = import_weights(source, model=model, to=to)
@@ -260,7 +260,7 @@ def evaluate(
 ) -> None:
     """Top-1 (and top-5, with more than 5 classes) of any checkpoint on any dataset and resolution, per head for
     token students."""
-    from distill.report import evaluate_checkpoint
+    from distill.tools.summary import evaluate_checkpoint
 
     run_guarded(lambda: evaluate_checkpoint(checkpoint, dataset=dataset, data_dir=data_dir, res=res, crop_pct=crop_pct,
                                             teacher=teacher, batch_size=batch_size, num_workers=num_workers,
@@ -308,7 +308,7 @@ def ensemble(
 ) -> None:
     """Evaluate checkpoints together, each with its own preprocessing: every member's top-1 and the ensemble's."""
     from distill import ensemble as ens
-    from distill.inference import check_precision
+    from distill.tools.inference import check_precision
 
     def action() -> None:
         check_precision(mixed_precision)
@@ -326,7 +326,7 @@ def report(
 ) -> None:
     """One self-contained HTML page of a work folder (PNG figures beside it, opens offline): training curves,
     lineage, accuracy against size and throughput, teacher agreement, per-class accuracy, FixRes before/after."""
-    from distill.html_report import write_report
+    from distill.tools.report import write_report
 
     def action() -> None:
         path = write_report(workdir, out)
@@ -346,8 +346,8 @@ def export(
 ) -> None:
     """Write a timm model folder: timm.create_model("local-dir:DIR", pretrained=True) loads it with the same logits, and
     huggingface_hub can upload it as it is."""
-    from distill.export import ONNX_TOLERANCE, export_checkpoint
-    from distill.pretrained import open_source
+    from distill.tools.export import ONNX_TOLERANCE, export_checkpoint
+    from distill.weights.pretrained import open_source
 
     def action() -> None:
         report = export_checkpoint(open_source(checkpoint, model=model), to, onnx=onnx)
@@ -381,7 +381,7 @@ def predict(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from distill import predict as prediction
-    from distill.pretrained import open_source
+    from distill.weights.pretrained import open_source
 
     def action() -> None:
         ckpt = open_source(checkpoint, model=model)

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.checkpoint import MODEL_FILE, Checkpoint, build_model, read_checkpoint, save_checkpoint
+from distill.weights.checkpoint import MODEL_FILE, Checkpoint, build_model, read_checkpoint, save_checkpoint
 from distill.data import ImageSource, Transformed, eval_loader
 from distill.data.sources import balanced_subset
 from distill.errors import DistillError
-from distill.inference import checkpoint_data, class_probabilities, device, predictor, preprocessing, top1
+from distill.tools.inference import checkpoint_data, class_probabilities, device, predictor, preprocessing, top1
 
 METHODS = ("uniform", "greedy")
 # What must be equal for weights to be averaged, and for the soup to be measured the way its ingredients were.

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.checkpoint import MODEL_FILE, Checkpoint, stage_checkpoints
+from distill.weights.checkpoint import MODEL_FILE, Checkpoint, stage_checkpoints
 from distill.errors import DistillError
-from distill.naming import count
+from distill.weights.naming import count
 
 METRICS_FILE = "metrics.jsonl"
 HEADS = {"top1": "headline", "cls_top1": "class head", "dist_top1": "distillation head", "ema_top1": "EMA"}

@@ -23,19 +23,19 @@ import torch
 from rich.markup import escape
 from torch import nn
 
-from distill.checkpoint import MODEL_FILE, Checkpoint, build_model, class_difference, find_by_sha256, stage_checkpoints
+from distill.weights.checkpoint import MODEL_FILE, Checkpoint, build_model, class_difference, find_by_sha256, stage_checkpoints
 from distill.config import (CacheConfig, FinetuneConfig, FixResConfig, StageConfig, StudentConfig, TeachConfig,
                             TransferConfig, resolve_auto, to_dict, validate)
 from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
 from distill.data.sources import describe_skipped, peek_classes, peek_train_size
 from distill.console import console
-from distill.engine import Job, Run, make_accelerator
-from distill.runfolder import FolderStatus, folder_status, normalise
+from distill.training.engine import Job, Run, make_accelerator
+from distill.training.runfolder import FolderStatus, folder_status, normalise
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
-from distill.naming import precision_name
-from distill.models import check_model_name, create
-from distill.pretrained import open_source
+from distill.weights.naming import precision_name
+from distill.weights.models import check_model_name, create
+from distill.weights.pretrained import open_source
 from distill.speed import channels_last, choose_kernels, to_channels_last
 from distill.students import (PreLogits, attention_parameter_names, build_student, default_patch_size, fit_deit_weights,
                               has_dist_token,

@@ -30,7 +30,7 @@ import timm
 import torch
 from safetensors import SafetensorError, safe_open
 
-from distill.checkpoint import (FORMAT, MODEL_FILE, Checkpoint, atomic_path, file_sha256, read_checkpoint,
+from distill.weights.checkpoint import (FORMAT, MODEL_FILE, Checkpoint, atomic_path, file_sha256, read_checkpoint,
                                save_checkpoint)
 from distill.errors import DistillError
 

@@ -541,7 +541,7 @@ def resolve(cls: type[StageConfig], recipe_path: Path | None = None, overrides: 
     values = layer(values, overrides or {})
     values = check_keys(cls, values, "command line") if overrides else values
     if values.get("img_size_schedule") and values.get("img_size") is None:  # the run ends at the schedule's last size
-        from distill.schedule import parse_schedule
+        from distill.training.schedule import parse_schedule
 
         values["img_size"] = parse_schedule(values["img_size_schedule"])[-1][1]
     config = cls(**values)
@@ -603,8 +603,8 @@ def validate(config: StageConfig) -> None:
         if not ok:
             raise DistillError(sentence)
     if config.img_size_schedule or config.log_with:
-        from distill.schedule import check_schedule
-        from distill.tracking import tracker_names
+        from distill.training.schedule import check_schedule
+        from distill.training.tracking import tracker_names
 
         check_schedule(config.img_size_schedule, config.epochs, config.img_size)
         tracker_names(config.log_with)
@@ -696,6 +696,6 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[s
 
 
 def write_toml(path: Path, values: dict[str, Any]) -> None:
-    from distill.checkpoint import atomic_write_bytes
+    from distill.weights.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, tomli_w.dumps(values).encode())

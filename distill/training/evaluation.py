@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from distill.naming import precision_name
+from distill.weights.naming import precision_name
 from distill.speed import choose_kernels
 
 Predict = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]

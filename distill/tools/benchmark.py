@@ -49,7 +49,7 @@ def build(source: str, res: int, num_classes: int | None = None) -> tuple[nn.Mod
     """A model from a distill checkpoint (path) or a timm name, at `res`: (model, what it is, classes)."""
     import timm
 
-    from distill.checkpoint import build_model, read_checkpoint
+    from distill.weights.checkpoint import build_model, read_checkpoint
     from distill.students import resize
 
     if Path(source).exists():
@@ -59,7 +59,7 @@ def build(source: str, res: int, num_classes: int | None = None) -> tuple[nn.Mod
             resize(model, res)
         return model, f"{ckpt.model_name} ({ckpt.path})", len(ckpt.classes)
     if not timm.is_model(source):
-        from distill.models import check_model_name
+        from distill.weights.models import check_model_name
 
         check_model_name(source)
     classes = num_classes or 1000
@@ -106,7 +106,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
     from timm.optim import create_optimizer_v2
 
     from distill.data import NORMS, Transformed, open_dataset, train_loader, train_transform
-    from distill.engine import Prepared, TargetMixup, make_accelerator, train_step
+    from distill.training.engine import Prepared, TargetMixup, make_accelerator, train_step
     from distill.losses import DistillationLoss, base_criterion
     from distill.speed import channels_last, choose_kernels, idle_workers, to_channels_last
     from distill.students import has_dist_token, set_distilled_training
@@ -243,7 +243,7 @@ def table(rows: list[dict[str, Any]]) -> Any:
 
 
 def save(rows: list[dict[str, Any]], csv_path: Path | None, json_path: Path | None) -> None:
-    from distill.checkpoint import atomic_write_bytes
+    from distill.weights.checkpoint import atomic_write_bytes
 
     if json_path is not None:
         atomic_write_bytes(Path(json_path), json.dumps(rows, indent=1).encode())

@@ -8,10 +8,10 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from distill.checkpoint import Checkpoint, build_model
+from distill.weights.checkpoint import Checkpoint, build_model
 from distill.console import console
 from distill.data.sources import describe_skipped
-from distill.naming import PRECISIONS, measured_at, model_label
+from distill.weights.naming import PRECISIONS, measured_at, model_label
 
 HEAD_NAMES = {"top": "model", "fused": "class + distillation (softmax sum)", "cls": "class head", "dist": "distillation head",
               "teacher": "teacher"}
@@ -215,19 +215,19 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
     """Evaluate a checkpoint at any resolution on any dataset with its classes; on its own data, also show the
     accuracy it recorded when trained, and how that was measured (precision and resolution may differ)."""
     from distill.data import Transformed, eval_loader, eval_transform
-    from distill.engine import make_accelerator
-    from distill.evaluation import bare, evaluate
-    from distill.inference import checkpoint_data
+    from distill.training.engine import make_accelerator
+    from distill.training.evaluation import bare, evaluate
+    from distill.tools.inference import checkpoint_data
     from distill.errors import DistillError
-    from distill.pretrained import open_source
+    from distill.weights.pretrained import open_source
     from distill.speed import idle_workers
-    from distill.stages import check_classes, frozen_teacher, read_teacher
+    from distill.stages.common import check_classes, frozen_teacher, read_teacher
     from distill.students import named_outputs, resize
 
     if mixed_precision not in PRECISIONS:
         raise DistillError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, not '{mixed_precision}'.")
     if tta is not None or tta_res is not None:
-        from distill.tta import check_mode
+        from distill.tools.tta import check_mode
 
         check_mode(tta, tta_res)
     ckpt = open_source(path, model=model)
@@ -263,7 +263,7 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
         if per_class:
             console.print(per_class_table(ckpt.classes, metrics["per_class_top1"]))
     if tta is not None:
-        from distill.tta import evaluate_views, parse_resolutions, print_tta
+        from distill.tools.tta import evaluate_views, parse_resolutions, print_tta
 
         metrics["tta"] = evaluate_views(ckpt, bare(acc, net), data.test, tta, img_size=img_size, crop_pct=crop_pct,
                                         resolutions=parse_resolutions(tta_res), batch_size=batch_size,
