@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from distill import stages
-from distill.checkpoint import Checkpoint, read_checkpoint
+from distill.weights.checkpoint import Checkpoint, read_checkpoint
 from distill.config import FinetuneConfig, StudentConfig, TeachConfig, TransferConfig, resolve
 
 HERE = Path(__file__).resolve().parent

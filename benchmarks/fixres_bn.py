@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from distill import stages
+from distill.stages.finetune import fixres_config
+from distill.stages.teach import plan_teach
 from distill.config import FinetuneConfig, TeachConfig, resolve
 
 HERE = Path(__file__).resolve().parent
@@ -27,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 def adapted(teacher: Any, res: int, bn: str, common: dict[str, Any], epochs: int) -> dict[str, Any]:
     """The teacher adapted to `res` with distill's FixRes stage; its accuracy before and after."""
     finetune = resolve(FinetuneConfig, overrides={**common, "res": res, "teacher_bn": bn, "teacher_epochs": epochs})
-    ckpt = stages.run_stage(lambda: stages.plan_teach(stages.fixres_config(teacher, finetune)))
+    ckpt = stages.run_stage(lambda: plan_teach(fixres_config(teacher, finetune)))
     record = ckpt.meta["fixres"]
     return {"before": record["before_top1"], "after": record["after_top1"], "trainable": record["trainable"]}
 

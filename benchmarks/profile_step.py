@@ -38,7 +38,8 @@ import timm.models.regnet
 import timm.models.vision_transformer
 import torch
 
-from distill import engine, stages
+from distill.training import engine
+from distill import stages
 from distill.config import StudentConfig, TeachConfig, resolve
 from distill.losses import DistillationLoss
 from distill.teachers import FrozenTeacher

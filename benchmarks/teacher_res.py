@@ -26,7 +26,7 @@ from deit_claims import _cells, _mean, _summary, timed, unpack  # noqa: E402
 
 from distill import stages  # noqa: E402
 from distill.config import StudentConfig, TeachConfig  # noqa: E402
-from distill.report import evaluate_checkpoint  # noqa: E402
+from distill.tools.evaluate import evaluate_checkpoint  # noqa: E402
 
 
 def run(cifar: Path, workdir: Path, budget: dict[str, Any], seeds: list[int]) -> dict[str, Any]:

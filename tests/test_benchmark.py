@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import TINY, TINY_VIT, invoke
-from distill.checkpoint import build_model, read_checkpoint
+from distill.weights.checkpoint import build_model, read_checkpoint
 
 
 def test_benchmark_measures_a_timm_model_and_a_checkpoint(folder, tmp_path):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, TINY_VIT, invoke, make_image_folder
-from distill.checkpoint import read_checkpoint
+from distill.weights.checkpoint import read_checkpoint
 from distill.teachers.cache import TeacherCache
 
 CACHE = ["--views", "2", "--epochs", "2", "--num-workers", "0", "--batch-size", "16"]
@@ -35,25 +35,27 @@ def cached(tmp_path_factory):
 
 def test_a_replayed_view_is_the_cached_one_bit_for_bit(cached):
     """The student's loader, epoch e, gives view e % views of each image: the very tensor the teacher saw."""
-    from distill import stages
     from distill.config import StudentConfig, resolve
+    from distill.stages.common import load_data, resolve_norm, training_transform
+    from distill.stages.student import plan_student
+    from distill.teachers.frozen import frozen_teacher
     from distill.data import Transformed, train_loader
     from distill.teachers.cache import _Keyed
 
     runs, _ = cached
     cache = TeacherCache(runs / "teacher-cache")
-    plan = stages.plan_student(resolve(StudentConfig, overrides={"workdir": runs, "teacher_cache": runs / "teacher-cache",
+    plan = plan_student(resolve(StudentConfig, overrides={"workdir": runs, "teacher_cache": runs / "teacher-cache",
                                                                  "epochs": 1, "batch_size": 8, "num_workers": 0}))
     cfg = plan.config
     assert (cfg.aa, cfg.reprob) == ("rand-m9-mstd0.5-inc1", 0.25)  # the cache's augmentation, inherited
-    data = stages.load_data(cfg)
-    mean, std = stages.resolve_norm(cfg, data)
-    transform = stages.training_transform(cfg, mean, std)
+    data = load_data(cfg)
+    mean, std = resolve_norm(cfg, data)
+    transform = training_transform(cfg, mean, std)
     seeds = cache.seeds()
     as_cached = Transformed(data.train, transform)  # what the cache writer read
     as_trained = Transformed(data.train, transform, lambda i, v: torch.tensor([i, v]))
     loader = train_loader(as_trained, batch_size=6, seed=3, rank=0, world=1, num_workers=0, view_seeds=seeds)
-    teacher = stages.frozen_teacher(read_checkpoint(runs / "teach"), (mean, std), cfg.img_size)
+    teacher = frozen_teacher(read_checkpoint(runs / "teach"), (mean, std), cfg.img_size)
     for epoch in (0, 1, 2):
         loader.sampler.set_epoch(epoch)
         images, _, keys = next(iter(loader))
@@ -150,7 +152,7 @@ def test_a_killed_cache_resumes_and_ends_identical(tmp_path):
 
 
 def test_cached_targets_are_mixed_with_the_images_lambda_and_box():
-    from distill.engine import TargetMixup
+    from distill.training.engine import TargetMixup
 
     torch.manual_seed(0)
     labels = torch.tensor([0, 1, 2, 3, 0, 1])

@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from distill.checkpoint import atomic_path, build_model, read_checkpoint, save_checkpoint
+from distill.weights.checkpoint import atomic_path, build_model, read_checkpoint, save_checkpoint
 from distill.errors import DistillError
 
 

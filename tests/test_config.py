@@ -121,7 +121,7 @@ def test_a_flag_data_source_replaces_the_recipes_other_kind(tmp_path):
 def test_a_pipeline_recipes_shared_resolution_does_not_reach_finetune_or_transfer():
     recipe = Path(__file__).resolve().parent.parent / "distill" / "recipes" / "deit-b.toml"
     assert resolve(StudentConfig, recipe, {}).img_size == 224
-    assert resolve(FinetuneConfig, recipe, {}).img_size is None
+    assert resolve(FinetuneConfig, recipe, {}).img_size == 384  # its own section's target, not the shared 224
     assert resolve(TransferConfig, recipe, {"dataset": "cifar10"}).img_size is None
 
 

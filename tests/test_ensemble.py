@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import TINY, TINY_VIT, invoke, make_image_folder
-from distill.checkpoint import build_model, read_checkpoint
+from distill.weights.checkpoint import build_model, read_checkpoint
 from distill.data import eval_transform
 from distill.data.sources import load_folder
 
@@ -58,7 +58,7 @@ def by_hand(path, data, flip=False, img_size=None):
 @pytest.mark.parametrize("mean", ["arith", "geo"])
 def test_ensemble_of_two_architectures_at_two_resolutions_matches_a_hand_computation(runs, mean, tmp_path):
     runs, data = runs
-    result = invoke("ensemble", runs / "student", runs / "teach", "--mean", mean, "--save", tmp_path / "preds",
+    result = invoke("ensemble", runs / "student", runs / "teach", "--mean", mean, "--out", tmp_path / "preds",
                     "--num-workers", 0)
     assert result.exit_code == 0, result.output
     student, labels = by_hand(runs / "student", data)  # 16 px, DeiT, fused heads

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from conftest import TINY, TINY_VIT, invoke, make_image_folder
-from distill.checkpoint import build_model, read_checkpoint
+from distill.weights.checkpoint import build_model, read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_export_writes_a_timm_folder_timm_reloads_with_the_same_logits_and_onnx_
     import onnxruntime
 
     runs, _ = trained
-    result = invoke("export", runs / "student", "--to", tmp_path / "out", "--onnx")
+    result = invoke("export", runs / "student", "--out", tmp_path / "out", "--onnx")
     assert result.exit_code == 0, result.output
     ckpt = read_checkpoint(runs / "student")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -61,8 +61,13 @@ def test_export_refuses_a_file_as_target_and_leaves_it(trained, tmp_path):
     runs, _ = trained
     target = tmp_path / "taken.txt"
     target.write_text("mine")
-    result = invoke("export", runs / "teach", "--to", target)
+    result = invoke("export", runs / "teach", "--to", target)  # --to: the older spelling of --out, still taken
     assert result.exit_code == 2 and "is a file" in result.output and target.read_text() == "mine"
+    both = invoke("export", runs / "teach", "--out", tmp_path / "a", "--to", tmp_path / "b")
+    assert both.exit_code == 2 and "--to is the older spelling of --out" in both.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    nowhere = invoke("export", runs / "teach")
+    assert nowhere.exit_code == 2 and "--out DIR" in nowhere.output
 
 
 def test_predict_agrees_with_evaluate_on_a_folder(trained, tmp_path):
@@ -72,7 +77,7 @@ def test_predict_agrees_with_evaluate_on_a_folder(trained, tmp_path):
     row = next(line for line in evaluated.output.splitlines() if "softmax sum" in line)
     top1 = float(row.split("│")[2])
     out = tmp_path / "predictions.csv"
-    result = invoke("predict", runs / "student", folder / "test", "--top-k", "2", "--num-workers", "0", "--output", out)
+    result = invoke("predict", runs / "student", folder / "test", "--top-k", "2", "--num-workers", "0", "--out", out)
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert len(rows) == 18 and set(rows[0]) == {"path", "class_1", "probability_1", "class_2", "probability_2"}
@@ -117,8 +122,8 @@ def test_the_teacher_reads_the_resolution_asked_for():
 
 
 def test_teacher_res_resolves_and_is_recorded(trained, tmp_path):
-    from distill.checkpoint import read_checkpoint
-    from distill.stages import teacher_resolution
+    from distill.weights.checkpoint import read_checkpoint
+    from distill.teachers.frozen import teacher_resolution
 
     runs, _ = trained
     teacher = read_checkpoint(runs / "teach")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, TINY_VIT, invoke, make_image_folder
-from distill.checkpoint import read_checkpoint
+from distill.weights.checkpoint import read_checkpoint
 from distill.errors import DistillError
 from distill.students import resize
 
@@ -60,7 +60,7 @@ def trained(tmp_path_factory):
 
 def test_finetune_with_the_automatic_fixres_teacher(trained):
     runs = trained
-    result = invoke("finetune", "--workdir", runs, "--res", "24", "--epochs", "1", "--teacher-epochs", "1",
+    result = invoke("finetune", "--workdir", runs, "--img-size", "24", "--epochs", "1", "--teacher-epochs", "1",
                     "--batch-size", "8", "--num-workers", "0", "--warmup-epochs", "0")
     assert result.exit_code == 0, result.output
     student = read_checkpoint(runs / "student")
@@ -96,8 +96,14 @@ def test_finetune_with_the_automatic_fixres_teacher(trained):
                    "--batch-size", "8", "--num-workers", "0", "--warmup-epochs", "0", "--name", "finetune-c")
     assert third.exit_code == 0, third.output
     assert (fixres_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    # --res, the older spelling of --img-size, names the same run: it is reused as it is
+    reused = invoke("finetune", "--workdir", runs, "--res", "24", "--epochs", "1", "--teacher-epochs", "1",
+                    "--batch-size", "8", "--num-workers", "0", "--warmup-epochs", "0")
+    assert reused.exit_code == 0 and "already finished with these settings" in reused.output, reused.output
+    both = invoke("finetune", "--workdir", runs, "--res", "24", "--img-size", "32")
+    assert both.exit_code == 2 and "--res is the older spelling of --img-size" in both.output
     # any checkpoint evaluates at any resolution
-    evaluated = invoke("evaluate", runs / "student", "--res", "24", "--num-workers", "0",
+    evaluated = invoke("evaluate", runs / "student", "--img-size", "24", "--num-workers", "0",
                        "--teacher", fixres_dir)
     assert evaluated.exit_code == 0, evaluated.output
     assert "distillation head" in evaluated.output and "teacher" in evaluated.output
@@ -110,4 +116,4 @@ def test_finetune_refuses_a_resolution_off_the_grid(trained):
 
 def test_finetune_needs_a_resolution(trained):
     result = invoke("finetune", "--workdir", trained)
-    assert result.exit_code == 2 and "--res" in result.output
+    assert result.exit_code == 2 and "--img-size" in result.output

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import TINY, TINY_VIT, invoke, make_image_folder
-from distill.checkpoint import read_checkpoint
+from distill.weights.checkpoint import read_checkpoint
 
 FIVE = ["circle", "hex", "square", "star", "tri"]
 TINY_LABEL = "DeiT-Ti/4 depth 1 width 32 heads 2 @ 16px (deit_tiny_distilled…, 15.3k params)"
@@ -50,7 +50,7 @@ def _row(output: str, key: str) -> str:
 
 # 1. model names -----------------------------------------------------------------------------------
 def test_model_labels_say_what_any_timm_model_is():
-    from distill.naming import model_label
+    from distill.weights.naming import model_label
 
     assert model_label("deit_tiny_distilled_patch16_224", {"num_classes": 1000}) == \
         "DeiT-Ti/16 @ 224px (deit_tiny_distilled_patch16_224, 5.91M params)"
@@ -255,8 +255,8 @@ def test_top5_is_measured_only_with_more_than_five_classes(trained):
 
     import torch
 
-    from distill.engine import make_accelerator
-    from distill.evaluation import evaluate
+    from distill.training.engine import make_accelerator
+    from distill.training.evaluation import evaluate
 
     for classes in (5, 6):
         labels = torch.arange(12) % classes

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import TINY, make_image_folder
-from distill.checkpoint import read_checkpoint
+from distill.weights.checkpoint import read_checkpoint
 
 
 def test_two_processes_train_count_each_test_image_once_and_write_once(tmp_path):

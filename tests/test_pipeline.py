@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import invoke, make_image_folder
-from distill.checkpoint import read_checkpoint
+from distill.weights.checkpoint import read_checkpoint
 
 RECIPE = """
 workdir = "runs"
@@ -120,7 +120,7 @@ def test_a_recipe_with_a_conflict_fails_its_dry_run_with_a_sentence(tmp_path, fo
     other = make_image_folder(tmp_path / "other", ["apple", "pear", "plum"])
     cases = {
         '[finetune]\nres = 22\n': "Stage finetune: Resolution 22 is not a multiple of the patch size 4",
-        '[finetune]\nres = 24\nimg_size = 16\n': "finetune trains at --res (24 px); leave --img-size unset",
+        '[finetune]\nres = 24\nimg_size = 16\n': "--res is the older spelling of --img-size, the target resolution",
         '[transfer]\ndata_dir = "{other}"\ndistillation = "soft"\n': "--distillation soft needs a teacher trained on the "
                                                                  "target",
     }

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from timm.data import ImageNetInfo
 
 from conftest import TINY, invoke, make_image_folder
-from distill.checkpoint import build_model, file_sha256, read_checkpoint
-from distill.pretrained import open_source
+from distill.weights.checkpoint import build_model, file_sha256, read_checkpoint
+from distill.weights.pretrained import open_source
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 CLASSES = ["circle", "square", "star"]
@@ -156,7 +156,8 @@ HUB_IMAGENET_NAMES = {0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus",
 
 def test_imagenet_classes_match_the_hub_dataset_names_and_synset_folders(offline, tmp_path):
     from distill.config import StudentConfig, resolve
-    from distill.stages import check_classes, plan_student
+    from distill.stages.student import plan_student
+    from distill.teachers.frozen import check_classes
     from distill.errors import DistillError
 
     teacher = open_source("timm/regnety_002.pycls_in1k")
@@ -179,7 +180,7 @@ def test_imagenet_classes_match_the_hub_dataset_names_and_synset_folders(offline
 
 def test_the_papers_distilled_deit_names_its_teacher(offline):
     """The official distilled DeiTs carry their distillation and their teacher, so finetune keeps distilling."""
-    from distill.pretrained import PAPER_DISTILLED, PAPER_TEACHER
+    from distill.weights.pretrained import PAPER_DISTILLED, PAPER_TEACHER
 
     assert PAPER_DISTILLED.fullmatch("deit_base_distilled_patch16_384.fb_in1k")
     assert not PAPER_DISTILLED.fullmatch("deit_base_patch16_224.fb_in1k")

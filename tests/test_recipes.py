@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import invoke, make_image_folder
-from distill.checkpoint import read_checkpoint
+from distill.weights.checkpoint import read_checkpoint
 from distill.config import NOT_SHARED, STAGES, config_fields, read_toml, stage_section, transfer_targets
 from distill.config import CONFIGS
 
@@ -22,7 +22,7 @@ DIGITS = [str(d) for d in range(10)]  # the quickstart's class names, so its cla
 
 SHRINK = {"epochs": 1, "batch_size": 4, "num_workers": 0, "img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1,
           "num_heads": 2, "warmup_epochs": 0, "train_subset": 40, "eval_every": 1}
-SHRINK_SCOPED = {"teach.model": "regnety_002", "finetune.res": 24, "finetune.teacher_epochs": 1}
+SHRINK_SCOPED = {"teach.model": "regnety_002", "finetune.img_size": 24, "finetune.teacher_epochs": 1}
 
 
 def shrink_flags(data: Path) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import TINY, invoke, make_image_folder, run_cli
-from distill.checkpoint import read_checkpoint
+from distill.weights.checkpoint import read_checkpoint
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distill"
 
@@ -121,7 +121,7 @@ def test_feature_distillation_resumes_its_projection_exactly_and_never_exports_i
 
 WRITER = """
 import sys, torch
-from distill.checkpoint import save_checkpoint
+from distill.weights.checkpoint import save_checkpoint
 meta = {"kind": "teacher", "stage": "teach", "model": {"name": "x", "args": {}}, "data": {"classes": ["a"], "img_size": 8}}
 versions = [{"w": torch.full((256, 1024), float(v))} for v in range(2)]
 save_checkpoint(sys.argv[1], versions[1], {**meta, "version": 1})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, TINY_VIT, invoke, make_image_folder
-from distill.naming import count
+from distill.weights.naming import count
 
 pytest.importorskip("matplotlib")
 
@@ -33,7 +33,7 @@ def workdir(tmp_path_factory):
 def numbers_in_run_files(runs: Path) -> set[str]:
     """Every number the run files hold, written every way the report writes numbers, and every number inside
     their strings (paths, names, classes)."""
-    from distill.checkpoint import stage_checkpoints
+    from distill.weights.checkpoint import stage_checkpoints
 
     found: set[str] = set()
 

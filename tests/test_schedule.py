@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY, TINY_VIT, invoke, make_image_folder
-from distill.checkpoint import read_checkpoint
+from distill.weights.checkpoint import read_checkpoint
 from test_reliability import _kill_at_step
 
 

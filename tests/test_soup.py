@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import TINY, TINY_VIT, invoke, make_image_folder
-from distill.checkpoint import read_checkpoint
+from distill.weights.checkpoint import read_checkpoint
 from distill.data.sources import load_folder
-from distill.soup import held_out_split
+from distill.tools.soup import held_out_split
 
 
 @pytest.fixture(scope="module")

@@ -161,7 +161,7 @@ def test_a_convnet_trains_and_teaches_in_channels_last_on_a_cpu(folder, tmp_path
     teacher = {(training, nhwc) for training, nhwc, patches in seen if not patches}
     student = {nhwc for _, nhwc, patches in seen if patches}
     assert teacher == {(False, expected)} and student == {False}  # the teacher is frozen, in eval mode
-    from distill.checkpoint import build_model, read_checkpoint
+    from distill.weights.checkpoint import build_model, read_checkpoint
 
     rebuilt = build_model(read_checkpoint(runs / "teach"))  # saved in the standard layout, reloaded as timm builds it
     assert rebuilt.stem.conv.weight.is_contiguous()
@@ -206,7 +206,7 @@ def test_idle_loader_workers_run_at_idle_priority_and_others_keep_theirs(idle, e
 
 @pytest.mark.parametrize("extra, expected", [([], True), (["--no-idle-workers"], False)])
 def test_a_cpu_run_gives_its_loaders_idle_workers_by_default(folder, tmp_path, monkeypatch, extra, expected):
-    from distill import engine
+    from distill.training import engine
 
     made = []
     for name in ("train_loader", "eval_loader"):
@@ -222,6 +222,7 @@ def test_a_cpu_run_gives_its_loaders_idle_workers_by_default(folder, tmp_path, m
 
 
 def test_onednn_linear_follows_device_vendor_and_choice(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # whatever CPU runs the test
     monkeypatch.setattr(speed, "cpu_vendor", lambda: "AuthenticAMD")
     assert speed.onednn_linear(None, "cpu") is True  # MKL runs its AVX2 code there
     assert speed.onednn_linear(None, "cuda") is False
@@ -323,6 +324,7 @@ def test_training_and_evaluation_use_onednn_linear_where_chosen(folder, tmp_path
     runs = tmp_path / "runs"
     assert invoke("teach", "--data-dir", folder, "--workdir", runs, *TINY).exit_code == 0
     monkeypatch.setattr(speed, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # whatever CPU runs the test
     forwards: list[bool] = []  # whether each oneDNN layer call records gradients
     products: list[int] = []  # oneDNN's matrix products, forward and backward
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY, TINY_VIT, invoke, make_image_folder
-from distill.checkpoint import read_checkpoint
+from distill.weights.checkpoint import read_checkpoint
 
 
 @pytest.fixture(scope="module")

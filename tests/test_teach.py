@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY, invoke, run_cli
-from distill.checkpoint import build_model, read_checkpoint
+from distill.weights.checkpoint import build_model, read_checkpoint
 
 
 def test_tiny_teach_end_to_end(folder):
@@ -47,7 +47,7 @@ def test_finished_run_is_reused_and_a_changed_one_refused(folder):
 
 
 def test_bf16_autocast_runs_on_cpu(folder):
-    from distill.engine import make_accelerator
+    from distill.training.engine import make_accelerator
 
     acc = make_accelerator("bf16")
     layer = torch.nn.Linear(8, 8)
@@ -108,7 +108,7 @@ def test_ema_decay_used_at_a_given_step():
     """DeiT's 0.99996 from the first update to the last of a 300-epoch ImageNet run (375k steps at batch 1024);
     timm's warmup reaches only 0.99981 there."""
     from distill.config import TeachConfig
-    from distill.engine import ema_step, make_ema
+    from distill.training.engine import ema_step, make_ema
 
     model = torch.nn.Linear(2, 2)
     fixed = TeachConfig(ema=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY, TINY_VIT, invoke, make_image_folder
-from distill.checkpoint import read_checkpoint
+from distill.weights.checkpoint import read_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from distill import stages
+from distill.stages.common import Expected, Expecting, StagePlan
+from distill.stages.runner import PLANNERS, run_stage
 from distill.weights.checkpoint import MODEL_FILE, Checkpoint
 from distill.config import (CONFIGS, NOT_SHARED, STAGES, StageConfig, check_keys, check_recipe, config_fields, layer, read_toml,
                             resolve, stage_section, transfer_targets)
@@ -149,10 +150,10 @@ def select(steps: list[Step], only: str | None, start: str | None) -> list[Step]
     return steps
 
 
-def plan_step(step: Step, expecting: stages.Expecting) -> stages.StagePlan:
+def plan_step(step: Step, expecting: Expecting) -> StagePlan:
     """A step's plan; a refusal names the stage it comes from."""
     try:
-        return stages.PLANNERS[step.stage](step.config, expecting)
+        return PLANNERS[step.stage](step.config, expecting)
     except DistillError as error:
         raise DistillError(f"Stage {step.label}: {error.sentence}") from None
 
@@ -162,15 +163,15 @@ class PlanRow:
     """One line of a dry run: a run folder, what would happen to it, and why."""
 
     label: str
-    plan: stages.StagePlan
+    plan: StagePlan
     action: str  # run | reuse | resume | re-run
     why: str
 
 
-def describe(label: str, plan: stages.StagePlan) -> PlanRow:
+def describe(label: str, plan: StagePlan) -> PlanRow:
     status = plan.status()
     if status is None:
-        waiting = plan.parent if isinstance(plan.parent, stages.Expected) else plan.teacher
+        waiting = plan.parent if isinstance(plan.parent, Expected) else plan.teacher
         return PlanRow(label, plan, "run", f"after {waiting.path.parent.name}")
     action, why = {
         "finished": ("reuse", "finished with the same settings and parent"),
@@ -230,7 +231,7 @@ def run(steps: list[Step]) -> list[tuple[Step, Checkpoint, str, float]]:
         action = describe(step.label, plan_step(step, {})).action
         console.rule(f"[bold]{step.label}[/]  ({action})")
         started = time.perf_counter()
-        ckpt = stages.run_stage(lambda step=step: plan_step(step, {}))
+        ckpt = run_stage(lambda step=step: plan_step(step, {}))
         results.append((step, ckpt, action, time.perf_counter() - started))
     return results
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.models import builds_token, create, expand_short_name
+from distill.weights.models import builds_token, create, expand_short_name
 
 
 def student_model(model: str, token: bool) -> tuple[str, dict[str, Any]]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import DistillError
-from distill.models import create
+from distill.weights.models import create
 
 
 def build_teacher(name: str, num_classes: int, drop_path: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:

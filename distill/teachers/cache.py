@@ -12,6 +12,7 @@ augmentation is a pure function of a seed: view v of image i is the training tra
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -22,12 +23,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from distill.checkpoint import atomic_path, atomic_write_bytes
+from distill.weights.checkpoint import atomic_path, atomic_write_bytes
 from distill.errors import DistillError
 from distill.speed import idle_workers, lower_worker_priority
 
 MANIFEST, SEEDS = "cache.json", "seeds.safetensors"
 FORMAT = "distill-teacher-cache"
+
+
+def targets_digest(labels: list[int]) -> str:
+    """What ties a cache to the exact training split it was made on: the labels in order."""
+    return hashlib.sha256(",".join(map(str, labels)).encode()).hexdigest()
 
 
 def view_seeds(cache_seed: int, views: int, images: int) -> np.ndarray:

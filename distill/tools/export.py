@@ -67,7 +67,7 @@ def export_checkpoint(ckpt: Checkpoint, to: Path, onnx: bool = False, batch: int
 
     to = Path(to)
     if to.exists() and not to.is_dir():
-        raise DistillError(f"--to {to} is a file; give a folder.")
+        raise DistillError(f"--out {to} is a file; give a folder.")
     model = build_model(ckpt)
     model_config, data_config = export_config(ckpt)
     to.mkdir(parents=True, exist_ok=True)

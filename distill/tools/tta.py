@@ -3,7 +3,7 @@
 - `flip`: the centre crop and its mirror image.
 - `five-crop`: the four corner crops and the centre crop of the resized image (torchvision's FiveCrop).
 - `multi-res`: the centre crop at several resolutions (default: the model's, a fifth below and a fifth above,
-  on the patch grid of a ViT, whose position embeddings are resampled for each as `evaluate --res` does).
+  on the patch grid of a ViT, whose position embeddings are resampled for each as `evaluate --img-size` does).
 
 The combination is the mean of the views' class probabilities, image by image. Every view's own top-1 is
 reported beside it, so the gain of the combination over the plain centre crop is read directly.

@@ -14,46 +14,9 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from distill.config.checks import parse_schedule  # noqa: F401  (read here by the engine)
 from distill.errors import DistillError
 from distill.students import patch_size_of, resize
-
-
-def parse_schedule(text: str | None) -> list[tuple[int, int]]:
-    """`24:0,32:10` -> [(0, 24), (10, 32)] as (first epoch, resolution), refused with a sentence when malformed."""
-    if not text:
-        return []
-    steps = []
-    for part in text.split(","):
-        size, _, epoch = part.strip().partition(":")
-        try:
-            steps.append((int(epoch), int(size)))
-        except ValueError:
-            raise DistillError(f"--img-size-schedule takes RESOLUTION:EPOCH pairs separated by commas (e.g. 24:0,32:10), "
-                               f"not '{text}'.") from None
-    epochs = [epoch for epoch, _ in steps]
-    if epochs[0] != 0:
-        raise DistillError(f"--img-size-schedule must start at epoch 0 (e.g. {steps[0][1]}:0,...), not at epoch {epochs[0]}.")
-    if epochs != sorted(set(epochs)):
-        raise DistillError(f"--img-size-schedule's epochs must increase, each once: {text}.")
-    small = [size for _, size in steps if size < 8]
-    if small:
-        raise DistillError(f"--img-size-schedule's resolutions must be at least 8 pixels, not {small[0]}.")
-    return steps
-
-
-def check_schedule(text: str | None, epochs: int, img_size: int | None) -> None:
-    """A schedule that fits the run: its changes fall inside it, and it ends at --img-size (the resolution the
-    checkpoint is written and measured at)."""
-    steps = parse_schedule(text)
-    if not steps:
-        return
-    late = [epoch for epoch, _ in steps if epoch >= epochs]
-    if late:
-        raise DistillError(f"--img-size-schedule changes the resolution at epoch {late[0]}, but the run has {epochs} "
-                           f"epoch(s) (0 to {epochs - 1}).")
-    if img_size is not None and steps[-1][1] != img_size:
-        raise DistillError(f"--img-size-schedule ends at {steps[-1][1]} px but --img-size is {img_size}: the checkpoint is "
-                           "written at the last resolution, so give the same (or leave --img-size out).")
 
 
 def resolution_at(steps: list[tuple[int, int]], epoch: int) -> int | None:

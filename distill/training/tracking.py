@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from distill.errors import DistillError
+from distill.config.checks import tracker_names  # noqa: F401  (read here by the engine)
 
 LOG_DIR = "logs"  # under the run folder
 OFFLINE = {  # environment variable -> value, set only when the user has not set it
@@ -21,25 +21,6 @@ OFFLINE = {  # environment variable -> value, set only when the user has not set
     "clearml": {"CLEARML_OFFLINE_MODE": "1"},
     "comet_ml": {"COMET_START_ONLINE": "0"},
 }
-
-
-def tracker_names(log_with: str | None) -> list[str]:
-    """`tensorboard,wandb` -> ['tensorboard', 'wandb'], each checked against accelerate's trackers and installed."""
-    if not log_with:
-        return []
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-
-    names = [name.strip() for name in log_with.split(",") if name.strip()]
-    available = {str(t) for t in get_available_trackers()}
-    for name in names:
-        if name == "all":
-            continue
-        if name not in LOGGER_TYPE_TO_CLASS:
-            raise DistillError(f"--log-with takes accelerate's trackers ({', '.join(sorted(LOGGER_TYPE_TO_CLASS))}, or all), "
-                               f"not '{name}'.")
-        if name not in available:
-            raise DistillError(f"--log-with {name} needs the {name} package, which is not installed (pip install {name}).")
-    return names
 
 
 def offline_environment(names: list[str], run_dir: Path) -> None:

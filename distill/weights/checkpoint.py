@@ -132,6 +132,11 @@ class Checkpoint:
         return self._sha256
 
     @property
+    def written(self) -> bool:
+        """On disk (a pipeline's plan stands in the checkpoints it has yet to write: see stages.common.Expected)."""
+        return True
+
+    @property
     def kind(self) -> str:
         return self.meta.get("kind", "?")
 

@@ -1,0 +1,96 @@
+"""`distill cache-teacher`: run a teacher once over K augmented views of every training image and keep its
+top-k probabilities (FKD), so that a student trains without running it."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+from rich.progress import Progress
+
+from distill.config import CacheConfig, resolve_auto, to_dict
+from distill.console import console
+from distill.data import Transformed
+from distill.errors import DistillError
+from distill.speed import channels_last, choose_kernels, to_channels_last
+from distill.stages.common import (Expecting, StagePlan, data_record, default_parent, inherit_data, load_data,
+                                   planned, planned_classes, read_teacher, resolve_norm, source_line, train_size,
+                                   training_transform)
+from distill.teachers.cache import (fill_shards, read_manifest, shard_count, targets_digest, view_seeds, write_manifest,
+                                    write_seeds)
+from distill.teachers.frozen import check_classes, frozen_teacher
+from distill.training.engine import make_accelerator
+from distill.training.runfolder import normalise
+from distill.weights.naming import precision_name
+
+
+def plan_cache(cfg: CacheConfig, expecting: Expecting = {}) -> StagePlan:
+    """A teacher run once over K augmented views of every training image."""
+    if cfg.teacher is not None:
+        teacher = read_teacher(cfg.teacher, expecting=expecting)
+    else:
+        teacher = default_parent(cfg.workdir, "teach", "teacher", "--teacher", "train one with `distill teach`", "teacher",
+                                 expecting)
+    cfg = inherit_data(cfg, teacher)
+    cfg = dataclasses.replace(cfg, views=cfg.views or cfg.epochs)
+    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    classes = planned_classes(cfg)
+    check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
+    return planned(StagePlan("cache-teacher", cfg, parent=teacher, teacher=teacher, notes=notes,
+                              classes=classes or teacher.classes or None))
+
+
+def execute_cache(plan: StagePlan) -> None:
+    """Write the cache shard by shard (resuming a killed run), then mark it complete."""
+    cfg, teacher = plan.config, plan.teacher
+    root = cfg.run_dir()
+    identity = normalise(plan.identity())
+    existing = read_manifest(root)
+    if existing is not None and existing.get("identity") != identity:
+        if not cfg.overwrite:
+            raise DistillError(f"{root} already holds a teacher cache made with other settings; pass --overwrite to "
+                               "replace it, or --name to write elsewhere.")
+        shutil.rmtree(root)
+        existing = None
+    if existing is not None and existing.get("complete"):
+        console.print(f"[bold]cache-teacher[/]: {root} is already complete with these settings; reusing it.")
+        return None
+    acc = make_accelerator(cfg.mixed_precision)
+    with acc.main_process_first():
+        data = load_data(cfg)
+    check_classes(teacher, data.classes, f"the dataset {cfg.data_dir or cfg.dataset}")
+    mean, std = resolve_norm(cfg, data)
+    seeds = view_seeds(cfg.seed, cfg.views, len(data.train))
+    manifest = {"identity": identity, "complete": False, "views": cfg.views, "images": len(data.train),
+                "num_classes": len(data.classes), "classes": data.classes, "top_k": cfg.top_k, "seed": cfg.seed,
+                "shard_size": cfg.shard_size,
+                "teacher": teacher.lineage("teacher"), "config": to_dict(cfg, result_only=True),
+                "data": data_record(cfg, data.classes, mean, std, data.info),
+                "targets_sha256": targets_digest(data.train.targets)}
+    if acc.is_main_process:
+        console.print(source_line("teacher", teacher), soft_wrap=True)
+        console.print(f"[bold]cache-teacher[/] -> {root}  ({cfg.views} views x {len(data.train):,} images, top-{cfg.top_k}, "
+                      f"{acc.num_processes} process(es), precision {precision_name(cfg.mixed_precision)})"
+                      + "".join(f"\n  {note}" for note in plan.notes), soft_wrap=True)
+        root.mkdir(parents=True, exist_ok=True)
+        if existing is None:
+            write_seeds(root, seeds)
+            write_manifest(root, manifest)
+    acc.wait_for_everyone()
+    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, compile=cfg.compile).to(acc.device)
+    choose_kernels(acc, [frozen], cfg.attention, cfg.onednn_linear)
+    if channels_last(cfg.channels_last, acc.device.type, cfg.mixed_precision):
+        to_channels_last([frozen])
+    dataset = Transformed(data.train, training_transform(cfg, mean, std))
+    total = shard_count(cfg.views, len(data.train), cfg.shard_size)
+    with Progress(console=console, transient=True, disable=not (acc.is_main_process and console.is_terminal)) as bar:
+        task = bar.add_task("teacher views", total=-(-total // acc.num_processes))
+        written = fill_shards(root, dataset, seeds, frozen, acc, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                              top_k=cfg.top_k, shard_size=cfg.shard_size, progress=lambda shard: bar.advance(task))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_manifest(root, {**manifest, "complete": True})
+        console.print(f"teacher cache: {root}, {total} shards ({written} written now), "
+                      f"{cfg.views * len(data.train):,} views", soft_wrap=True)
+    acc.wait_for_everyone()
+    return None

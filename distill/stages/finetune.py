@@ -1,0 +1,139 @@
+"""`distill finetune`: fine-tune a student at a higher resolution (position embeddings resampled) while it keeps
+learning from its teacher, adapted to that resolution by FixRes first."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from distill.config import FinetuneConfig, FixResConfig, resolve_auto
+from distill.errors import DistillError
+from distill.stages.common import (Expected, Expecting, StagePlan, count_params, criterion_for, data_record,
+                                   datasets_for, default_parent, distillation_record, finished, inherit_data,
+                                   inherit_distillation, load_with_norm, open_checkpoint, open_run, parent_accuracy,
+                                   planned, read_teacher, resolution_setter, taught, train_size)
+from distill.stages.teach import plan_teach
+from distill.students import default_patch_size, has_dist_token, named_outputs, records_token, resize, set_distilled_training
+from distill.teachers.frozen import check_classes, frozen_teacher, teacher_resolution
+from distill.training.engine import Job
+from distill.weights.checkpoint import Checkpoint, build_model, find_by_sha256
+
+
+def locate_teacher(parent: Checkpoint, workdir: Path) -> Checkpoint | None:
+    """A checkpoint's teacher, by its recorded path, else by its sha256 anywhere in the work folder."""
+    if isinstance(parent, Expected):
+        return parent.teacher_source
+    record = parent.meta.get("teacher")
+    if not record:
+        return None
+    if record.get("source") and not record.get("path"):  # imported weights whose teacher is a known source
+        return read_teacher(record["source"])
+    path = Path(record.get("path", ""))
+    if path.exists():
+        try:
+            ckpt = read_teacher(path)
+            if ckpt.sha256 == record.get("sha256"):
+                return ckpt
+        except DistillError:
+            pass
+    return find_by_sha256(workdir, record.get("sha256", ""))
+
+
+def fixres_config(teacher: Checkpoint, cfg: FinetuneConfig) -> FixResConfig:
+    """FixRes: the teacher at the target resolution, by training its classifier and BatchNorm on test-time
+    preprocessing (SGD, momentum 0.9, weight decay 1e-4). Saved as its own reusable run, named by the
+    resolution and the teacher's sha256."""
+    tag = "" if cfg.teacher_bn == "last" else f"{cfg.teacher_bn}bn-"
+    sha = teacher.sha256[:8] if not isinstance(teacher, Expected) else "pending"
+    return FixResConfig(
+        workdir=cfg.workdir, name=f"teach-fixres-{cfg.res}-{tag}{sha}", seed=cfg.seed,
+        mixed_precision=cfg.mixed_precision, save_every=cfg.save_every, num_workers=cfg.num_workers,
+        eval_every=cfg.eval_every, overwrite=cfg.overwrite, skip_corrupt=cfg.skip_corrupt,
+        dataset=cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset, classes=cfg.classes, img_size=cfg.res,
+        crop_pct=teacher.data.get("crop_pct"), interpolation=cfg.interpolation, norm=teacher.data.get("norm"),
+        profile="short", aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, scale_min=1.0, smoothing=0.0, hflip=0.0,
+        epochs=cfg.teacher_epochs,
+        batch_size=cfg.batch_size, opt="sgd", lr=cfg.teacher_lr, lr_scale=cfg.lr_scale, min_lr=0.0, warmup_epochs=0.0,
+        weight_decay=1e-4, momentum=0.9, drop_path=0.0, model=teacher.model_name, init=teacher.path, bn=cfg.teacher_bn,
+    )
+
+
+def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
+    """Fine-tune a student at a higher resolution while it keeps learning from a teacher at that resolution."""
+    if cfg.res is not None and cfg.img_size not in (None, cfg.res):
+        raise DistillError(f"--res is the older spelling of --img-size, the target resolution; give one of them (here "
+                           f"--img-size {cfg.img_size} and --res {cfg.res}).")
+    res = cfg.img_size if cfg.img_size is not None else cfg.res
+    if res is None:
+        raise DistillError("Give the target resolution with --img-size (e.g. --img-size 384).")
+    cfg = dataclasses.replace(cfg, res=res, img_size=res)  # both recorded, as runs made with --res recorded them
+    if cfg.checkpoint:
+        parent = open_checkpoint(cfg.checkpoint, "checkpoint", expecting, expect_kind="student", model=cfg.model or None)
+    else:
+        parent = default_parent(cfg.workdir, "student", "student", "--checkpoint", "train one with `distill student`",
+                                "student", expecting)
+    if parent.kind == "pretrained" and "patch_size" not in parent.model_args:
+        raise DistillError(f"{parent.path} is a {parent.model_name}: finetune resamples a ViT's position embeddings; "
+                           "a convnet changes resolution without it (distill evaluate --img-size, or distill transfer).")
+    cfg = inherit_data(dataclasses.replace(cfg, img_size=cfg.res), parent)
+    patch = int(parent.model_args.get("patch_size") or default_patch_size(parent.img_size))
+    if cfg.res % patch:
+        raise DistillError(f"Resolution {cfg.res} is not a multiple of the patch size {patch}; "
+                           f"try {max(patch, cfg.res // patch * patch)} or {(cfg.res // patch + 1) * patch}.")
+    inherited = parent.meta.get("distillation") or {}
+    kind = "none" if cfg.no_teacher else (cfg.distillation or inherited.get("kind") or "none")
+    cfg = inherit_distillation(cfg, parent, kind)
+    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    teacher: Checkpoint | None = None
+    before: list[StagePlan] = []
+    if kind != "none":
+        if cfg.teacher is not None:
+            teacher = read_teacher(cfg.teacher, expecting=expecting, model=cfg.teacher_model)
+        else:
+            original = locate_teacher(parent, cfg.workdir)
+            if original is None:
+                raise DistillError(f"The teacher of {parent.path} is no longer where it was trained; pass --teacher CKPT "
+                                   "or --no-teacher.")
+            adapt = plan_teach(fixres_config(original, cfg), expecting)
+            before.append(adapt)
+            teacher = finished(adapt) or adapt.expected()
+        check_classes(teacher, parent.classes or None, f"the student {parent.path}")
+    model = {"name": parent.model_name, "args": {**parent.model_args, "img_size": cfg.res}}
+    distillation = distillation_record(kind, cfg.alpha, cfg.tau, records_token(parent.model_name, parent.model_args),
+                                       cfg.feature_loss)
+    distillation["teacher_res"] = teacher_resolution(teacher, cfg.res, cfg.teacher_res) if teacher else None
+    return planned(StagePlan("finetune", cfg, parent=parent, teacher=teacher, notes=notes, before=before,
+                              settings={"distillation": distillation}, model=model, classes=parent.classes or None))
+
+
+def execute_finetune(plan: StagePlan) -> Checkpoint:
+    cfg, parent, teacher = plan.config, plan.parent, plan.teacher
+    run, done = open_run(plan)
+    if done is not None:
+        return done
+    data, mean, std = load_with_norm(run, teacher, f"the dataset {cfg.dataset or cfg.data_dir}")
+    if not parent.knows_classes(data.classes):
+        raise DistillError(f"The student {parent.path} was trained on other classes than {cfg.dataset or cfg.data_dir}.")
+    model = build_model(parent, drop_path_rate=cfg.drop_path)
+    resize(model, cfg.res)
+    set_distilled_training(model, True)
+    frozen = (frozen_teacher(teacher, (mean, std), cfg.res, cfg.teacher_res, compile=cfg.compile)
+              if teacher is not None else None)
+    train_set, test_set = datasets_for(cfg, data, mean, std)
+    kind, alpha, tau = cfg.distillation, cfg.alpha, cfg.tau
+    distillation = {**plan.settings["distillation"], "token": has_dist_token(model)}
+
+    def describe(metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"kind": "student", "stage": "finetune", "model": plan.model, "params": count_params(model),
+                "data": data_record(cfg, data.classes, mean, std, data.info), "parent": parent.lineage("weights"),
+                "teacher": teacher.lineage(taught(kind)) if teacher else None, "distillation": distillation,
+                "from_img_size": parent.img_size}
+
+    job = Job(model=model, train_set=train_set, eval_set=test_set,
+              retransform=resolution_setter(cfg, mean, std, train_set, test_set, True),
+              criterion=criterion_for(cfg, kind, frozen, alpha, tau, student=model),
+              num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
+              class_names=data.classes, evaluate_first=True, notes=plan.notes,
+              extra_metrics=parent_accuracy(parent))
+    return run.fit(job)

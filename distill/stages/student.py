@@ -1,0 +1,172 @@
+"""`distill student`: distil a DeiT from a teacher (none, soft, hard, feature; with or without the distillation
+token), from the teacher itself or from a teacher cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import timm
+
+from distill.config import StageConfig, StudentConfig, resolve_auto
+from distill.errors import DistillError
+from distill.stages.common import (Expecting, StagePlan, count_params, criterion_for, data_record, datasets_for,
+                                   default_parent, distillation_record, inherit_data, load_with_norm, open_checkpoint,
+                                   open_run, planned, planned_classes, read_teacher, resolution_setter, taught,
+                                   train_size)
+from distill.students import (build_student, fit_deit_weights, named_outputs, set_distilled_training, student_args,
+                              student_model)
+from distill.teachers.cache import TeacherCache, targets_digest
+from distill.teachers.frozen import check_classes, frozen_teacher, teacher_resolution
+from distill.training.engine import Job
+from distill.weights.checkpoint import Checkpoint
+
+
+def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
+    """Distil a DeiT from a teacher: none, soft, hard, with or without the distillation token."""
+    if cfg.teacher_cache is not None:
+        return plan_cached_student(cfg, expecting)
+    if cfg.teacher is not None:  # with --distillation none, a given teacher is only measured against
+        teacher = read_teacher(cfg.teacher, expecting=expecting, model=cfg.teacher_model)
+    elif cfg.distillation != "none":
+        teacher = default_parent(cfg.workdir, "teach", "teacher", "--teacher", "train one with `distill teach`", "teacher",
+                                 expecting)
+    else:
+        teacher = None
+    init = student_init(cfg, expecting) if cfg.init else None
+    if init is not None:  # the student takes the size of its starting weights
+        sizing = {k: init.model_args.get(k) for k in ("patch_size", "embed_dim", "depth", "num_heads")}
+        cfg = dataclasses.replace(cfg, model=init.model_name, **sizing)
+    cfg = inherit_data(cfg, teacher or init)
+    name, token_args = student_model(cfg.model, cfg.token)
+    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    classes = planned_classes(cfg)
+    if teacher is not None:
+        check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
+        classes = classes or teacher.classes or None
+    args = {**student_args(cfg, len(classes) if classes else None), **token_args}
+    distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss)
+    distillation["teacher_res"] = teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None
+    return planned(StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes,
+                              settings={"distillation": distillation}, model={"name": name, "args": args},
+                              classes=classes, init=init))
+
+
+def student_init(cfg: StudentConfig, expecting: Expecting) -> Checkpoint:
+    """The DeiT a student starts from (--init), refused when it is not a ViT or when the flags resize it."""
+    given = [k for k in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(cfg, k) is not None]
+    if given:
+        raise DistillError(f"--{given[0].replace('_', '-')} cannot resize a student started from --init {cfg.init}; it "
+                           "takes the size of those weights.")
+    architecture = cfg.model if timm.is_model(cfg.model) else student_model(cfg.model, token=False)[0]
+    init = open_checkpoint(cfg.init, "--init checkpoint", expecting, model=architecture)
+    if not init.model_name.startswith("deit_") or "patch_size" not in init.model_args:
+        raise DistillError(f"The --init checkpoint {init.path} is a {init.model_name}; a student starts from a DeiT "
+                           "(deit_tiny/small/base, with or without the distillation token).")
+    return init
+
+
+# Settings a teacher cache fixes: the training data and every augmentation setting applied before the batch.
+CACHED_SETTINGS = ("dataset", "data_dir", "classes", "train_subset", "img_size", "aa", "reprob", "scale_min", "hflip",
+                   "color_jitter", "interpolation", "norm")
+
+
+def inherit_from_cache(cfg: StageConfig, cache: TeacherCache) -> StageConfig:
+    """Take the cache's data and augmentation where the student left them open; refuse where it asks for others."""
+    made = cache.manifest["config"]
+    updates, differences = {}, []
+    for key in CACHED_SETTINGS:
+        mine, theirs = getattr(cfg, key), made.get(key)
+        if mine is None:
+            updates[key] = Path(theirs) if key == "data_dir" and theirs else theirs
+        elif key == "data_dir" and theirs and Path(mine).resolve() == Path(theirs).resolve():
+            continue
+        elif mine != theirs and not (key == "dataset" and made.get("data_dir")):
+            differences.append(f"{key} {theirs} (asked: {mine})")
+    if differences:
+        raise DistillError(f"The teacher cache {cache.root} was made with other data or augmentation: "
+                           f"{'; '.join(differences[:4])}. Leave these unset to use the cache's, or make a cache with them.")
+    return dataclasses.replace(cfg, **updates)
+
+
+def plan_cached_student(cfg: StudentConfig, expecting: Expecting) -> StagePlan:
+    """A student taught by a teacher cache: the teacher's targets are read, never computed."""
+    if cfg.distillation not in ("soft", "hard"):
+        raise DistillError("--teacher-cache replays a teacher for soft or hard distillation; it has nothing to give "
+                           f"--distillation {cfg.distillation}.")
+    if cfg.repeated_aug > 1:
+        raise DistillError("--teacher-cache replays one view of each image per epoch; it cannot be combined with "
+                           "--repeated-aug.")
+    cache = TeacherCache(cfg.teacher_cache)
+    record = cache.manifest["teacher"]
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = read_teacher(cfg.teacher, expecting=expecting)
+        if teacher.sha256 != record["sha256"]:
+            raise DistillError(f"The teacher cache {cache.root} was made by another teacher ({record['path']}), not "
+                               f"{teacher.path}.")
+    elif Path(record.get("path", "")).exists():  # kept for the evaluation's agreement with the teacher only
+        found = read_teacher(Path(record["path"]))
+        teacher = found if found.sha256 == record["sha256"] else None
+    cfg = inherit_data(inherit_from_cache(cfg, cache), teacher)
+    if "feature" in cfg.distillation:
+        raise DistillError(f"A teacher cache holds the teacher's probabilities, not its features: --distillation "
+                           f"{cfg.distillation} needs the teacher itself (--teacher, without --teacher-cache).")
+    name, token_args = student_model(cfg.model, cfg.token)
+    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    classes = cache.manifest["classes"]
+    args = {**student_args(cfg, len(classes)), **token_args}
+    distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss)
+    settings = {"distillation": distillation, "cache": {"path": str(cache.root.resolve()),
+                                                         "identity": cache.manifest["identity"], "teacher": record}}
+    plan = StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes, settings=settings,
+                     model={"name": name, "args": args}, classes=classes)
+    plan.settings["cache_object"] = cache
+    return planned(plan)
+
+
+def execute_student(plan: StagePlan) -> Checkpoint:
+    cfg, teacher = plan.config, plan.teacher
+    run, done = open_run(plan)
+    if done is not None:
+        return done
+    data, mean, std = load_with_norm(run, teacher, f"the dataset {cfg.data_dir or cfg.dataset}")
+    name, token_args = student_model(cfg.model, cfg.token)
+    model, args = build_student(name, len(data.classes), cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                                depth=cfg.depth, num_heads=cfg.num_heads, layer_scale=cfg.layer_scale,
+                                drop_path=cfg.drop_path, extra=token_args)
+    if plan.init is not None:
+        model.load_state_dict(fit_deit_weights(plan.init.state_dict(), model,
+                                               keep_heads=plan.init.knows_classes(data.classes)))
+    set_distilled_training(model, True)
+    frozen = (frozen_teacher(teacher, (mean, std), cfg.img_size, cfg.teacher_res, compile=cfg.compile)
+              if teacher is not None else None)
+    train_set, test_set = datasets_for(cfg, data, mean, std)
+    cache: TeacherCache | None = plan.settings.get("cache_object")
+    view_seeds_ = None
+    if cache is not None:  # the teacher's targets come from the cache: it never runs in training
+        if data.classes != cache.manifest["classes"] or targets_digest(data.train.targets) != cache.manifest["targets_sha256"]:
+            raise DistillError(f"The training data is not the one the teacher cache {cache.root} was made on (its images or "
+                               "labels changed); make the cache again.")
+        train_set.view_target = functools.partial(cache.target, kind=cfg.distillation)
+        view_seeds_ = cache.seeds()
+    cached_teacher = (plan.settings.get("cache") or {}).get("teacher")
+    record = (teacher.lineage(taught(cfg.distillation)) if teacher else
+              {**cached_teacher, "inherited": taught(cfg.distillation)} if cached_teacher else None)
+
+    def describe(metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"kind": "student", "stage": "student", "model": {"name": name, "args": args},
+                "params": count_params(model), "data": data_record(cfg, data.classes, mean, std, data.info),
+                "parent": record, "teacher": record, "distillation": plan.settings["distillation"],
+                "teacher_cache": {k: v for k, v in (plan.settings.get("cache") or {}).items() if k != "teacher"} or None,
+                "init": plan.init.lineage("weights") if plan.init else None}
+
+    job = Job(model=model, train_set=train_set, eval_set=test_set,
+              retransform=resolution_setter(cfg, mean, std, train_set, test_set, True),
+              criterion=criterion_for(cfg, cfg.distillation, frozen if cache is None else None, cfg.alpha, cfg.tau,
+                                      student=model, cached=cache is not None),
+              num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
+              class_names=data.classes, notes=plan.notes, view_seeds=view_seeds_)
+    return run.fit(job)

@@ -1,0 +1,1 @@
+"""After training: evaluate, info, export, predict, soups, ensembles, test-time augmentation, benchmark, report."""

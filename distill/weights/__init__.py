@@ -1,0 +1,1 @@
+"""Weights on disk: distill checkpoints, pretrained sources, timm model names and labels."""
