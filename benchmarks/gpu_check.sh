@@ -2,7 +2,7 @@
 # gpu_check.sh - device check of distill on ONE CUDA GPU (sized for one H200: under 8 minutes in all, offline).
 #
 # Run it from the repository root (the checkout that holds distill/ and tests/):
-#     bash gpu_check.sh                 # results under $OUT when set, else /tmp/gpu_check_out
+#     bash benchmarks/gpu_check.sh      # results under $OUT when set, else /tmp/gpu_check_out
 # Environment knobs: PYTHON (default python), GPU_CHECK_BUDGET (seconds, default 450), NUM_WORKERS (default nproc-2, max 16).
 # Nothing is downloaded: models are built by timm with random weights, data is the embedded digits and, when the
 # checkout's shared data is present (shared/data or ../shared/data), CIFAR-10 JPEGs.
@@ -277,7 +277,7 @@ step probe 150 $PY "$WORK/probe.py" "$OUT_DIR/probe.json"
 BENCH_DATA=()
 [[ -n "$CIFAR" ]] && BENCH_DATA=(--data-dir "$CIFAR")
 step benchmark 130 $PY -m distill benchmark deit_small_distilled_patch16_224 deit_tiny_distilled_patch16_224 \
-  --teacher regnety_160 --res 224 --mixed-precision bf16 --batch-size 128 --steps 10 --warmup 3 \
+  --teacher regnety_160 --img-size 224 --mixed-precision bf16 --batch-size 128 --steps 10 --warmup 3 \
   --num-workers "$NW" ${BENCH_DATA[@]+"${BENCH_DATA[@]}"} --json "$OUT_DIR/bench.json"
 
 # ---- 3. tiny pipeline on the digits, CUDA, bf16; then the same command again (everything reused) --------------------

@@ -105,3 +105,11 @@ def test_each_wing_imports_alone():
         assert process.returncode == 0, f"import distill.{wing} failed"
         wrong += [f"distill.{wing} loads {m}" for m in loaded if wing_of(m) != wing and FLOOR[wing_of(m)] >= FLOOR[wing]]
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_command_line_starts_without_torch():
+    """`distill --help` and every refusal of a flag come before torch is loaded: the CLI imports the stages and
+    tools inside each command."""
+    code = "import sys, distill.cli; print(sorted(m for m in ('torch', 'timm', 'accelerate') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

@@ -139,3 +139,20 @@ def test_deit3_options_are_checked_before_any_run():
         resolve(StudentConfig, None, {"distillation": "token"})
     with pytest.raises(DistillError, match=r"'feature_loss' must be one of mse, cosine"):
         resolve(FinetuneConfig, None, {"feature_loss": "l1"})
+
+
+def test_finetunes_older_spelling_res_is_img_size_in_every_layer(tmp_path):
+    """`res` (recipes, --set, --res) and `img_size` are one setting: a later layer replaces an earlier one whichever
+    spelling each uses; a flat recipe's img_size is the fine-tune's; only two values in one layer are refused."""
+    quickstart = Path(__file__).resolve().parent.parent / "distill" / "recipes" / "quickstart.toml"
+    assert resolve(FinetuneConfig, quickstart, {}).img_size == 48
+    assert resolve(FinetuneConfig, quickstart, {"res": 64}).img_size == 64  # --res over the recipe's img_size
+    assert resolve(FinetuneConfig, quickstart, {}, recipe_values={"res": 24}).img_size == 24  # --set finetune.res=24
+    flat = tmp_path / "flat.toml"
+    flat.write_text("img_size = 384\nepochs = 2\n")
+    assert resolve(FinetuneConfig, flat, {}).img_size == 384
+    rebuilt = tmp_path / "config.toml"  # what a fine-tune records: both spellings, one value
+    rebuilt.write_text("res = 48\nimg_size = 48\n")
+    assert resolve(FinetuneConfig, rebuilt, {"img_size": 64}).img_size == 64
+    with pytest.raises(DistillError, match="--res is the older spelling of --img-size"):
+        resolve(FinetuneConfig, None, {"res": 24, "img_size": 32})

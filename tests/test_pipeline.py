@@ -120,7 +120,7 @@ def test_a_recipe_with_a_conflict_fails_its_dry_run_with_a_sentence(tmp_path, fo
     other = make_image_folder(tmp_path / "other", ["apple", "pear", "plum"])
     cases = {
         '[finetune]\nres = 22\n': "Stage finetune: Resolution 22 is not a multiple of the patch size 4",
-        '[finetune]\nres = 24\nimg_size = 16\n': "--res is the older spelling of --img-size, the target resolution",
+        '[finetune]\nres = 24\nimg_size = 16\n': "res is the older spelling of img_size; give one of them (here 24 and 16)",
         '[transfer]\ndata_dir = "{other}"\ndistillation = "soft"\n': "--distillation soft needs a teacher trained on the "
                                                                  "target",
     }

@@ -171,7 +171,7 @@ def report(
 def export(
     checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder to write config.json and model.safetensors into "
-                                       "(created if needed)."),
+                                       "(created if needed); required."),
     to: Optional[Path] = typer.Option(None, "--to", hidden=True),
     onnx: bool = typer.Option(False, "--onnx", help=escape("Also write model.onnx (class probabilities; a token student's two heads "
                               "fused as in the paper), checked against torch with ONNX Runtime: pip install 'distill[onnx]'.")),

@@ -15,7 +15,6 @@ from distill.config.checks import parse_schedule, validate
 from distill.config.fields import StageConfig, config_fields, field_types
 from distill.config.stages import CONFIGS, STAGES
 from distill.errors import DistillError
-from distill.weights.checkpoint import atomic_write_bytes
 
 
 def _coerce(f: dataclasses.Field, kind: type, value: Any, where: str) -> Any:
@@ -113,7 +112,9 @@ def stage_section(recipe: dict[str, Any], stage: str, target: str | None = None)
     """The keys a stage takes from a recipe: the top-level keys it knows (shared by all stages) plus its
     own section. A flat file is a one-stage recipe; a file with [teach], [student], ... sections is a
     pipeline recipe, and any stage command can read its own part of it."""
-    known = {f.name for f in config_fields(CONFIGS[stage])} - NOT_SHARED.get(stage, set())
+    known = {f.name for f in config_fields(CONFIGS[stage])}
+    if any(isinstance(v, dict) for v in recipe.values()):  # a pipeline recipe; a flat one is all this stage's
+        known -= NOT_SHARED.get(stage, set())
     shared = {k: v for k, v in recipe.items() if not isinstance(v, dict) and k in known}
     if stage != "transfer":
         return layer(shared, recipe.get(stage, {}))
@@ -128,6 +129,27 @@ def stage_section(recipe: dict[str, Any], stage: str, target: str | None = None)
     return layer(shared, own)
 
 
+# Older spellings a stage still reads, each the same setting as its current name: finetune's `res` is `img_size`.
+OLDER_SPELLINGS = {"finetune": {"res": "img_size"}}
+
+
+def current_spelling(cls: type[StageConfig], values: dict[str, Any], where: str) -> dict[str, Any]:
+    """One layer of settings (a recipe, its pipeline part, the flags) with older spellings read as the current
+    names, so a later layer's `img_size` replaces an earlier layer's `res` as it would an `img_size`."""
+    values = dict(values)
+    for old, new in OLDER_SPELLINGS.get(cls.stage, {}).items():
+        given = values.pop(old, None)
+        if given is None:
+            continue
+        if values.get(new) not in (None, given):
+            flag = "--" if where == "command line" else ""
+            raise DistillError(f"{where}: {flag}{old.replace('_', '-') if flag else old} is the older spelling of "
+                               f"{flag}{new.replace('_', '-') if flag else new}; give one of them (here {given} and "
+                               f"{values[new]}).")
+        values[new] = given
+    return values
+
+
 def resolve(cls: type[StageConfig], recipe_path: Path | None = None, overrides: dict[str, Any] | None = None,
             recipe_values: dict[str, Any] | None = None) -> StageConfig:
     """defaults <- recipe <- flags given on the command line (None means 'not given')."""
@@ -137,10 +159,11 @@ def resolve(cls: type[StageConfig], recipe_path: Path | None = None, overrides: 
         check_recipe(recipe, str(recipe_path))
         # A transfer recipe with several [transfer.NAME] targets: --dataset NAME picks one.
         target = (overrides or {}).get("dataset") if cls.stage == "transfer" else None
-        values.update(check_keys(cls, stage_section(recipe, cls.stage, target), str(recipe_path)))
+        section = current_spelling(cls, stage_section(recipe, cls.stage, target), str(recipe_path))
+        values.update(check_keys(cls, section, str(recipe_path)))
     if recipe_values:
-        values = layer(values, check_keys(cls, recipe_values, "recipe"))
-    values = layer(values, overrides or {})
+        values = layer(values, check_keys(cls, current_spelling(cls, recipe_values, "recipe"), "recipe"))
+    values = layer(values, current_spelling(cls, overrides or {}, "command line"))
     values = check_keys(cls, values, "command line") if overrides else values
     if values.get("img_size_schedule") and values.get("img_size") is None:  # the run ends at the schedule's last size
         values["img_size"] = parse_schedule(values["img_size_schedule"])[-1][1]
@@ -150,4 +173,6 @@ def resolve(cls: type[StageConfig], recipe_path: Path | None = None, overrides: 
 
 
 def write_toml(path: Path, values: dict[str, Any]) -> None:
+    from distill.weights.checkpoint import atomic_write_bytes  # here, so that `distill --help` loads no torch
+
     atomic_write_bytes(path, tomli_w.dumps(values).encode())
