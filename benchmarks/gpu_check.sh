@@ -107,6 +107,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
+from distill.config import auto_precision
 from distill.data import NORMS
 from distill.training.engine import LossWatch, Prepared, TargetMixup, make_accelerator, train_step
 from distill.training.evaluation import bare
@@ -205,10 +206,15 @@ report("device", torch.cuda.get_device_name(0) if CUDA else "cpu")
 report("tf32_matmul_as_distill_leaves_it", torch.backends.cuda.matmul.allow_tf32)
 report("cudnn_benchmark_as_distill_leaves_it", torch.backends.cudnn.benchmark)
 
-# accelerate launch --mixed_precision bf16 (or `accelerate config`) sets ACCELERATE_MIXED_PRECISION; distill passes its own
+# accelerate launch --mixed_precision bf16 (or `accelerate config`) sets ACCELERATE_MIXED_PRECISION; distill's default
+# --mixed-precision auto takes it, else bf16 on a GPU that has it
 os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
-report("launcher_asks_bf16_distill_runs", make_accelerator("no").mixed_precision)
+report("launcher_asks_bf16_distill_auto_runs", auto_precision()[0])
+os.environ["ACCELERATE_MIXED_PRECISION"] = "no"  # what accelerate launch sets when nothing is configured
+report("launcher_default_distill_auto_runs", auto_precision()[0])
 del os.environ["ACCELERATE_MIXED_PRECISION"]
+report("no_launcher_distill_auto_runs", auto_precision()[0])
+make_accelerator("no")
 report("tf32_after_make_accelerator", torch.backends.cuda.matmul.allow_tf32)
 report("cudnn_benchmark_after_make_accelerator", torch.backends.cudnn.benchmark)
 
@@ -242,7 +248,7 @@ torch.backends.cudnn.benchmark = False
 del acc, parts, teacher, one, images
 free()
 
-# C. the CLI default precision (--mixed-precision no): a DeiT-S fp32 step with TF32 off (as distill leaves it) and on
+# C. an fp32 run (--mixed-precision no, or auto without bf16): a DeiT-S fp32 step with TF32 off and on (distill: on)
 acc, parts, _, one, _ = setup(S, None, RES, B, "no", ema=False)
 for flag in (False, True):
     torch.backends.cuda.matmul.allow_tf32 = flag

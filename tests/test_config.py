@@ -13,7 +13,7 @@ from distill.errors import DistillError
 
 def test_lr_rule_scales_base_lr_by_global_batch_over_512():
     cfg = TeachConfig(lr=5e-4, batch_size=64, grad_accum=2)
-    assert cfg.global_batch(4) == 512
+    assert cfg.images_per_step(4) == 512 and TeachConfig(global_batch=1024, batch_size=64).images_per_step(4) == 1024
     assert cfg.effective_lr(4) == pytest.approx(5e-4)
     assert cfg.effective_lr(8) == pytest.approx(1e-3)
     assert TeachConfig(lr=5e-4, batch_size=64, lr_scale=False).effective_lr(8) == pytest.approx(5e-4)
@@ -43,7 +43,7 @@ def test_wrong_types_and_ranges_are_sentences(tmp_path):
     with pytest.raises(DistillError, match="'epochs' should be an integer"):
         resolve(TeachConfig, recipe, {})
     recipe.write_text('mixed_precision = "fp8"\n')
-    with pytest.raises(DistillError, match="must be one of no, bf16, fp16"):
+    with pytest.raises(DistillError, match="must be one of auto, no, bf16, fp16"):
         resolve(TeachConfig, recipe, {})
     recipe.write_text("epochs = 3\n[teach\n")
     with pytest.raises(DistillError, match="not valid TOML"):

@@ -20,7 +20,7 @@ from distill.config import CONFIGS
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "distill" / "recipes").glob("*.toml"))
 DIGITS = [str(d) for d in range(10)]  # the quickstart's class names, so its class filters keep working
 
-SHRINK = {"epochs": 1, "batch_size": 4, "num_workers": 0, "img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1,
+SHRINK = {"epochs": 1, "batch_size": 4, "global_batch": 8, "num_workers": 0, "img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1,
           "num_heads": 2, "warmup_epochs": 0, "train_subset": 40, "eval_every": 1}
 SHRINK_SCOPED = {"teach.model": "regnety_002", "finetune.img_size": 24, "finetune.teacher_epochs": 1}
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
 from typing import Any, Callable
 
 import typer
@@ -49,11 +51,28 @@ def run_guarded(action: Callable[[], Any]) -> Any:
     except Exception as error:  # a defect, not bad input: still one line unless --debug
         if _debug["on"]:
             raise
+        waited = _timed_out(error)
+        if waited is not None:  # said by whichever process gave up: process 0 may be the one that fell behind
+            _console().print(f"[bold red]error:[/] {escape(waited)}", soft_wrap=True)
+            raise typer.Exit(2) from None
         if _is_main_process():
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             _console().print(f"[bold red]unexpected error:[/] {type(error).__name__}: {escape(first)} "
                              "(run with --debug for the traceback).", soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def _timed_out(error: Exception) -> str | None:
+    """The sentence for a collective operation that outlasted the process group's timeout, or None."""
+    engine = sys.modules.get("distill.training.engine")
+    seconds = getattr(engine, "PROCESS_GROUP", {}).get("seconds") if engine else None
+    text = f"{type(error).__name__}: {error}"
+    if seconds is None or not re.search(r"timed out|timeout|watchdog", text, re.IGNORECASE):
+        return None
+    rank = os.environ.get("RANK", "0")
+    return (f"Process {rank} waited more than --dist-timeout {seconds:g} s for the others in a collective operation: "
+            "one of them fell behind (a slow disk, a long evaluation) or stopped; see its output, or raise "
+            "--dist-timeout.")
 
 
 def _print_version(value: bool) -> None:

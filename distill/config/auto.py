@@ -1,4 +1,5 @@
-"""The values a run leaves to `auto`: the learning rate (the stage's reference recipe at its own batch, scaled
+"""The values a run leaves to `auto`: the precision (the launcher's, else bf16 on a GPU that has it), the global
+batch (and how the processes share it), the learning rate (the stage's reference recipe at its own batch, scaled
 linearly above it) and the regularisation profile (DeiT's for long runs, light for short ones)."""
 
 from __future__ import annotations
@@ -9,6 +10,11 @@ from typing import Any
 
 from distill.config.checks import validate
 from distill.config.fields import LONG_RUN_IMAGES, LR_REFERENCE_BATCH, ReferenceRate, StageConfig
+from distill.errors import DistillError
+
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+# What `accelerate launch` and `accelerate config` leave in the environment for the processes they start.
+LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"
 
 # --profile: the regularisation a run gets by default. DeiT's Table 9 is what the paper measured, on ImageNet
 # for 300 epochs (384M images seen); on every small run measured here it costs accuracy (flowers12: 7 points at 15
@@ -26,6 +32,37 @@ def processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def auto_precision() -> tuple[str, str]:
+    """--mixed-precision auto: the launcher's bf16 or fp16 (its `no` is also what it sets when nothing is configured,
+    so it is not taken as a choice), else bf16 on a GPU that has it, else fp32; and why, for the run's first line."""
+    launcher = os.environ.get(LAUNCHER_PRECISION, "").strip().lower()
+    if launcher in ("bf16", "fp16"):
+        return launcher, f"the launcher's choice, {LAUNCHER_PRECISION}={launcher}"
+    import torch  # here: the command line starts without torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16", "a GPU with bf16"
+    if torch.cuda.is_available():
+        return "no", "a GPU without bf16; --mixed-precision fp16 to use its fp16"
+    return "no", "no GPU; --mixed-precision bf16 on a CPU with bf16 instructions"
+
+
+def split_batch(global_batch: int, world: int, limit: int, even: bool = False) -> tuple[int, int]:
+    """How `world` processes share a global batch: (images per process per forward pass, micro-batches accumulated
+    per optimizer step), the largest share per pass that is at most `limit` (and even, for Mixup/CutMix)."""
+    if global_batch % world:
+        raise DistillError(f"The global batch {global_batch} cannot be shared evenly by {world} processes; give a "
+                           f"--global-batch that is a multiple of {world}, or run on a number of processes that divides "
+                           f"{global_batch}.")
+    share = global_batch // world
+    fits = [size for size in range(min(limit, share), 0, -1) if share % size == 0 and not (even and size % 2)]
+    if not fits:
+        raise DistillError(f"Mixup/CutMix need an even batch on each process, and {world} processes share the global "
+                           f"batch {global_batch} as {share} each, which no even batch divides; give another "
+                           "--global-batch (or pass --mixup 0 --cutmix 0).")
+    return fits[0], share // fits[0]
+
+
 def auto_rate(reference: ReferenceRate, global_batch: int) -> float:
     """The reference rate at the reference's own batch, scaled linearly above that batch and held below it.
 
@@ -36,18 +73,29 @@ def auto_rate(reference: ReferenceRate, global_batch: int) -> float:
     return reference.rate * max(1.0, global_batch / reference.batch)
 
 
-def resolve_auto(config: StageConfig, world: int | None = None, train_size: int | None = None
-                 ) -> tuple[StageConfig, list[str]]:
-    """Fill the values left to `auto` (learning rate, regularisation profile) for this run, and say what was chosen.
+def resolve_auto(config: StageConfig, world: int | None = None, train_size: int | None = None,
+                 recorded_batch: int | None = None) -> tuple[StageConfig, list[str]]:
+    """Fill the values left to `auto` (precision, global batch, learning rate, regularisation profile) for this run,
+    and say what was chosen.
 
-    A function of the config, the number of processes and the training-set size (counted without decoding),
-    so a dry run resolves exactly what the run will.
+    A function of the config, the number of processes, the training-set size (counted without decoding) and the
+    global batch a run folder already records (`recorded_batch`: an interrupted or finished run keeps its own on
+    any number of processes), so a dry run resolves exactly what the run will.
     """
     world = world or processes()
     updates: dict[str, Any] = {}
     notes: list[str] = []
-    batch = config.global_batch(world)
     unused = getattr(config, "unused", ())
+    late: list[str] = []  # said after the learning rate and the profile
+    if config.mixed_precision == "auto":
+        updates["mixed_precision"], why = auto_precision()
+        late.append(f"precision {PRECISION_NAMES[updates['mixed_precision']]} (auto: {why})")
+    batch = config.global_batch or recorded_batch or config.batch_size * config.grad_accum * world
+    if "global_batch" not in unused:
+        updates["global_batch"] = batch
+        if config.global_batch is None and recorded_batch and recorded_batch != config.batch_size * config.grad_accum * world:
+            late.append(f"global batch {batch}, kept from the run already in {config.run_dir()} (it started on another "
+                        "number of processes)")
     if config.lr is None and "lr" not in unused:
         reference = config.reference_lr
         rate = auto_rate(reference, batch)
@@ -68,4 +116,15 @@ def resolve_auto(config: StageConfig, world: int | None = None, train_size: int 
                                                                   else f"{key} {value}" for key, value in chosen.items()))
     resolved = dataclasses.replace(config, **updates)
     validate(resolved)
+    notes += late
+    if "global_batch" not in unused:
+        mixing = (resolved.mixup or 0) > 0 or (resolved.cutmix or 0) > 0
+        per_process, accumulation = split_batch(batch, world, resolved.batch_size, even=mixing)
+        if config.global_batch is not None or recorded_batch or accumulation != config.grad_accum:
+            rate = f", lr {resolved.effective_lr(world):.3g}" if "lr" not in unused else ""
+            notes.append(f"global batch {batch} = {world} x {per_process} x {accumulation} (processes x images per "
+                         f"process x accumulated micro-batches){rate}")
+        if resolved.repeated_aug > 1 and world == 1:
+            notes.append(f"repeated augmentation {resolved.repeated_aug} off: one process reads every image once per "
+                         "epoch (DeiT repeats only when distributed)")
     return resolved, notes

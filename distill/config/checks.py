@@ -42,8 +42,11 @@ def validate(config: StageConfig) -> None:
         (config.bce_target_thresh is None or config.smoothing == 0,
          f"--bce-target-thresh binarises the targets, which undoes --smoothing {config.smoothing} (or, below smoothing / "
          "classes, marks every class present); pass --smoothing 0 with it, as DeiT III does."),
-        (not (((config.mixup or 0) > 0 or (config.cutmix or 0) > 0) and config.batch_size % 2),
+        (not (((config.mixup or 0) > 0 or (config.cutmix or 0) > 0) and config.batch_size % 2
+              and config.global_batch is None),  # with a global batch, config.auto.split_batch finds an even share
          f"Mixup/CutMix need an even --batch-size, not {config.batch_size} (or pass --mixup 0 --cutmix 0)."),
+        (config.global_batch is None or config.global_batch >= 1, "--global-batch must be at least 1."),
+        (config.dist_timeout >= 1, "--dist-timeout must be at least 1 second."),
     ]
     for name in ("res", "teacher_epochs", "views", "top_k", "shard_size"):
         value = getattr(config, name, None)

@@ -54,9 +54,17 @@ class StageConfig:
     workdir: Path = option(Path("runs"), "Work folder; each stage writes <workdir>/<name>/.", "Run", result=False)
     name: str | None = option(None, "Run folder name under --workdir [default: the stage's name].", "Run", result=False)
     seed: int = option(0, "Random seed; with it a run is reproducible, also across a resume.", "Run")
-    mixed_precision: str = option("no", "Mixed precision: no, bf16 (fast on recent GPUs and on CPUs with bf16 instructions, AMX "
-                                  "or AVX512-BF16) or fp16 (GPU only).",
-                                  "Run", choices=("no", "bf16", "fp16"))
+    mixed_precision: str = option("auto", "Mixed precision: auto (the launcher's bf16 or fp16 when `accelerate launch "
+                                  "--mixed_precision` or `accelerate config` names one, else bf16 on a GPU that has it, "
+                                  "else fp32), no (fp32), bf16 (fast on recent GPUs and on CPUs with bf16 instructions, "
+                                  "AMX or AVX512-BF16) or fp16 (GPU only).",
+                                  "Run", choices=("auto", "no", "bf16", "fp16"))
+    dist_timeout: int = option(1800, "Seconds a process waits for the others in a collective operation before the run "
+                               "stops with a sentence (the process-group timeout; data is prepared by every process at "
+                               "once, so no process waits while another prepares it).", "Run", result=False)
+    deterministic: bool = option(False, "Deterministic kernels on a GPU (torch.use_deterministic_algorithms, no "
+                                 "cudnn.benchmark; slower): with it a resumed CUDA run ends bit for bit as an "
+                                 "uninterrupted one, as a CPU run always does.", "Run", result=False)
     save_every: int = option(0, "Also save the resumable state every N optimizer steps (0: once per epoch).", "Run", result=False)
     num_workers: int = option(2, "Data-loading worker processes per training process.", "Run", result=False)
     eval_every: int = option(1, "Evaluate on the test split every N epochs (and always after the last).", "Run",
@@ -129,12 +137,23 @@ class StageConfig:
     scale_min: float | None = option(None, "Smallest area fraction of the random-resized crop [default: by --profile; "
                                      "DeiT: 0.08].", "Augmentation")
     hflip: float = option(0.5, "Horizontal-flip probability.", "Augmentation")
-    repeated_aug: int = option(1, "Repeated augmentation: each image this many times per epoch, spread over processes "
-                               "(DeiT uses 3 on 8+ GPUs).", "Augmentation")
+    repeated_aug: int = option(1, "Repeated augmentation: each image this many times in a row, dealt to the processes in "
+                               "turn (DeiT: 3). As in DeiT, only with several processes: on one, an epoch reads every "
+                               "image once.", "Augmentation")
     # Optimisation (DeiT, Table 9)
     epochs: int = option(15, "Training epochs (DeiT: 300).", "Optimisation")
-    batch_size: int = option(32, "Batch size per process (DeiT: 64 per GPU).", "Optimisation")
-    grad_accum: int = option(1, "Gradient-accumulation steps per optimizer step.", "Optimisation")
+    batch_size: int = option(32, "Images per process in one forward pass (DeiT: 64 per GPU); with --global-batch, the most "
+                             "one process takes at once, accumulation making up the rest.", "Optimisation")
+    grad_accum: int = option(1, "Gradient-accumulation steps per optimizer step (with --global-batch: derived).",
+                             "Optimisation")
+    global_batch: int | None = option(None, "Images per optimizer step over all processes: the batch of the paper's lr "
+                                      "rule (DeiT: 1024). The same run then trains alike on 8, 16 or 64 GPUs, and a "
+                                      "resume on another number of processes keeps it [default: --batch-size x "
+                                      "--grad-accum x processes; a run folder keeps the one it started with].",
+                                      "Optimisation")
+    sync_bn: bool = option(False, "Synchronise BatchNorm statistics across processes at every step (PyTorch's "
+                           "SyncBatchNorm, GPUs only; for convnets trained with small batches per GPU). Without it, the "
+                           "processes' statistics are averaged before every evaluation and save.", "Optimisation")
     opt: str = option("adamw", "Optimizer (any timm name: adamw, sgd, lamb, ...).", "Optimisation")
     lr: float | None = option(None, "BASE learning rate per global batch of 512: the rate used is lr x global batch / 512 "
                               "(global batch = batch size x processes x accumulation), DeiT's rule. Default: auto, the "
@@ -180,14 +199,15 @@ class StageConfig:
     def run_dir(self) -> Path:
         return Path(self.workdir) / self.run_name()
 
-    def global_batch(self, num_processes: int) -> int:
-        return self.batch_size * self.grad_accum * num_processes
+    def images_per_step(self, num_processes: int) -> int:
+        """The global batch: given (or resolved at planning), else what the per-process batch makes of it."""
+        return self.global_batch or self.batch_size * self.grad_accum * num_processes
 
     def effective_lr(self, num_processes: int) -> float:
         """The DeiT rule: lr = base lr x global batch / 512."""
         if not self.lr_scale:
             return self.lr
-        return self.lr * self.global_batch(num_processes) / LR_REFERENCE_BATCH
+        return self.lr * self.images_per_step(num_processes) / LR_REFERENCE_BATCH
 
 
 @dataclass

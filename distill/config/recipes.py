@@ -167,6 +167,9 @@ def resolve(cls: type[StageConfig], recipe_path: Path | None = None, overrides: 
     values = check_keys(cls, values, "command line") if overrides else values
     if values.get("img_size_schedule") and values.get("img_size") is None:  # the run ends at the schedule's last size
         values["img_size"] = parse_schedule(values["img_size_schedule"])[-1][1]
+    if values.get("global_batch") is not None and values.get("grad_accum", 1) != 1:
+        raise DistillError("--grad-accum follows from --global-batch and --batch-size (the most one process takes at "
+                           "once); give --global-batch or --grad-accum, not both.")
     config = cls(**values)
     validate(config)
     return config

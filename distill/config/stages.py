@@ -160,7 +160,7 @@ class CacheConfig(StageConfig):
     unused = ("opt", "lr", "lr_scale", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "momentum", "clip_grad",
               "ema", "ema_decay", "ema_warmup", "drop_path", "mixup", "cutmix", "mixup_switch_prob", "smoothing",
               "grad_accum", "save_every", "eval_every", "log_every", "repeated_aug", "model", "log_with",
-              "img_size_schedule")
+              "img_size_schedule", "global_batch", "sync_bn")
 
     def run_name(self) -> str:
         return self.name or "teacher-cache"

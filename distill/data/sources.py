@@ -7,8 +7,9 @@ the class names, and a description recorded in checkpoints.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -93,20 +94,36 @@ def load_folder(root: Path) -> DataSplits:
     return DataSplits(train, test, classes, {"dataset": "folder", "data_dir": str(root.resolve())})
 
 
-def find_unreadable(source: ImageSource) -> list[tuple[int, str]]:
+@dataclass(frozen=True)
+class Share:
+    """This process's part of work that several processes share (every `world`-th item from `rank` on), and how
+    their findings are put together: `gather` turns each process's list into all of them, concatenated (a
+    collective, reached by every process after the same amount of work, so none waits long in it)."""
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[list], list] | None = None
+
+
+def find_unreadable(source: ImageSource, share: Share = Share()) -> list[tuple[int, str]]:
     """(index, reason) of every image of a split that cannot be read, by the quick header check, in blocks
-    spread over a few threads (the work is mostly waiting for files)."""
-    blocks = [list(range(start, min(start + SCAN_BLOCK, len(source)))) for start in range(0, len(source), SCAN_BLOCK)]
+    spread over a few threads (the work is mostly waiting for files); with several processes each checks its share
+    and all learn every finding."""
+    mine = list(range(share.rank, len(source), share.world))
+    blocks = [mine[start:start + SCAN_BLOCK] for start in range(0, len(mine), SCAN_BLOCK)]
     with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
         results = pool.map(source.problems, blocks)
-        return [(index, problem) for block, problems in zip(blocks, results)
-                for index, problem in zip(block, problems) if problem is not None]
+        found = [(index, problem) for block, problems in zip(blocks, results)
+                 for index, problem in zip(block, problems) if problem is not None]
+    if share.world > 1 and share.gather is not None:
+        found = sorted((index, problem) for index, problem in share.gather(found))
+    return found
 
 
-def check_readable(splits: DataSplits, skip: bool) -> None:
+def check_readable(splits: DataSplits, skip: bool, share: Share = Share()) -> None:
     """List every unreadable image at once, before any training: refuse them, or (--skip-corrupt) leave them out
     and record how many, and which."""
-    bad = {"train": find_unreadable(splits.train), "test": find_unreadable(splits.test)}
+    bad = {"train": find_unreadable(splits.train, share), "test": find_unreadable(splits.test, share)}
     named = [(getattr(splits, split).where(index), reason) for split, found in bad.items() for index, reason in found]
     if not named:
         return
@@ -170,8 +187,10 @@ def keep_classes(splits: DataSplits, names: list[str]) -> DataSplits:
 
 
 def open_dataset(dataset: str | None, data_dir: Path | None, *, skip_corrupt: bool = False,
-                 train_subset: int | None = None, classes: list[str] | None = None) -> DataSplits:
-    """The one entry point every stage uses."""
+                 train_subset: int | None = None, classes: list[str] | None = None, share: Share = Share()) -> DataSplits:
+    """The one entry point every stage uses. Several processes each open the data at once (a hub dataset is
+    downloaded and prepared once, the others waiting on datasets' file lock, not in a collective) and share the
+    check of the images."""
     if data_dir is not None:
         splits = load_folder(Path(data_dir))
     elif dataset in (None, "digits"):
@@ -181,7 +200,7 @@ def open_dataset(dataset: str | None, data_dir: Path | None, *, skip_corrupt: bo
     if classes:
         splits = keep_classes(splits, classes)
     if data_dir is not None or skip_corrupt:  # a hub dataset is checked only when asked: it may be ImageNet's bytes
-        check_readable(splits, skip_corrupt)
+        check_readable(splits, skip_corrupt, share)
         if len(splits.train) == 0 or len(splits.test) == 0:
             raise DistillError("No readable images are left after skipping the corrupt ones.")
     if train_subset:

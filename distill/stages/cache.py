@@ -8,13 +8,13 @@ import shutil
 
 from rich.progress import Progress
 
-from distill.config import CacheConfig, resolve_auto, to_dict
+from distill.config import CacheConfig, to_dict
 from distill.console import console
 from distill.data import Transformed
 from distill.errors import DistillError
 from distill.speed import channels_last, choose_kernels, to_channels_last
-from distill.stages.common import (Expecting, StagePlan, data_record, default_parent, inherit_data, load_data,
-                                   planned, planned_classes, read_teacher, resolve_norm, source_line, train_size,
+from distill.stages.common import (Expecting, StagePlan, data_record, default_parent, inherit_data, load_data, planned,
+                                   planned_classes, read_teacher, resolve_for_run, resolve_norm, share_of, source_line,
                                    training_transform)
 from distill.teachers.cache import (fill_shards, read_manifest, shard_count, targets_digest, view_seeds, write_manifest,
                                     write_seeds)
@@ -33,7 +33,7 @@ def plan_cache(cfg: CacheConfig, expecting: Expecting = {}) -> StagePlan:
                                  expecting)
     cfg = inherit_data(cfg, teacher)
     cfg = dataclasses.replace(cfg, views=cfg.views or cfg.epochs)
-    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    cfg, notes = resolve_for_run(cfg)
     classes = planned_classes(cfg)
     check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
     return planned(StagePlan("cache-teacher", cfg, parent=teacher, teacher=teacher, notes=notes,
@@ -55,9 +55,8 @@ def execute_cache(plan: StagePlan) -> None:
     if existing is not None and existing.get("complete"):
         console.print(f"[bold]cache-teacher[/]: {root} is already complete with these settings; reusing it.")
         return None
-    acc = make_accelerator(cfg.mixed_precision)
-    with acc.main_process_first():
-        data = load_data(cfg)
+    acc = make_accelerator(cfg.mixed_precision, dist_timeout=cfg.dist_timeout, deterministic=cfg.deterministic)
+    data = load_data(cfg, share_of(acc))
     check_classes(teacher, data.classes, f"the dataset {cfg.data_dir or cfg.dataset}")
     mean, std = resolve_norm(cfg, data)
     seeds = view_seeds(cfg.seed, cfg.views, len(data.train))

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from accelerate import Accelerator
 from rich.markup import escape
 from torch import nn
 
-from distill.config import FinetuneConfig, StageConfig, TransferConfig, to_dict, validate
+from distill.config import FinetuneConfig, StageConfig, TransferConfig, resolve_auto, to_dict, validate
 from distill.console import console
-from distill.data import NORMS, DataSplits, Transformed, eval_transform, measure_norm, open_dataset, train_transform
+from distill.data import NORMS, DataSplits, Share, Transformed, eval_transform, measure_norm, open_dataset, train_transform
 from distill.data.sources import describe_skipped, peek_classes, peek_train_size
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
@@ -27,7 +28,7 @@ from distill.students import PreLogits
 from distill.teachers import FrozenTeacher
 from distill.teachers.frozen import check_classes, check_teacher
 from distill.training.engine import Run
-from distill.training.runfolder import FolderStatus, folder_status
+from distill.training.runfolder import FolderStatus, folder_status, recorded_global_batch
 from distill.weights.checkpoint import MODEL_FILE, Checkpoint, stage_checkpoints
 from distill.weights.naming import precision_name
 from distill.weights.pretrained import open_source
@@ -119,13 +120,29 @@ def train_size(cfg: StageConfig) -> int | None:
     return peek_train_size(None if cfg.data_dir else cfg.dataset, cfg.data_dir, cfg.class_list(), cfg.train_subset)
 
 
+def resolve_for_run(cfg: StageConfig) -> tuple[StageConfig, list[str]]:
+    """The `auto` values of this run: for the processes torchrun or accelerate launch started, the training set's
+    size, and the global batch its run folder already records (kept on another number of processes)."""
+    return resolve_auto(cfg, train_size=train_size(cfg), recorded_batch=recorded_global_batch(cfg.run_dir()))
+
+
 def planned_classes(cfg: StageConfig) -> list[str] | None:
     return peek_classes(None if cfg.data_dir else cfg.dataset, cfg.data_dir, cfg.class_list())
 
 
-def load_data(cfg: StageConfig) -> DataSplits:
+def load_data(cfg: StageConfig, share: Share = Share()) -> DataSplits:
     return open_dataset(None if cfg.data_dir else cfg.dataset, cfg.data_dir, skip_corrupt=cfg.skip_corrupt,
-                        train_subset=cfg.train_subset, classes=cfg.class_list())
+                        train_subset=cfg.train_subset, classes=cfg.class_list(), share=share)
+
+
+def share_of(acc: Accelerator) -> Share:
+    """How this run's processes share the preparation of the data: all at once, each checking its part of the images,
+    so none waits in a collective while another works (the process group's timeout would end the run)."""
+    if acc.num_processes == 1:
+        return Share()
+    from accelerate.utils import gather_object
+
+    return Share(acc.process_index, acc.num_processes, gather_object)
 
 
 def resolve_norm(cfg: StageConfig, data: DataSplits) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -307,8 +324,7 @@ def open_run(plan: StagePlan) -> tuple[Run, Checkpoint | None]:
 def load_with_norm(run: Run, teacher: Checkpoint | None, where: str) -> tuple[DataSplits, tuple, tuple]:
     """The stage's data (refused when the teacher knows other classes) and its normalisation."""
     cfg = run.config
-    with run.accelerator.main_process_first():  # a hub dataset is downloaded and cached once
-        data = load_data(cfg)
+    data = load_data(cfg, share_of(run.accelerator))
     skipped = describe_skipped(data.info)
     if skipped and run.accelerator.is_main_process:
         console.print(f"--skip-corrupt: {escape(skipped)}", soft_wrap=True)

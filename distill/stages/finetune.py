@@ -7,14 +7,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from distill.config import FinetuneConfig, FixResConfig, resolve_auto
+from distill.config import FinetuneConfig, FixResConfig
 from distill.errors import DistillError
 from distill.stages.common import (Expected, Expecting, StagePlan, count_params, criterion_for, data_record,
                                    datasets_for, default_parent, distillation_record, finished, inherit_data,
                                    inherit_distillation, load_with_norm, open_checkpoint, open_run, parent_accuracy,
-                                   planned, read_teacher, resolution_setter, taught, train_size)
+                                   planned, read_teacher, resolution_setter, resolve_for_run, taught)
 from distill.stages.teach import plan_teach
-from distill.students import default_patch_size, has_dist_token, named_outputs, records_token, resize, set_distilled_training
+from distill.students import (default_patch_size, has_dist_token, named_outputs, records_token, resize,
+                              set_distilled_training)
 from distill.teachers.frozen import check_classes, frozen_teacher, teacher_resolution
 from distill.training.engine import Job
 from distill.weights.checkpoint import Checkpoint, build_model, find_by_sha256
@@ -54,7 +55,8 @@ def fixres_config(teacher: Checkpoint, cfg: FinetuneConfig) -> FixResConfig:
         crop_pct=teacher.data.get("crop_pct"), interpolation=cfg.interpolation, norm=teacher.data.get("norm"),
         profile="short", aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, scale_min=1.0, smoothing=0.0, hflip=0.0,
         epochs=cfg.teacher_epochs,
-        batch_size=cfg.batch_size, opt="sgd", lr=cfg.teacher_lr, lr_scale=cfg.lr_scale, min_lr=0.0, warmup_epochs=0.0,
+        batch_size=cfg.batch_size, global_batch=cfg.global_batch, sync_bn=cfg.sync_bn, dist_timeout=cfg.dist_timeout,
+        deterministic=cfg.deterministic, opt="sgd", lr=cfg.teacher_lr, lr_scale=cfg.lr_scale, min_lr=0.0, warmup_epochs=0.0,
         weight_decay=1e-4, momentum=0.9, drop_path=0.0, model=teacher.model_name, init=teacher.path, bn=cfg.teacher_bn,
     )
 
@@ -84,7 +86,7 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
     inherited = parent.meta.get("distillation") or {}
     kind = "none" if cfg.no_teacher else (cfg.distillation or inherited.get("kind") or "none")
     cfg = inherit_distillation(cfg, parent, kind)
-    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    cfg, notes = resolve_for_run(cfg)
     teacher: Checkpoint | None = None
     before: list[StagePlan] = []
     if kind != "none":

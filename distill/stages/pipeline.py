@@ -9,6 +9,7 @@ would, with the outputs not written yet stood in by their expected headers.
 from __future__ import annotations
 
 import difflib
+import os
 import time
 import tomllib
 from dataclasses import dataclass
@@ -19,13 +20,13 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from distill.config import (CONFIGS, NOT_SHARED, STAGES, StageConfig, check_keys, check_recipe, config_fields, layer,
+                            read_toml, resolve, stage_section, transfer_targets)
+from distill.console import console
+from distill.errors import DistillError
 from distill.stages.common import Expected, Expecting, StagePlan
 from distill.stages.runner import PLANNERS, run_stage
 from distill.weights.checkpoint import MODEL_FILE, Checkpoint
-from distill.config import (CONFIGS, NOT_SHARED, STAGES, StageConfig, check_keys, check_recipe, config_fields, layer, read_toml,
-                            resolve, stage_section, transfer_targets)
-from distill.console import console
-from distill.errors import DistillError
 from distill.weights.naming import measured_at, model_label
 
 
@@ -229,7 +230,8 @@ def run(steps: list[Step]) -> list[tuple[Step, Checkpoint, str, float]]:
     for step in steps:
         _check_parent_exists(step)
         action = describe(step.label, plan_step(step, {})).action
-        console.rule(f"[bold]{step.label}[/]  ({action})")
+        if os.environ.get("RANK", "0") == "0":  # one header, not one per process
+            console.rule(f"[bold]{step.label}[/]  ({action})")
         started = time.perf_counter()
         ckpt = run_stage(lambda step=step: plan_step(step, {}))
         results.append((step, ckpt, action, time.perf_counter() - started))

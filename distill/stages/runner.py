@@ -14,7 +14,6 @@ from distill.stages.teach import execute_teach, plan_teach
 from distill.stages.transfer import execute_transfer, plan_transfer
 from distill.weights.checkpoint import Checkpoint
 
-
 PLANNERS: dict[str, Callable[..., StagePlan]] = {
     "teach": plan_teach, "student": plan_student, "finetune": plan_finetune, "transfer": plan_transfer,
     "cache-teacher": plan_cache,

@@ -10,12 +10,12 @@ from typing import Any
 
 import timm
 
-from distill.config import StageConfig, StudentConfig, resolve_auto
+from distill.config import StageConfig, StudentConfig
 from distill.errors import DistillError
 from distill.stages.common import (Expecting, StagePlan, count_params, criterion_for, data_record, datasets_for,
                                    default_parent, distillation_record, inherit_data, load_with_norm, open_checkpoint,
-                                   open_run, planned, planned_classes, read_teacher, resolution_setter, taught,
-                                   train_size)
+                                   open_run, planned, planned_classes, read_teacher, resolution_setter, resolve_for_run,
+                                   taught)
 from distill.students import (build_student, fit_deit_weights, named_outputs, set_distilled_training, student_args,
                               student_model)
 from distill.teachers.cache import TeacherCache, targets_digest
@@ -41,7 +41,7 @@ def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
         cfg = dataclasses.replace(cfg, model=init.model_name, **sizing)
     cfg = inherit_data(cfg, teacher or init)
     name, token_args = student_model(cfg.model, cfg.token)
-    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    cfg, notes = resolve_for_run(cfg)
     classes = planned_classes(cfg)
     if teacher is not None:
         check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
@@ -115,7 +115,7 @@ def plan_cached_student(cfg: StudentConfig, expecting: Expecting) -> StagePlan:
         raise DistillError(f"A teacher cache holds the teacher's probabilities, not its features: --distillation "
                            f"{cfg.distillation} needs the teacher itself (--teacher, without --teacher-cache).")
     name, token_args = student_model(cfg.model, cfg.token)
-    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    cfg, notes = resolve_for_run(cfg)
     classes = cache.manifest["classes"]
     args = {**student_args(cfg, len(classes)), **token_args}
     distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from distill.config import TeachConfig, resolve_auto
-from distill.stages.common import (Expecting, StagePlan, criterion_for, count_params, data_record, datasets_for,
+from distill.config import FixResConfig, TeachConfig
+from distill.stages.common import (Expecting, StagePlan, count_params, criterion_for, data_record, datasets_for,
                                    inherit_data, load_with_norm, open_run, parent_accuracy, planned, planned_classes,
-                                   read_teacher, resolution_setter, train_size)
-from distill.config import FixResConfig
+                                   read_teacher, resolution_setter, resolve_for_run)
 from distill.students import build_student, resize, student_args, student_model
 from distill.teachers import build_teacher, freeze_for_fixres
 from distill.training.engine import Job
@@ -29,7 +28,7 @@ def plan_teach(cfg: TeachConfig, expecting: Expecting = {}) -> StagePlan:
         name = student_model(cfg.model, token=False)[0] if cfg.model.startswith(("deit", "vit")) else cfg.model
         check_model_name(name)
         cfg = dataclasses.replace(cfg, model=name)
-    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    cfg, notes = resolve_for_run(cfg)
     classes = planned_classes(cfg)
     if init is not None:
         args = {**init.model_args, **({"num_classes": len(classes)} if classes else {})}

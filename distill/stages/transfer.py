@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distill.config import TransferConfig, resolve_auto
+from distill.config import TransferConfig
 from distill.errors import DistillError
 from distill.stages.common import (Expected, Expecting, StagePlan, count_params, criterion_for, data_record,
-                                   datasets_for, default_parent, distillation_record, inherit_data, inherit_distillation,
-                                   load_with_norm, open_checkpoint, open_run, planned, planned_classes, read_teacher,
-                                   resolution_setter, taught, train_size)
+                                   datasets_for, default_parent, distillation_record, inherit_data,
+                                   inherit_distillation, load_with_norm, open_checkpoint, open_run, planned,
+                                   planned_classes, read_teacher, resolution_setter, resolve_for_run, taught)
 from distill.students import (attention_parameter_names, has_dist_token, head_parameter_names, named_outputs,
                               records_token, resize, set_distilled_training, train_only)
 from distill.teachers.frozen import check_classes, frozen_teacher, teacher_resolution
@@ -58,7 +58,7 @@ def plan_transfer(cfg: TransferConfig, expecting: Expecting = {}) -> StagePlan:
     kind = (cfg.distillation or (inherited.get("kind") if inherited.get("kind") not in (None, "none") else "hard")) \
         if teacher else "none"
     cfg = inherit_distillation(cfg, parent, kind)
-    cfg, notes = resolve_auto(cfg, train_size=train_size(cfg))
+    cfg, notes = resolve_for_run(cfg)
     classes = planned_classes(cfg)
     if teacher is not None:
         check_classes(teacher, classes, f"the target {cfg.data_dir or cfg.dataset}")

@@ -10,6 +10,11 @@ restored from the resumable state) and never exported.
 
 The step never waits for the device: losses stay there and are read, with their NaN/inf check, every
 --log-every steps and before every save, so a GPU is never stalled by the host in between.
+
+Several processes share one global batch (`config.auto.split_batch`: images per process and accumulated
+micro-batches), so a run trains alike on any number of them and resumes on another number at the same image.
+BatchNorm statistics, which each process gathers from its own batches, are averaged across processes before every
+evaluation and save (timm's distribute_bn), unless --sync-bn synchronises them at every step.
 """
 
 from __future__ import annotations
@@ -18,24 +23,25 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 from torch.utils.data import Dataset
 
 from distill.weights.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, read_checkpoint, save_checkpoint
-from distill.config import StageConfig, to_dict
+from distill.config import StageConfig, processes, split_batch, to_dict
 from distill.console import console
 from distill.data.loaders import eval_loader, train_loader
 from distill.errors import DistillError
@@ -47,23 +53,66 @@ from distill.speed import channels_last, choose_kernels, idle_workers, keep_free
 from distill.training.tracking import LOG_DIR, hyperparameters, numeric, offline_environment, tracker_names
 
 
+# The process group's timeout, once the group exists: the command line names it when a collective outlasts it.
+PROCESS_GROUP: dict[str, float] = {}
+
+
 def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = False,
-                     log_with: list[str] | None = None, project_dir: Path | None = None) -> Accelerator:
+                     log_with: list[str] | None = None, project_dir: Path | None = None, dist_timeout: float = 1800,
+                     deterministic: bool = False) -> Accelerator:
     """A fresh Accelerator for one run (a pipeline may change precision between stages); with `compile`,
     accelerate's prepare() hands the model to torch.compile (inductor); with `log_with`, accelerate's trackers
-    write under `project_dir`."""
+    write under `project_dir`. The first one of a process makes the process group, with `dist_timeout`.
+
+    On CUDA, fp32 matrix products use TF32 and cuDNN picks its fastest kernels (cudnn.benchmark), as timm's and
+    DeiT's training scripts do; with `deterministic`, PyTorch's deterministic kernels instead."""
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DistillError("fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16.")
     AcceleratorState._reset_state(reset_partial_state=False)  # keeps the process group, forgets the precision
     # Several processes without CUDA (torchrun on a CPU): accelerate joins them over gloo only when told
     # it runs on the CPU; a single process keeps accelerate's own device choice (CUDA, MPS, XPU, CPU).
-    several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=several_cpu_processes,
+    several = processes() > 1
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout)),
+                # each process keeps the BatchNorm statistics of its own batches (averaged before evaluations and
+                # saves) instead of taking process 0's at every forward pass
+                DistributedDataParallelKwargs(broadcast_buffers=False)]
+    if torch.cuda.is_available():
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matrix products (cuDNN's convolutions use it already)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=several and not torch.cuda.is_available(),
                               gradient_accumulation_steps=grad_accum, dynamo_backend="inductor" if compile else None,
-                              log_with=log_with or None, project_dir=str(project_dir) if project_dir is not None else None)
+                              log_with=log_with or None, project_dir=str(project_dir) if project_dir is not None else None,
+                              kwargs_handlers=handlers)
+    if several and "seconds" not in PROCESS_GROUP:
+        PROCESS_GROUP["seconds"] = dist_timeout
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # distill.speed: no page faults for each step's activations
     return accelerator
+
+
+def average_batchnorm(acc: Accelerator, *modules: nn.Module | None) -> None:
+    """Every process's BatchNorm statistics replaced by their mean over the processes (timm's distribute_bn), so all
+    evaluate, and save, the same model. A collective: every process calls it."""
+    if acc.num_processes == 1:
+        return
+    for module in modules:
+        if module is not None and any("running_mean" in name for name, _ in module.named_buffers()):
+            distribute_bn(module, acc.num_processes, reduce=True)
+
+
+def resume_skip(progress: dict[str, int], world: int, per_process: int, accumulation: int) -> int:
+    """The micro-batches each process skips to resume inside an epoch: the images the saved run had read of it, over
+    all its processes, at this run's images per pass. The loaders deal the epoch's images to the processes in turn,
+    so the first k passes of all processes read the first k x images-per-pass of the epoch, on any number of them."""
+    if not progress.get("batch"):
+        return 0
+    images = progress.get("images")
+    if images is None:  # a state saved before the global position was recorded: same processes, same batch
+        return progress["batch"]
+    return images // (per_process * world)
 
 
 @dataclass
@@ -174,8 +223,13 @@ class Run:
     def __init__(self, config: StageConfig, identity: dict[str, Any]):
         self.config = config
         self.trackers = tracker_names(config.log_with)
-        self.accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.compile,
-                                            log_with=self.trackers, project_dir=config.run_dir())
+        world = processes()  # known before the accelerator: its accumulation depends on how the processes share a step
+        self.global_batch = config.images_per_step(world)
+        mixing = (config.mixup or 0) > 0 or (config.cutmix or 0) > 0
+        self.per_process, self.accumulation = split_batch(self.global_batch, world, config.batch_size, even=mixing)
+        self.accelerator = make_accelerator(config.mixed_precision, self.accumulation, config.compile,
+                                            log_with=self.trackers, project_dir=config.run_dir(),
+                                            dist_timeout=config.dist_timeout, deterministic=config.deterministic)
         self.folder = RunFolder(config, identity, self.accelerator)
         self.dir = self.folder.dir
         self.finished: Checkpoint | None = self.folder.open()
@@ -222,12 +276,18 @@ class Run:
         cfg, acc = self.config, self.accelerator
         main, world = acc.is_main_process, acc.num_processes
         pin, idle = acc.device.type == "cuda", idle_workers(cfg.idle_workers, acc.device.type)
-        train_dl = train_loader(job.train_set, batch_size=cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
+        if cfg.sync_bn and world > 1:
+            if acc.device.type != "cuda":
+                raise DistillError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only. On a CPU the "
+                                   "processes' BatchNorm statistics are averaged before every evaluation and save.")
+            job.model = nn.SyncBatchNorm.convert_sync_batchnorm(job.model)
+        train_dl = train_loader(job.train_set, batch_size=self.per_process, seed=cfg.seed, rank=acc.process_index,
                                 world=world, num_workers=cfg.num_workers, repeated_aug=cfg.repeated_aug, pin_memory=pin,
                                 view_seeds=job.view_seeds, idle_workers=idle)
-        steps_per_epoch = len(train_dl) // cfg.grad_accum
+        steps_per_epoch = len(train_dl) // self.accumulation
         if steps_per_epoch == 0:
-            raise DistillError(f"An epoch has {len(train_dl)} batches, fewer than --grad-accum {cfg.grad_accum}.")
+            raise DistillError(f"An epoch has {len(train_dl)} batches on each process, fewer than the "
+                               f"{self.accumulation} accumulated in one optimizer step; lower the global batch.")
         schedule = parse_schedule(cfg.img_size_schedule)
         resized = vits([job.model, job.criterion, job.reference]) if schedule else []
         if resized:
@@ -260,26 +320,40 @@ class Run:
         reference = job.reference.to(acc.device) if job.reference is not None else None
 
         def measure(net: nn.Module, **kwargs: Any) -> dict[str, Any]:
+            average_batchnorm(acc, net)  # every process evaluates the same model
             return evaluate(net, test_dl, acc, job.predict, attention=cfg.attention, onednn_linear=cfg.onednn_linear,
                             **kwargs)
 
         ema = make_ema(bare(acc, model), cfg) if cfg.ema else None
         resized += vits([ema.module]) if ema is not None and schedule else []
         if main:
+            shared = f" = {world} x {self.per_process} x {self.accumulation}" if world > 1 or self.accumulation > 1 else ""
+            kernels = ", TF32" if acc.device.type == "cuda" and not cfg.deterministic else (
+                ", deterministic" if cfg.deterministic and acc.device.type == "cuda" else "")
             console.print(f"[bold]{cfg.stage}[/] -> {self.dir}  ({world} process{'es' if world > 1 else ''}, "
-                          f"{acc.device.type}, precision {precision_name(cfg.mixed_precision)}, global batch "
-                          f"{cfg.global_batch(world)}, lr {lr:.3g})" + "".join(f"\n  {note}" for note in job.notes),
+                          f"{acc.device.type}, precision {precision_name(cfg.mixed_precision)}{kernels}, global batch "
+                          f"{self.global_batch}{shared}, lr {lr:.3g})" + "".join(f"\n  {note}" for note in job.notes),
                           soft_wrap=True)
 
-        progress = self.folder.resume(ema.module if ema is not None else None)
+        set_seed(cfg.seed, device_specific=True)  # drop path and Mixup differ across processes (a resume restores them)
+        progress = self.folder.resume(ema.module if ema is not None else None, self.global_batch)
         if progress is not None:
             scheduler.step_update(num_updates=progress["step"])
+            saved_by = progress.get("processes", world)
+            if saved_by != world and progress.get("batch") and cfg.repeated_aug > 1 and (saved_by > 1) != (world > 1):
+                raise DistillError(f"{self.dir} was saved inside an epoch with repeated augmentation on {saved_by} "
+                                   f"process(es), which deals that epoch's images otherwise than {world} do; resume it on "
+                                   "several processes (or pass --overwrite to start over).")
+            skip = resume_skip(progress, world, self.per_process, self.accumulation)
             if main:
-                console.print(f"[bold]Resuming[/] {self.dir} at epoch {progress['epoch'] + 1}, batch {progress['batch']} "
-                              f"(step {progress['step']}).")
+                moved = (f" on {world} process{'es' if world > 1 else ''} (saved on {saved_by}): global batch "
+                         f"{self.global_batch} kept, {self.per_process} per process x {self.accumulation}"
+                         if saved_by != world else "")
+                console.print(f"[bold]Resuming[/] {self.dir} at epoch {progress['epoch'] + 1}, batch {skip} "
+                              f"(step {progress['step']}){moved}.", soft_wrap=True)
+            progress = {**progress, "batch": skip, "processes": world, "global_batch": self.global_batch}
         else:
-            progress = {"epoch": 0, "batch": 0, "step": 0, "processes": world}
-            set_seed(cfg.seed, device_specific=True)  # drop path and Mixup differ across processes
+            progress = {"epoch": 0, "batch": 0, "step": 0, "processes": world, "global_batch": self.global_batch}
             if job.evaluate_first:
                 before = measure(model)
                 self.folder.append_metrics({"epoch": 0, "step": 0, **flatten(before)}, keep_epochs_below=0)
@@ -287,14 +361,14 @@ class Run:
                     console.print(f"before training, at {cfg.img_size} px: test top-1 [bold]{before['top1']:.2f}[/]"
                                   + (f"  top-5 {before['top5']:.2f}" if "top5" in before else ""))
 
-        parts = Prepared(model, optimizer, scheduler, criterion, mixup, ema, train_dl, steps_per_epoch * cfg.grad_accum,
+        parts = Prepared(model, optimizer, scheduler, criterion, mixup, ema, train_dl, steps_per_epoch * self.accumulation,
                          [model] + ([criterion.learned] if learned is not None else []), job.model in nhwc)
         final: dict[str, Any] | None = None
         first_epoch = progress["epoch"]
         for epoch in range(first_epoch, cfg.epochs):
             skip = progress["batch"] if epoch == first_epoch else 0
             if schedule and self._resolution(job, resized, resolution_at(schedule, epoch), optimizer):
-                parts.loader = train_loader(job.train_set, batch_size=cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
+                parts.loader = train_loader(job.train_set, batch_size=self.per_process, seed=cfg.seed, rank=acc.process_index,
                                             world=world, num_workers=cfg.num_workers, repeated_aug=cfg.repeated_aug,
                                             pin_memory=pin, view_seeds=job.view_seeds,
                                             idle_workers=idle)  # fresh workers, new transform
@@ -315,11 +389,13 @@ class Run:
                 acc.log({"epoch": record["epoch"], **numeric(record, "epoch/")}, step=progress["step"])
             if main:
                 console.print(epoch_line(record, cfg.epochs), soft_wrap=True)
-            progress = {**progress, "epoch": epoch + 1, "batch": 0}
+            progress = {**progress, "epoch": epoch + 1, "batch": 0, "images": 0}
+            average_batchnorm(acc, bare(acc, model), ema.module if ema is not None else None)
             self.folder.save_state(ema.module if ema is not None else None, progress)
 
         if final is None:  # resumed after the last epoch had been saved
             final = measure(model, reference=reference, per_class=True)
+        average_batchnorm(acc, model)  # what is saved is what was measured, on every process
         ema_final = ema_record = None
         if ema is not None:  # with the decay the last update used, as timm computes it
             ema_final = measure(ema.module, per_class=True)
@@ -350,11 +426,20 @@ class Run:
         loader = acc.skip_first_batches(parts.loader, skip) if skip else parts.loader
         parts.model.train()
         watch = LossWatch(acc)
-        seen, started = 0, time.perf_counter()
+        seen, started, first_step = 0, time.perf_counter(), progress["step"]
         rates: dict[int, float] = {}  # the lr of each optimizer step, logged with its loss
+        total_steps = parts.batches // self.accumulation * cfg.epochs
+        lines = acc.is_main_process and not console.is_terminal  # a log file or a scheduler's: no bar, so a line
 
-        def check() -> None:
+        def check(report: bool = False) -> None:
             bad = watch.read()
+            if bad is None and report and lines and watch.last:
+                elapsed = time.perf_counter() - started
+                left = (total_steps - progress["step"]) * elapsed / max(progress["step"] - first_step, 1)
+                console.print(f"  step {progress['step']}/{total_steps} (epoch {epoch + 1}/{cfg.epochs})  "
+                              f"{seen * world / max(elapsed, 1e-9):.0f} img/s  loss {watch.recent:.4f}  "
+                              f"lr {parts.optimizer.param_groups[0]['lr']:.3g}  ETA {_duration(left)} (training only)",
+                              soft_wrap=True, highlight=False)
             if bad is None and self.trackers:  # the losses just read: no further sync
                 for step, value in watch.last:
                     acc.log({"train/loss": value, "train/lr": rates.get(step, float("nan"))}, step=step)
@@ -385,10 +470,12 @@ class Run:
                     parts.ema.update(bare(acc, parts.model), step=ema_step(cfg, progress["step"]))
                 saving = cfg.save_every and progress["step"] % cfg.save_every == 0 and batch_index + 1 < parts.batches
                 if saving or progress["step"] % cfg.log_every == 0:
-                    check()  # never save a state past a bad step
+                    check(report=progress["step"] % cfg.log_every == 0)  # never save a state past a bad step
                 if saving:
-                    self.folder.save_state(parts.ema.module if parts.ema is not None else None,
-                                           {**progress, "epoch": epoch, "batch": batch_index + 1})
+                    ema = parts.ema.module if parts.ema is not None else None
+                    average_batchnorm(acc, bare(acc, parts.model), ema)
+                    self.folder.save_state(ema, {**progress, "epoch": epoch, "batch": batch_index + 1,
+                                                 "images": (batch_index + 1) * self.per_process * world})
                 bar.update(task, advance=1, loss=watch.recent, lr=parts.optimizer.param_groups[0]["lr"],
                            ips=seen * world / max(time.perf_counter() - started, 1e-9))
         check()
@@ -445,6 +532,12 @@ def train_step(acc: Accelerator, parts: Prepared, batch: Any, clip_grad: float |
         parts.optimizer.step()
         parts.optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
 def _progress_bar(disable: bool) -> Progress:

@@ -7,12 +7,15 @@
     runs/<name>/model.safetensors written last: its presence means finished
 
 Every write goes through `on_main`, so when one process fails to write, every process stops with the same
-sentence instead of the others waiting for it forever.
+sentence instead of the others waiting for it forever. With several processes, every one must see the same folder
+(one shared filesystem): that is checked when the folder opens, and what the folder holds is decided by process 0
+alone and told to the others, so they all take the same path.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +91,22 @@ def folder_status(run_dir: Path, identity: dict[str, Any]) -> FolderStatus:
     return FolderStatus("empty")
 
 
+def recorded_global_batch(run_dir: Path) -> int | None:
+    """The global batch of the run already in this folder (finished or interrupted), whatever the number of processes
+    it ran on; None for an empty folder, or a run recorded before global batches were."""
+    try:
+        if (run_dir / MODEL_FILE).exists():
+            stored = read_checkpoint(run_dir / MODEL_FILE).meta.get("identity") or {}
+        elif (run_dir / IDENTITY_FILE).exists():
+            stored = json.loads((run_dir / IDENTITY_FILE).read_text())
+        else:
+            return None
+    except (DistillError, OSError, json.JSONDecodeError):
+        return None
+    batch = (stored.get("config") or {}).get("global_batch")
+    return int(batch) if isinstance(batch, int) else None
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -108,8 +127,9 @@ class RunFolder:
     def open(self) -> Checkpoint | None:
         """The finished checkpoint when this exact run is done; otherwise make the folder ready to resume or
         start, refusing to replace a different run unless --overwrite."""
-        status = folder_status(self.dir, self.identity)
-        self.accelerator.wait_for_everyone()  # every process has looked before any file is removed
+        self._check_shared()
+        status = folder_status(self.dir, self.identity) if self.accelerator.is_main_process else None
+        status = self._from_main(status)  # one verdict: processes that read the folder at other moments agree
         if status.state == "finished":
             return status.checkpoint
         if status.state == "changed-interrupted" and status.progress is None:
@@ -123,6 +143,50 @@ class RunFolder:
         self.created = [p for p in [self.dir, *self.dir.parents] if not p.exists()]
         self.on_main(self._probe_writable, everywhere=True)  # fail now, before any data is loaded
         return None
+
+    def _from_main(self, value: Any) -> Any:
+        """Process 0's value, on every process (a collective: every process calls it)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
+
+    def _check_shared(self) -> None:
+        """Every process sees the work folder process 0 sees: it leaves a file there and each process looks for it.
+        Without a shared filesystem the processes would each decide alone what the run folder holds, and their
+        collectives would stop matching (a hang); instead they stop here, with one sentence."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        from accelerate.utils import gather_object
+
+        root = Path(self.config.workdir)
+        probe, made = None, []
+        if acc.is_main_process:
+            made = [p for p in [root, *root.parents] if not p.exists()]
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                probe = root / f".distill-shared-{secrets.token_hex(6)}"
+                probe.write_bytes(b"")
+            except OSError:  # not writable: the probe of the run folder says so in its own sentence
+                probe = None
+        name = self._from_main(probe.name if probe is not None else None)
+        seen = gather_object([name is None or (root / name).exists()])
+        if acc.is_main_process:
+            if probe is not None:
+                probe.unlink(missing_ok=True)
+            for folder in made:  # deepest first: taken back, as the probe of the run folder does
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        blind = [rank for rank, ok in enumerate(seen) if not ok]
+        if blind:
+            which = "process" if len(blind) == 1 else "processes"
+            raise DistillError(f"The work folder {root} that process 0 writes is not there for {which} "
+                               f"{', '.join(map(str, blind))}: every process must share the work folder (one filesystem "
+                               "all machines mount, e.g. NFS or Lustre; pass a --workdir on it).")
 
     def has_state(self) -> bool:
         return saved_progress(self.dir) is not None
@@ -225,16 +289,18 @@ class RunFolder:
         self.on_main(lambda: acc.save_state(str(tmp), safe_serialization=True), everywhere=True)
         self.on_main(finish)
 
-    def resume(self, ema: nn.Module | None) -> dict[str, int] | None:
-        """Load the last saved state (model, optimizer, every process's RNG, EMA); its progress, or None."""
+    def resume(self, ema: nn.Module | None, global_batch: int) -> dict[str, int] | None:
+        """Load the last saved state (model, optimizer, every process's RNG, EMA); its progress, or None. A state
+        saved on another number of processes resumes when the global batch is the same (its images are then the
+        same ones in the same order); processes it did not have start from fresh random states."""
         saved = saved_progress(self.dir)
         if saved is None:
             return None
         state, progress = saved
         saved_by, now = progress.get("processes", 1), self.accelerator.num_processes
-        if saved_by != now:  # batches, the lr rule and per-process random states all depend on it
-            raise DistillError(f"{self.dir} was saved by a run on {saved_by} process(es); resume it on {saved_by}, not {now} "
-                               "(or pass --overwrite to start over).")
+        if saved_by != now and progress.get("global_batch") != global_batch:  # a state saved before global batches
+            raise DistillError(f"{self.dir} was saved by a run on {saved_by} process(es) that did not record its global "
+                               f"batch; resume it on {saved_by}, not {now} (or pass --overwrite to start over).")
         self.accelerator.load_state(str(state))
         if ema is not None and (state / EMA_STATE).exists():
             ema.load_state_dict(load_file(str(state / EMA_STATE), device=str(self.accelerator.device)))

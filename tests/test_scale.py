@@ -1,0 +1,267 @@
+"""Many processes, shrunk to two over gloo on a CPU, through the real commands: no rank waits in a collective while
+another prepares data, the launcher's precision reaches the run, the global batch is the same on any number of
+processes (and is kept by a resume on another number), repeated augmentation follows DeiT's rule, ranks that do
+not share the work folder stop with a sentence, and BatchNorm statistics agree across ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, invoke, make_image_folder
+from distill.weights.checkpoint import read_checkpoint
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun is not installed")
+
+# A launcher for the tests: `distill` as torchrun starts it, after an optional change that a test needs on every
+# rank (a slower image check, a per-rank work folder, a record of BatchNorm statistics at each evaluation).
+LAUNCHER = '''
+import json, os, sys, time
+rank = os.environ.get("RANK", "0")
+sys.argv = [a.replace("RANKDIR", rank) for a in sys.argv]
+if os.environ.get("SLOW_CHECK") and rank in os.environ.get("SLOW_RANKS", rank).split(","):
+    # each image's check takes SLOW_CHECK seconds, on every rank (or on SLOW_RANKS only)
+    import distill.data.images as images
+    quick = images.image_problem
+    def slow(handle):
+        time.sleep(float(os.environ["SLOW_CHECK"]))
+        return quick(handle)
+    images.image_problem = slow
+if os.environ.get("BN_RECORD"):  # each rank writes the BatchNorm statistics it evaluates with
+    import distill.training.engine as engine
+    measure = engine.evaluate
+    def recorded(net, *args, **kwargs):
+        stats = {k.removeprefix("module."): v.double().sum().item() for k, v in net.state_dict().items()
+                 if "running_" in k}
+        with open(f"{os.environ['BN_RECORD']}-{rank}.jsonl", "a") as handle:
+            handle.write(json.dumps(stats) + "\\n")
+        return measure(net, *args, **kwargs)
+    engine.evaluate = recorded
+from distill.cli import main
+main()
+'''
+
+
+def torchrun(tmp_path: Path, *args: str, processes: int = 2, env: dict | None = None, timeout: int = 600,
+             **popen) -> subprocess.CompletedProcess:
+    launcher = tmp_path / "launch_distill.py"
+    launcher.write_text(LAUNCHER)
+    command = [TORCHRUN, "--nproc_per_node", str(processes), str(launcher), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **popen)
+
+
+@needs_torchrun
+def test_a_slow_data_check_on_every_rank_outlasts_a_short_process_group_timeout(tmp_path):
+    """Each rank checks its share of the images in parallel: none waits in a collective meanwhile, so a 5-second
+    process-group timeout is never reached although the check takes longer than that."""
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)  # 48 images, 24 per rank
+    started = time.perf_counter()
+    result = torchrun(tmp_path, "teach", "--data-dir", data, "--workdir", tmp_path / "runs", *TINY, "--dist-timeout", "5",
+                      env={"SLOW_CHECK": "0.3"})  # 7 s of checking on each rank
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.perf_counter() - started > 7
+    assert read_checkpoint(tmp_path / "runs" / "teach").meta["processes"] == 2
+
+
+@needs_torchrun
+def test_a_collective_that_outlasts_the_timeout_is_one_sentence(tmp_path):
+    """A rank that falls behind (here: rank 1's share of the image check takes 6 s) makes the others give up after
+    --dist-timeout, with a sentence that names it, instead of waiting for ever."""
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)
+    result = torchrun(tmp_path, "teach", "--data-dir", data, "--workdir", tmp_path / "runs", *TINY, "--dist-timeout", "2",
+                      env={"SLOW_CHECK": "0.25", "SLOW_RANKS": "1"}, timeout=300)
+    assert result.returncode != 0
+    assert "Process 0 waited more than --dist-timeout 2 s" in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout
+
+
+@needs_torchrun
+def test_ranks_that_see_different_work_folders_stop_with_a_sentence(tmp_path):
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)
+    result = torchrun(tmp_path, "teach", "--data-dir", data, "--workdir", tmp_path / "runs-RANKDIR", *TINY,
+                      "--dist-timeout", "60", timeout=300)
+    assert result.returncode != 0
+    assert "must share the work folder" in result.stdout and result.stdout.count("error:") == 1  # rank 0 only
+    assert not (tmp_path / "runs-0" / "teach").exists() and not (tmp_path / "runs-1" / "teach").exists()
+
+
+def test_the_launchers_precision_reaches_the_run_and_a_flag_overrides_it(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    chosen = invoke("teach", "--data-dir", folder, "--workdir", tmp_path / "runs", *TINY)
+    assert chosen.exit_code == 0, chosen.output
+    assert "precision bf16" in chosen.output and "the launcher's choice" in chosen.output
+    assert read_checkpoint(tmp_path / "runs" / "teach").meta["config"]["mixed_precision"] == "bf16"
+    told = invoke("teach", "--data-dir", folder, "--workdir", tmp_path / "runs", *TINY, "--name", "fp32",
+                  "--mixed-precision", "no")
+    assert told.exit_code == 0 and "precision fp32" in told.output
+    assert read_checkpoint(tmp_path / "runs" / "fp32").meta["config"]["mixed_precision"] == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch's default when nothing is configured
+    plain = invoke("teach", "--data-dir", folder, "--workdir", tmp_path / "runs", *TINY, "--name", "plain")
+    assert plain.exit_code == 0 and "precision fp32" in plain.output  # a CPU: fp32 unless the launcher says more
+    assert read_checkpoint(tmp_path / "runs" / "plain").meta["config"]["mixed_precision"] == "no"
+
+
+class Positions(torch.utils.data.Dataset):
+    """Image i is the number i: what a loader yields says which images it read."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        return torch.tensor(index), 0
+
+
+def _epoch(count: int, world: int, rank: int, repeated_aug: int, batch: int = 4, epoch: int = 0) -> list[int]:
+    from distill.data.loaders import train_loader
+
+    loader = train_loader(Positions(count), batch_size=batch, seed=7, rank=rank, world=world, num_workers=0,
+                          repeated_aug=repeated_aug)
+    loader.sampler.set_epoch(epoch)
+    return [int(i) for images, _ in loader for i in images]
+
+
+def test_repeated_augmentation_follows_deits_rule():
+    """On one process an epoch reads every image once (DeiT samples repeatedly only when distributed); on two, the
+    epoch is DeiT's pattern: the shuffled images each thrice in a row, dealt round-robin to the processes, each
+    process keeping floor(N // 256 * 256 / processes) of its share."""
+    from distill.data.loaders import epoch_seed
+
+    count = 600
+    alone = _epoch(count, 1, 0, repeated_aug=3, batch=8)
+    assert len(alone) == count // 8 * 8 and len(set(alone)) == len(alone)
+    for epoch in (0, 1):
+        generator = torch.Generator()
+        generator.manual_seed(epoch_seed(7, epoch))
+        order = [i for i in torch.randperm(count, generator=generator).tolist() for _ in range(3)]
+        keep = count // 256 * 256 // 2
+        for rank in (0, 1):
+            expected = order[rank::2][:keep]
+            got = _epoch(count, 2, rank, repeated_aug=3, batch=4, epoch=epoch)
+            assert got == expected[:len(got)] and len(got) == keep // 4 * 4
+
+
+def test_a_resume_on_another_number_of_processes_continues_at_the_next_image():
+    """The images two processes read in the first k steps of an epoch, and those one process reads after skipping
+    the same k steps, are the whole epoch, each image once: the global position is what a resume keeps."""
+    from distill.training.engine import resume_skip
+
+    count, per_process = 96, 4
+    two = [_epoch(count, 2, rank, repeated_aug=1, batch=per_process) for rank in (0, 1)]
+    steps = 5  # optimizer steps done at global batch 8 (2 processes x 4)
+    consumed = {i for rank in two for i in rank[:steps * per_process]}
+    skip = resume_skip({"batch": steps, "images": steps * 8, "processes": 2, "global_batch": 8}, world=1, per_process=4,
+                       accumulation=2)
+    assert skip == steps * 2  # one process, 4 images x 2 accumulated micro-batches a step
+    rest = _epoch(count, 1, 0, repeated_aug=1, batch=per_process)[skip * per_process:]
+    assert consumed.isdisjoint(rest) and len(consumed) + len(rest) == count
+
+
+def test_the_recipes_global_batch_and_lr_are_the_same_on_one_and_two_processes():
+    """deit-b's dry run on 1 and on 2 processes (as torchrun would say: WORLD_SIZE) resolves the paper's global batch
+    and one learning rate; the per-process batch and the accumulation follow."""
+    from conftest import run_cli
+
+    plans = {}
+    for world in ("1", "2", "16"):
+        result = run_cli("pipeline", "deit-b", "--dry-run", env={"WORLD_SIZE": world, "COLUMNS": "250"})
+        assert result.returncode == 0, result.stdout + result.stderr
+        plans[world] = result.stdout
+    for world, text in plans.items():
+        assert "global batch 1024" in text, text
+    rates = {world: [line.split(": ")[0] + line.split("), lr ")[1] for line in text.splitlines() if "), lr " in line]
+             for world, text in plans.items()}
+    assert len(rates["1"]) == 8 and rates["1"] == rates["2"] == rates["16"]  # every stage, one lr on any number
+    assert "1024 = 1 x 128 x 8" in plans["1"] and "1024 = 2 x 128 x 4" in plans["2"] and "1024 = 16 x 64 x 1" in plans["16"]
+
+
+def _kill_group_at_step(command: list[str], cwd: Path, progress: Path, step: int, env: dict) -> None:
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if json.loads(progress.read_text())["step"] >= step:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun, and every process it started (a lost node):
+    launcher = command[3]
+    for proc in Path("/proc").iterdir():  # its workers may sit in process groups of their own
+        try:
+            if proc.name.isdigit() and launcher in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+    process.wait()
+
+
+@needs_torchrun
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_killed_run_resumes_on_another_number_of_processes_at_the_same_global_batch(tmp_path, before, after):
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=32, test=4)  # 96 images: 12 steps of 8
+    args = ["teach", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"), "--img-size", "16", "--epochs", "2",
+            "--global-batch", "8", "--batch-size", "4", "--num-workers", "0", "--warmup-epochs", "0", "--save-every", "1",
+            "--log-every", "1"]
+    launcher = tmp_path / "launch_distill.py"
+    launcher.write_text(LAUNCHER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "runs" / "teach"
+    _kill_group_at_step([TORCHRUN, "--nproc_per_node", str(before), str(launcher), *args], tmp_path,
+                        run / "state" / "progress.json", 5, env)
+    saved = json.loads((run / "state" / "progress.json").read_text())
+    assert saved["processes"] == before and saved["global_batch"] == 8 and saved["step"] >= 5
+    result = torchrun(tmp_path, *args, processes=after)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"step {saved['step']}" in result.stdout and "global batch 8 kept" in result.stdout
+    ckpt = read_checkpoint(run)
+    assert ckpt.meta["processes"] == after and ckpt.meta["config"]["global_batch"] == 8
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2] and lines[-1]["step"] == 24  # 12 steps an epoch, none redone
+    assert all(np.isfinite(line["train_loss"]) and line["train_loss"] < 2.0 for line in lines)  # the curve joins
+
+
+@needs_torchrun
+def test_batchnorm_statistics_agree_across_ranks_at_evaluation_and_in_the_saved_teacher(tmp_path):
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)
+    record = tmp_path / "bn"
+    result = torchrun(tmp_path, "teach", "--data-dir", data, "--workdir", tmp_path / "runs", *TINY, "--epochs", "2",
+                      env={"BN_RECORD": str(record)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = [[json.loads(line) for line in Path(f"{record}-{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) >= 2 and seen[0][0]  # every evaluation, with BatchNorm statistics
+    assert seen[0] == seen[1]
+    saved = read_checkpoint(tmp_path / "runs" / "teach").state_dict()
+    assert {k: v.double().sum().item() for k, v in saved.items() if "running_" in k} == pytest.approx(seen[0][-1])
+
+
+@needs_torchrun
+def test_sync_bn_on_a_cpu_with_several_processes_is_refused_with_a_sentence(tmp_path):
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)
+    result = torchrun(tmp_path, "teach", "--data-dir", data, "--workdir", tmp_path / "runs", *TINY, "--sync-bn")
+    assert result.returncode != 0 and "--sync-bn" in result.stdout and "CUDA" in result.stdout
+    assert not (tmp_path / "runs" / "teach").exists()
+
+
+def test_progress_lines_when_the_output_is_not_a_terminal(folder, tmp_path):
+    result = invoke("teach", "--data-dir", folder, "--workdir", tmp_path / "runs", *TINY, "--epochs", "2",
+                    "--batch-size", "4", "--log-every", "3")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.strip().startswith("step ")]
+    assert len(lines) == 6 and all("img/s" in line and "loss" in line and "lr" in line and "ETA" in line for line in lines)
