@@ -203,7 +203,7 @@ def test_bad_inputs_are_one_sentence_and_a_non_zero_exit(tmp_path, folder):
         (["teach", "--data-dir", folder, *TINY, "--name", "a", "--aa", "rand-x9"], "cannot read the augmentation policy"),
         (["teach", "--data-dir", folder, *TINY, "--name", "b", "--batch-size", "7", "--mixup", "0.8"],
          "need an even --batch-size"),
-        (["finetune", "--checkpoint", teacher, "--res", "0"], "--res must be at least 1"),
+        (["finetune", "--checkpoint", teacher, "--res", "0"], "--img-size must be at least 8 pixels"),
     ]
     for args, expected in cases:
         result = invoke(*args)
@@ -238,15 +238,18 @@ def test_a_run_started_with_other_settings_and_nothing_saved_starts_over(folder)
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
-def test_resuming_on_another_number_of_processes_is_refused(folder):
+def test_a_state_that_did_not_record_its_global_batch_resumes_only_on_its_number_of_processes(folder):
+    """States saved before global batches were recorded resume on the number of processes that saved them (on
+    another one, tests/test_scale.py shows a recorded global batch kept)."""
     assert invoke("teach", "--data-dir", folder, *TINY, "--epochs", "2").exit_code == 0
     run = folder.parent / "runs" / "teach"
     (run / "model.safetensors").unlink()  # as if killed after the last state was saved
     progress = json.loads((run / "state" / "progress.json").read_text())
-    assert progress["processes"] == 1
-    (run / "state" / "progress.json").write_text(json.dumps({**progress, "processes": 2}))
+    assert progress["processes"] == 1 and progress["global_batch"] == 8
+    older = {key: value for key, value in progress.items() if key not in ("global_batch", "images")}
+    (run / "state" / "progress.json").write_text(json.dumps({**older, "processes": 2}))
     result = invoke("teach", "--data-dir", folder, *TINY, "--epochs", "2")
-    assert result.exit_code == 2 and "saved by a run on 2 process(es)" in result.output
+    assert result.exit_code == 2 and "saved by a run on 2 process(es) that did not record its global batch" in result.output
 
 
 def test_outputs_get_the_usual_file_permissions(folder):

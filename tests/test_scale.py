@@ -171,16 +171,15 @@ def test_a_resume_on_another_number_of_processes_continues_at_the_next_image():
     assert consumed.isdisjoint(rest) and len(consumed) + len(rest) == count
 
 
-def test_the_recipes_global_batch_and_lr_are_the_same_on_one_and_two_processes():
-    """deit-b's dry run on 1 and on 2 processes (as torchrun would say: WORLD_SIZE) resolves the paper's global batch
-    and one learning rate; the per-process batch and the accumulation follow."""
-    from conftest import run_cli
-
+def test_the_recipes_global_batch_and_lr_are_the_same_on_one_and_two_processes(monkeypatch):
+    """deit-b's dry run on 1, 2 and 16 processes (as torchrun and accelerate launch say: WORLD_SIZE) resolves the
+    paper's global batch and one learning rate for every stage; the per-process batch and the accumulation follow."""
     plans = {}
     for world in ("1", "2", "16"):
-        result = run_cli("pipeline", "deit-b", "--dry-run", env={"WORLD_SIZE": world, "COLUMNS": "250"})
-        assert result.returncode == 0, result.stdout + result.stderr
-        plans[world] = result.stdout
+        monkeypatch.setenv("WORLD_SIZE", world)
+        result = invoke("pipeline", "deit-b", "--dry-run")
+        assert result.exit_code == 0, result.output
+        plans[world] = result.output
     for world, text in plans.items():
         assert "global batch 1024" in text, text
     rates = {world: [line.split(": ")[0] + line.split("), lr ")[1] for line in text.splitlines() if "), lr " in line]
@@ -216,7 +215,7 @@ def _kill_group_at_step(command: list[str], cwd: Path, progress: Path, step: int
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
 def test_a_killed_run_resumes_on_another_number_of_processes_at_the_same_global_batch(tmp_path, before, after):
     data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=32, test=4)  # 96 images: 12 steps of 8
-    args = ["teach", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"), "--img-size", "16", "--epochs", "2",
+    args = ["teach", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"), "--img-size", "16", "--epochs", "1",
             "--global-batch", "8", "--batch-size", "4", "--num-workers", "0", "--warmup-epochs", "0", "--save-every", "1",
             "--log-every", "1"]
     launcher = tmp_path / "launch_distill.py"
@@ -233,7 +232,7 @@ def test_a_killed_run_resumes_on_another_number_of_processes_at_the_same_global_
     ckpt = read_checkpoint(run)
     assert ckpt.meta["processes"] == after and ckpt.meta["config"]["global_batch"] == 8
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [line["epoch"] for line in lines] == [1, 2] and lines[-1]["step"] == 24  # 12 steps an epoch, none redone
+    assert [line["epoch"] for line in lines] == [1] and lines[-1]["step"] == 12  # 12 steps an epoch, none redone
     assert all(np.isfinite(line["train_loss"]) and line["train_loss"] < 2.0 for line in lines)  # the curve joins
 
 
@@ -265,3 +264,19 @@ def test_progress_lines_when_the_output_is_not_a_terminal(folder, tmp_path):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.strip().startswith("step ")]
     assert len(lines) == 6 and all("img/s" in line and "loss" in line and "lr" in line and "ETA" in line for line in lines)
+
+
+def test_a_run_recorded_before_the_global_batch_existed_is_still_the_same_run(tmp_path):
+    """A folder whose record predates --global-batch and --sync-bn (they were added later) names the same run as one
+    that has them at the values the record implies; any other difference is still a different run."""
+    from distill.training.runfolder import IDENTITY_FILE, folder_status
+
+    now = {"stage": "teach", "config": {"epochs": 2, "batch_size": 32, "global_batch": 64, "sync_bn": False},
+           "parent": None, "teacher": None}
+    older = {"stage": "teach", "config": {"epochs": 2, "batch_size": 32}, "parent": None, "teacher": None}
+    run = tmp_path / "teach"
+    run.mkdir()
+    (run / IDENTITY_FILE).write_text(json.dumps(older))
+    assert folder_status(run, now).state == "interrupted"
+    assert folder_status(run, {**now, "config": {**now["config"], "sync_bn": True}}).state == "changed-interrupted"
+    assert folder_status(run, {**now, "config": {**now["config"], "epochs": 3}}).state == "changed-interrupted"

@@ -20,7 +20,7 @@ from distill.teachers.cache import (fill_shards, read_manifest, shard_count, tar
                                     write_seeds)
 from distill.teachers.frozen import check_classes, frozen_teacher
 from distill.training.engine import make_accelerator
-from distill.training.runfolder import normalise
+from distill.training.runfolder import as_recorded, normalise
 from distill.weights.naming import precision_name
 
 
@@ -46,7 +46,7 @@ def execute_cache(plan: StagePlan) -> None:
     root = cfg.run_dir()
     identity = normalise(plan.identity())
     existing = read_manifest(root)
-    if existing is not None and existing.get("identity") != identity:
+    if existing is not None and existing.get("identity") != as_recorded(existing.get("identity") or {}, identity):
         if not cfg.overwrite:
             raise DistillError(f"{root} already holds a teacher cache made with other settings; pass --overwrite to "
                                "replace it, or --name to write elsewhere.")

@@ -28,7 +28,7 @@ from distill.students import PreLogits
 from distill.teachers import FrozenTeacher
 from distill.teachers.frozen import check_classes, check_teacher
 from distill.training.engine import Run
-from distill.training.runfolder import FolderStatus, folder_status, recorded_global_batch
+from distill.training.runfolder import FolderStatus, folder_status, recorded_batch
 from distill.weights.checkpoint import MODEL_FILE, Checkpoint, stage_checkpoints
 from distill.weights.naming import precision_name
 from distill.weights.pretrained import open_source
@@ -122,8 +122,11 @@ def train_size(cfg: StageConfig) -> int | None:
 
 def resolve_for_run(cfg: StageConfig) -> tuple[StageConfig, list[str]]:
     """The `auto` values of this run: for the processes torchrun or accelerate launch started, the training set's
-    size, and the global batch its run folder already records (kept on another number of processes)."""
-    return resolve_auto(cfg, train_size=train_size(cfg), recorded_batch=recorded_global_batch(cfg.run_dir()))
+    size, and the global batch its run folder already records when that run batched as this one asks (the same
+    command on another number of processes keeps it; another --batch-size makes another run)."""
+    recorded = recorded_batch(cfg.run_dir())
+    same = recorded.get("batch_size") == cfg.batch_size and recorded.get("grad_accum") == cfg.grad_accum
+    return resolve_auto(cfg, train_size=train_size(cfg), recorded_batch=recorded.get("global_batch") if same else None)
 
 
 def planned_classes(cfg: StageConfig) -> list[str] | None:

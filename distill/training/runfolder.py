@@ -66,6 +66,20 @@ def saved_progress(run_dir: Path) -> tuple[Path, dict[str, int]] | None:
     return None
 
 
+# Settings added after runs were first recorded, and what a record without one was made with (None: whatever its
+# processes made of it), so that a run recorded before them still names the same run.
+LATER_SETTINGS: dict[str, Any] = {"global_batch": None, "sync_bn": False}
+
+
+def as_recorded(stored: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
+    """`identity` without the settings `stored` predates, where they hold the value the record implies."""
+    config, old = dict(identity.get("config") or {}), stored.get("config") or {}
+    for key, implied in LATER_SETTINGS.items():
+        if key not in old and key in config and (implied is None or config[key] == implied):
+            del config[key]
+    return {**identity, "config": config}
+
+
 def folder_status(run_dir: Path, identity: dict[str, Any]) -> FolderStatus:
     """Is this run already done, half done, or done differently? (read-only)"""
     identity = normalise(identity)
@@ -76,35 +90,35 @@ def folder_status(run_dir: Path, identity: dict[str, Any]) -> FolderStatus:
             stored = ckpt.meta.get("identity") or {}
         except DistillError:
             ckpt, stored = None, {}
-        if ckpt is not None and stored == identity:
+        if ckpt is not None and stored == as_recorded(stored, identity):
             return FolderStatus("finished", checkpoint=ckpt)
-        return FolderStatus("changed-finished", describe_change(stored, identity))
+        return FolderStatus("changed-finished", describe_change(stored, as_recorded(stored, identity)))
     if identity_path.exists():
         try:
             stored = json.loads(identity_path.read_text())
         except (OSError, json.JSONDecodeError):
             stored = {}
-        if stored != identity:
-            return FolderStatus("changed-interrupted", describe_change(stored, identity))
+        if stored != as_recorded(stored, identity):
+            return FolderStatus("changed-interrupted", describe_change(stored, as_recorded(stored, identity)))
         saved = saved_progress(run_dir)
         return FolderStatus("interrupted", progress=saved[1] if saved else None)
     return FolderStatus("empty")
 
 
-def recorded_global_batch(run_dir: Path) -> int | None:
-    """The global batch of the run already in this folder (finished or interrupted), whatever the number of processes
-    it ran on; None for an empty folder, or a run recorded before global batches were."""
+def recorded_batch(run_dir: Path) -> dict[str, Any]:
+    """How the run already in this folder (finished or interrupted) batched: its global batch, per-process batch and
+    accumulation as recorded (empty for an empty folder; no global batch for a run recorded before there was one)."""
     try:
         if (run_dir / MODEL_FILE).exists():
             stored = read_checkpoint(run_dir / MODEL_FILE).meta.get("identity") or {}
         elif (run_dir / IDENTITY_FILE).exists():
             stored = json.loads((run_dir / IDENTITY_FILE).read_text())
         else:
-            return None
+            return {}
     except (DistillError, OSError, json.JSONDecodeError):
-        return None
-    batch = (stored.get("config") or {}).get("global_batch")
-    return int(batch) if isinstance(batch, int) else None
+        return {}
+    config = stored.get("config") or {}
+    return {key: config.get(key) for key in ("global_batch", "batch_size", "grad_accum")}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
