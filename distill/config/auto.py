@@ -120,7 +120,7 @@ def resolve_auto(config: StageConfig, world: int | None = None, train_size: int 
     if "global_batch" not in unused:
         mixing = (resolved.mixup or 0) > 0 or (resolved.cutmix or 0) > 0
         per_process, accumulation = split_batch(batch, world, resolved.batch_size, even=mixing)
-        if config.global_batch is not None or recorded_batch or accumulation != config.grad_accum:
+        if world > 1 or accumulation > 1:
             rate = f", lr {resolved.effective_lr(world):.3g}" if "lr" not in unused else ""
             notes.append(f"global batch {batch} = {world} x {per_process} x {accumulation} (processes x images per "
                          f"process x accumulated micro-batches){rate}")
