@@ -90,7 +90,7 @@ def test_a_collective_that_outlasts_the_timeout_is_one_sentence(tmp_path):
 def test_ranks_that_see_different_work_folders_stop_with_a_sentence(tmp_path):
     data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)
     result = torchrun(tmp_path, "teach", "--data-dir", data, "--workdir", tmp_path / "runs-RANKDIR", *TINY,
-                      "--dist-timeout", "60", timeout=300)
+                      "--dist-timeout", "12", timeout=300)  # rank 1 looks for process 0's file for 3 s
     assert result.returncode != 0
     assert "must share the work folder" in result.stdout and result.stdout.count("error:") == 1  # rank 0 only
     assert not (tmp_path / "runs-0" / "teach").exists() and not (tmp_path / "runs-1" / "teach").exists()

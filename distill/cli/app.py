@@ -67,7 +67,8 @@ def _timed_out(error: Exception) -> str | None:
     engine = sys.modules.get("distill.training.engine")
     seconds = getattr(engine, "PROCESS_GROUP", {}).get("seconds") if engine else None
     text = f"{type(error).__name__}: {error}"
-    if seconds is None or not re.search(r"timed out|timeout|watchdog", text, re.IGNORECASE):
+    collective = type(error).__name__ == "DistBackendError" or re.search(r"\bgloo\b|\bnccl\b", text, re.IGNORECASE)
+    if seconds is None or not collective or not re.search(r"timed out|timeout", text, re.IGNORECASE):
         return None
     rank = os.environ.get("RANK", "0")
     return (f"Process {rank} waited more than --dist-timeout {seconds:g} s for the others in a collective operation: "

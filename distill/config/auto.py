@@ -40,9 +40,9 @@ def auto_precision() -> tuple[str, str]:
         return launcher, f"the launcher's choice, {LAUNCHER_PRECISION}={launcher}"
     import torch  # here: the command line starts without torch
 
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16", "a GPU with bf16"
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # Ampere and later compute in bf16; older GPUs only emulate it, slowly
+        if torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0")))[0] >= 8:
+            return "bf16", "a GPU with bf16"
         return "no", "a GPU without bf16; --mixed-precision fp16 to use its fp16"
     return "no", "no GPU; --mixed-precision bf16 on a CPU with bf16 instructions"
 
@@ -51,9 +51,9 @@ def split_batch(global_batch: int, world: int, limit: int, even: bool = False) -
     """How `world` processes share a global batch: (images per process per forward pass, micro-batches accumulated
     per optimizer step), the largest share per pass that is at most `limit` (and even, for Mixup/CutMix)."""
     if global_batch % world:
-        raise DistillError(f"The global batch {global_batch} cannot be shared evenly by {world} processes; give a "
-                           f"--global-batch that is a multiple of {world}, or run on a number of processes that divides "
-                           f"{global_batch}.")
+        sharing = [str(n) for n in range(1, min(global_batch, 512) + 1) if global_batch % n == 0][:14]
+        raise DistillError(f"The global batch {global_batch} cannot be shared evenly by {world} processes; run on "
+                           f"{', '.join(sharing)} ... processes, or give a --global-batch that is a multiple of {world}.")
     share = global_batch // world
     fits = [size for size in range(min(limit, share), 0, -1) if share % size == 0 and not (even and size % 2)]
     if not fits:
@@ -74,13 +74,15 @@ def auto_rate(reference: ReferenceRate, global_batch: int) -> float:
 
 
 def resolve_auto(config: StageConfig, world: int | None = None, train_size: int | None = None,
-                 recorded_batch: int | None = None) -> tuple[StageConfig, list[str]]:
+                 recorded_batch: int | None = None, recorded_precision: str | None = None
+                 ) -> tuple[StageConfig, list[str]]:
     """Fill the values left to `auto` (precision, global batch, learning rate, regularisation profile) for this run,
     and say what was chosen.
 
     A function of the config, the number of processes, the training-set size (counted without decoding) and the
-    global batch a run folder already records (`recorded_batch`: an interrupted or finished run keeps its own on
-    any number of processes), so a dry run resolves exactly what the run will.
+    global batch and precision a run folder already records (`recorded_batch`, `recorded_precision`: an interrupted
+    or finished run keeps its own on any number of processes and any machine), so a dry run resolves exactly what the
+    run will.
     """
     world = world or processes()
     updates: dict[str, Any] = {}
@@ -89,6 +91,8 @@ def resolve_auto(config: StageConfig, world: int | None = None, train_size: int 
     late: list[str] = []  # said after the learning rate and the profile
     if config.mixed_precision == "auto":
         updates["mixed_precision"], why = auto_precision()
+        if recorded_precision in PRECISION_NAMES and recorded_precision != updates["mixed_precision"]:
+            updates["mixed_precision"], why = recorded_precision, f"kept from the run already in {config.run_dir()}"
         late.append(f"precision {PRECISION_NAMES[updates['mixed_precision']]} (auto: {why})")
     batch = config.global_batch or recorded_batch or config.batch_size * config.grad_accum * world
     if "global_batch" not in unused:
@@ -116,6 +120,11 @@ def resolve_auto(config: StageConfig, world: int | None = None, train_size: int 
                                                                   else f"{key} {value}" for key, value in chosen.items()))
     resolved = dataclasses.replace(config, **updates)
     validate(resolved)
+    if resolved.sync_bn and world > 1 and "sync_bn" not in unused:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DistillError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only.")
     notes += late
     if "global_batch" not in unused:
         mixing = (resolved.mixup or 0) > 0 or (resolved.cutmix or 0) > 0
@@ -125,6 +134,6 @@ def resolve_auto(config: StageConfig, world: int | None = None, train_size: int 
             notes.append(f"global batch {batch} = {world} x {per_process} x {accumulation} (processes x images per "
                          f"process x accumulated micro-batches){rate}")
         if resolved.repeated_aug > 1 and world == 1:
-            notes.append(f"repeated augmentation {resolved.repeated_aug} off: one process reads every image once per "
-                         "epoch (DeiT repeats only when distributed)")
+            notes.append(f"repeated augmentation {resolved.repeated_aug} off on one process, where its copies would "
+                         "share a batch: an epoch reads every image once")
     return resolved, notes

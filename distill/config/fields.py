@@ -138,8 +138,8 @@ class StageConfig:
                                      "DeiT: 0.08].", "Augmentation")
     hflip: float = option(0.5, "Horizontal-flip probability.", "Augmentation")
     repeated_aug: int = option(1, "Repeated augmentation: each image this many times in a row, dealt to the processes in "
-                               "turn (DeiT: 3). As in DeiT, only with several processes: on one, an epoch reads every "
-                               "image once.", "Augmentation")
+                               "turn (DeiT: 3). With several processes only: on one, where the copies would share a "
+                               "batch, an epoch reads every image once (DeiT's code repeats there too).", "Augmentation")
     # Optimisation (DeiT, Table 9)
     epochs: int = option(15, "Training epochs (DeiT: 300).", "Optimisation")
     batch_size: int = option(32, "Images per process in one forward pass (DeiT: 64 per GPU); with --global-batch, the most "

@@ -124,10 +124,11 @@ def train_loader(dataset: Transformed, *, batch_size: int, seed: int, rank: int,
     """Shuffled, sharded over processes, drop_last (Mixup needs even, full batches). `idle_workers`: the workers
     run at idle CPU priority (distill.speed.lower_worker_priority).
 
-    Repeated augmentation follows DeiT's rule: only with several processes (DeiT's main.py uses its sampler when
-    distributed), where each image comes `repeated_aug` times in a row and the processes take turns, so the copies
-    mostly land on different processes; an epoch is then about one pass of positions, 1/repeated_aug of the images
-    (DeiT's epoch). On one process the copies would share a batch, so an epoch reads every image once instead."""
+    Repeated augmentation runs with several processes only: each image comes `repeated_aug` times in a row and the
+    processes take turns, so the copies mostly land on different processes, and an epoch reads 1/repeated_aug of the
+    images (DeiT's sampler and epoch). DeiT's code samples this way on one process too (main.py: `if True:  #
+    args.distributed`), where the copies share a batch and an epoch reads a third of the images; distill reads
+    every image once there instead, a deliberate difference."""
     if repeated_aug > 1 and world > 1:
         inner: Sampler = EpochOffsetRepeatSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   num_repeats=repeated_aug, run_seed=seed)

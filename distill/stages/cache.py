@@ -45,17 +45,24 @@ def execute_cache(plan: StagePlan) -> None:
     cfg, teacher = plan.config, plan.teacher
     root = cfg.run_dir()
     identity = normalise(plan.identity())
-    existing = read_manifest(root)
+    acc = make_accelerator(cfg.mixed_precision, dist_timeout=cfg.dist_timeout, deterministic=cfg.deterministic)
+    existing = read_manifest(root) if acc.is_main_process else None  # process 0 decides, for every process
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        existing = broadcast_object_list([existing], from_process=0)[0]
     if existing is not None and existing.get("identity") != as_recorded(existing.get("identity") or {}, identity):
         if not cfg.overwrite:
             raise DistillError(f"{root} already holds a teacher cache made with other settings; pass --overwrite to "
                                "replace it, or --name to write elsewhere.")
-        shutil.rmtree(root)
+        if acc.is_main_process:
+            shutil.rmtree(root)
+        acc.wait_for_everyone()
         existing = None
     if existing is not None and existing.get("complete"):
-        console.print(f"[bold]cache-teacher[/]: {root} is already complete with these settings; reusing it.")
+        if acc.is_main_process:
+            console.print(f"[bold]cache-teacher[/]: {root} is already complete with these settings; reusing it.")
         return None
-    acc = make_accelerator(cfg.mixed_precision, dist_timeout=cfg.dist_timeout, deterministic=cfg.deterministic)
     data = load_data(cfg, share_of(acc))
     check_classes(teacher, data.classes, f"the dataset {cfg.data_dir or cfg.dataset}")
     mean, std = resolve_norm(cfg, data)

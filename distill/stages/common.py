@@ -28,7 +28,7 @@ from distill.students import PreLogits
 from distill.teachers import FrozenTeacher
 from distill.teachers.frozen import check_classes, check_teacher
 from distill.training.engine import Run
-from distill.training.runfolder import FolderStatus, folder_status, recorded_batch
+from distill.training.runfolder import FolderStatus, folder_status, recorded_settings
 from distill.weights.checkpoint import MODEL_FILE, Checkpoint, stage_checkpoints
 from distill.weights.naming import precision_name
 from distill.weights.pretrained import open_source
@@ -122,11 +122,13 @@ def train_size(cfg: StageConfig) -> int | None:
 
 def resolve_for_run(cfg: StageConfig) -> tuple[StageConfig, list[str]]:
     """The `auto` values of this run: for the processes torchrun or accelerate launch started, the training set's
-    size, and the global batch its run folder already records when that run batched as this one asks (the same
-    command on another number of processes keeps it; another --batch-size makes another run)."""
-    recorded = recorded_batch(cfg.run_dir())
+    size, and the global batch (and automatic precision) its run folder already records when that run batched as this
+    one asks: the same command on another number of processes, or another machine, keeps them; another --batch-size
+    makes another run."""
+    recorded = recorded_settings(cfg.run_dir())
     same = recorded.get("batch_size") == cfg.batch_size and recorded.get("grad_accum") == cfg.grad_accum
-    return resolve_auto(cfg, train_size=train_size(cfg), recorded_batch=recorded.get("global_batch") if same else None)
+    return resolve_auto(cfg, train_size=train_size(cfg), recorded_batch=recorded.get("global_batch") if same else None,
+                        recorded_precision=recorded.get("mixed_precision") if same else None)
 
 
 def planned_classes(cfg: StageConfig) -> list[str] | None:
@@ -264,7 +266,10 @@ class StagePlan:
 
     def identity(self) -> dict[str, Any]:
         """A run is its resolved config plus the hashes of its parent and teacher."""
-        identity = {"stage": self.stage, "config": to_dict(self.config, result_only=True),
+        config = to_dict(self.config, result_only=True)
+        for key in {"global_batch", "sync_bn"} & set(getattr(self.config, "unused", ())):  # settings a stage does not
+            config.pop(key, None)  # use name nothing of it (the older unused ones stay, as records hold them)
+        identity = {"stage": self.stage, "config": config,
                     "parent": self.parent.sha256 if self.parent else None,
                     "teacher": self.teacher.sha256 if self.teacher else None}
         if self.init is not None:

@@ -41,10 +41,11 @@ def locate_teacher(parent: Checkpoint, workdir: Path) -> Checkpoint | None:
     return find_by_sha256(workdir, record.get("sha256", ""))
 
 
-def fixres_config(teacher: Checkpoint, cfg: FinetuneConfig) -> FixResConfig:
+def fixres_config(teacher: Checkpoint, cfg: FinetuneConfig, global_batch: int | None = None) -> FixResConfig:
     """FixRes: the teacher at the target resolution, by training its classifier and BatchNorm on test-time
     preprocessing (SGD, momentum 0.9, weight decay 1e-4). Saved as its own reusable run, named by the
-    resolution and the teacher's sha256."""
+    resolution and the teacher's sha256. `global_batch` is the one the user gave the fine-tune (not the one resolved for
+    this number of processes), so a later fine-tune on another number of GPUs reuses the adapted teacher."""
     tag = "" if cfg.teacher_bn == "last" else f"{cfg.teacher_bn}bn-"
     sha = teacher.sha256[:8] if not isinstance(teacher, Expected) else "pending"
     return FixResConfig(
@@ -55,7 +56,8 @@ def fixres_config(teacher: Checkpoint, cfg: FinetuneConfig) -> FixResConfig:
         crop_pct=teacher.data.get("crop_pct"), interpolation=cfg.interpolation, norm=teacher.data.get("norm"),
         profile="short", aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, scale_min=1.0, smoothing=0.0, hflip=0.0,
         epochs=cfg.teacher_epochs,
-        batch_size=cfg.batch_size, global_batch=cfg.global_batch, sync_bn=cfg.sync_bn, dist_timeout=cfg.dist_timeout,
+        batch_size=cfg.batch_size, global_batch=global_batch, dist_timeout=cfg.dist_timeout,  # no --sync-bn: a FixRes
+        sync_bn=False,  # run averages its processes' statistics, and SyncBatchNorm would drop its frozen layers' eval lock
         deterministic=cfg.deterministic, opt="sgd", lr=cfg.teacher_lr, lr_scale=cfg.lr_scale, min_lr=0.0, warmup_epochs=0.0,
         weight_decay=1e-4, momentum=0.9, drop_path=0.0, model=teacher.model_name, init=teacher.path, bn=cfg.teacher_bn,
     )
@@ -86,6 +88,7 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
     inherited = parent.meta.get("distillation") or {}
     kind = "none" if cfg.no_teacher else (cfg.distillation or inherited.get("kind") or "none")
     cfg = inherit_distillation(cfg, parent, kind)
+    given_batch = cfg.global_batch
     cfg, notes = resolve_for_run(cfg)
     teacher: Checkpoint | None = None
     before: list[StagePlan] = []
@@ -97,7 +100,7 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
             if original is None:
                 raise DistillError(f"The teacher of {parent.path} is no longer where it was trained; pass --teacher CKPT "
                                    "or --no-teacher.")
-            adapt = plan_teach(fixres_config(original, cfg), expecting)
+            adapt = plan_teach(fixres_config(original, cfg, given_batch), expecting)
             before.append(adapt)
             teacher = finished(adapt) or adapt.expected()
         check_classes(teacher, parent.classes or None, f"the student {parent.path}")

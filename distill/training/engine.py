@@ -36,6 +36,7 @@ from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
+from timm.layers import convert_sync_batchnorm
 from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 from torch.utils.data import Dataset
@@ -59,13 +60,14 @@ PROCESS_GROUP: dict[str, float] = {}
 
 def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = False,
                      log_with: list[str] | None = None, project_dir: Path | None = None, dist_timeout: float = 1800,
-                     deterministic: bool = False) -> Accelerator:
+                     deterministic: bool = False, tf32: bool = False) -> Accelerator:
     """A fresh Accelerator for one run (a pipeline may change precision between stages); with `compile`,
     accelerate's prepare() hands the model to torch.compile (inductor); with `log_with`, accelerate's trackers
     write under `project_dir`. The first one of a process makes the process group, with `dist_timeout`.
 
-    On CUDA, fp32 matrix products use TF32 and cuDNN picks its fastest kernels (cudnn.benchmark), as timm's and
-    DeiT's training scripts do; with `deterministic`, PyTorch's deterministic kernels instead."""
+    On CUDA, cuDNN picks its fastest kernels (cudnn.benchmark) and, with `tf32` (training), fp32 matrix products use
+    TF32, as timm's and DeiT's training scripts do; with `deterministic`, PyTorch's deterministic kernels instead. The
+    tools (evaluate, predict, benchmark) keep full fp32 unless they ask."""
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DistillError("fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16.")
     AcceleratorState._reset_state(reset_partial_state=False)  # keeps the process group, forgets the precision
@@ -81,7 +83,7 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = 
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
         torch.backends.cudnn.benchmark = not deterministic
         torch.use_deterministic_algorithms(deterministic)
-        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matrix products (cuDNN's convolutions use it already)
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")  # TF32 or not for fp32 matrix products
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=several and not torch.cuda.is_available(),
                               gradient_accumulation_steps=grad_accum, dynamo_backend="inductor" if compile else None,
                               log_with=log_with or None, project_dir=str(project_dir) if project_dir is not None else None,
@@ -229,7 +231,8 @@ class Run:
         self.per_process, self.accumulation = split_batch(self.global_batch, world, config.batch_size, even=mixing)
         self.accelerator = make_accelerator(config.mixed_precision, self.accumulation, config.compile,
                                             log_with=self.trackers, project_dir=config.run_dir(),
-                                            dist_timeout=config.dist_timeout, deterministic=config.deterministic)
+                                            dist_timeout=config.dist_timeout, deterministic=config.deterministic,
+                                            tf32=not config.deterministic)
         self.folder = RunFolder(config, identity, self.accelerator)
         self.dir = self.folder.dir
         self.finished: Checkpoint | None = self.folder.open()
@@ -277,10 +280,9 @@ class Run:
         main, world = acc.is_main_process, acc.num_processes
         pin, idle = acc.device.type == "cuda", idle_workers(cfg.idle_workers, acc.device.type)
         if cfg.sync_bn and world > 1:
-            if acc.device.type != "cuda":
-                raise DistillError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only. On a CPU the "
-                                   "processes' BatchNorm statistics are averaged before every evaluation and save.")
-            job.model = nn.SyncBatchNorm.convert_sync_batchnorm(job.model)
+            if acc.device.type != "cuda":  # planning refuses it already, where it knows the device
+                raise DistillError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only).")
+            job.model = convert_sync_batchnorm(job.model)  # timm's: keeps the activation of its BatchNormAct layers
         train_dl = train_loader(job.train_set, batch_size=self.per_process, seed=cfg.seed, rank=acc.process_index,
                                 world=world, num_workers=cfg.num_workers, repeated_aug=cfg.repeated_aug, pin_memory=pin,
                                 view_seeds=job.view_seeds, idle_workers=idle)
@@ -328,22 +330,27 @@ class Run:
         resized += vits([ema.module]) if ema is not None and schedule else []
         if main:
             shared = f" = {world} x {self.per_process} x {self.accumulation}" if world > 1 or self.accumulation > 1 else ""
-            kernels = ", TF32" if acc.device.type == "cuda" and not cfg.deterministic else (
-                ", deterministic" if cfg.deterministic and acc.device.type == "cuda" else "")
+            kernels = (", deterministic" if cfg.deterministic else ", TF32 matrix products in fp32, cudnn.benchmark"
+                       ) if acc.device.type == "cuda" else ""
             console.print(f"[bold]{cfg.stage}[/] -> {self.dir}  ({world} process{'es' if world > 1 else ''}, "
                           f"{acc.device.type}, precision {precision_name(cfg.mixed_precision)}{kernels}, global batch "
                           f"{self.global_batch}{shared}, lr {lr:.3g})" + "".join(f"\n  {note}" for note in job.notes),
                           soft_wrap=True)
 
         set_seed(cfg.seed, device_specific=True)  # drop path and Mixup differ across processes (a resume restores them)
+        saved = None if self.folder.replacing else saved_progress(self.dir)
+        saved_by = saved[1].get("processes", world) if saved else world
+        if saved and saved[1].get("batch") and cfg.repeated_aug > 1 and (saved_by > 1) != (world > 1):
+            if not cfg.overwrite:  # repeated augmentation is on with several processes only: the epoch differs
+                raise DistillError(f"{self.dir} was saved inside an epoch with repeated augmentation on {saved_by} "
+                                   f"process(es), which deals that epoch's images otherwise than {world} do; resume it on "
+                                   f"{'several processes' if saved_by > 1 else 'one process'}, or pass --overwrite to "
+                                   "start it again.")
+            self.folder.discard_state()
         progress = self.folder.resume(ema.module if ema is not None else None, self.global_batch)
         if progress is not None:
             scheduler.step_update(num_updates=progress["step"])
             saved_by = progress.get("processes", world)
-            if saved_by != world and progress.get("batch") and cfg.repeated_aug > 1 and (saved_by > 1) != (world > 1):
-                raise DistillError(f"{self.dir} was saved inside an epoch with repeated augmentation on {saved_by} "
-                                   f"process(es), which deals that epoch's images otherwise than {world} do; resume it on "
-                                   "several processes (or pass --overwrite to start over).")
             skip = resume_skip(progress, world, self.per_process, self.accumulation)
             if main:
                 moved = (f" on {world} process{'es' if world > 1 else ''} (saved on {saved_by}): global batch "

@@ -16,6 +16,13 @@ Predict = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
 TOP_K = 5
 
 
+def measured_precision(acc: Accelerator) -> str:
+    """What an accuracy was measured in: fp32, bf16, fp16, or tf32 (fp32 on a GPU whose matrix products use TF32)."""
+    if acc.mixed_precision == "no" and acc.device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return precision_name(acc.mixed_precision)
+
+
 def bare(acc: Accelerator, model: nn.Module) -> nn.Module:
     """The model as timm built it: without accelerate's wrappers (DDP) and without torch.compile's."""
     return acc.unwrap_model(model, keep_torch_compile=False)
@@ -64,7 +71,7 @@ def evaluate(model: nn.Module, loader: Any, acc: Accelerator, predict: Predict =
     labels = merged["label"]
     heads = [k.split("/")[0] for k in merged if k.endswith("/pred")]
     result: dict[str, Any] = {"samples": int(labels.numel()), "loss": round(merged["loss"].mean().item(), 5),
-                              "precision": precision_name(acc.mixed_precision), "img_size": img_size}
+                              "precision": measured_precision(acc), "img_size": img_size}
     per_head = {}
     for name in heads:
         correct = merged[f"{name}/pred"] == labels

@@ -15,8 +15,10 @@ alone and told to the others, so they all take the same path.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +30,7 @@ from torch import nn
 from distill.weights.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, atomic_write_bytes, read_checkpoint
 from distill.config import StageConfig, config_differences, to_dict, write_toml
 from distill.errors import DistillError
+from distill.teachers.cache import MANIFEST as CACHE_MANIFEST
 
 STATE_DIR, STATE_TMP, STATE_OLD = "state", "state.tmp", "state.old"
 IDENTITY_FILE, CONFIG_FILE, METRICS_FILE, PROGRESS_FILE, EMA_STATE = (
@@ -105,20 +108,46 @@ def folder_status(run_dir: Path, identity: dict[str, Any]) -> FolderStatus:
     return FolderStatus("empty")
 
 
-def recorded_batch(run_dir: Path) -> dict[str, Any]:
-    """How the run already in this folder (finished or interrupted) batched: its global batch, per-process batch and
-    accumulation as recorded (empty for an empty folder; no global batch for a run recorded before there was one)."""
+# Seconds another machine may take to see a file process 0 just made in the work folder: NFS clients cache what a
+# folder holds (and that it does not exist) for up to a minute by default. At most a quarter of --dist-timeout, which
+# process 0 spends waiting meanwhile.
+SHARED_PATIENCE = 90.0
+
+
+def _appears(folder: Path, name: str, patience: float) -> bool:
+    """Whether `folder/name` is seen within `patience` seconds; listing the folder (and its parent) makes an NFS
+    client look again instead of trusting its cache."""
+    deadline = time.monotonic() + patience
+    while True:
+        for where in (folder.parent, folder):
+            try:
+                os.listdir(where)
+            except OSError:
+                pass
+        if (folder / name).exists():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+
+
+def recorded_settings(run_dir: Path) -> dict[str, Any]:
+    """How the run already in this folder (finished, interrupted, or a teacher cache) batched and computed: its global
+    batch, per-process batch, accumulation and precision as recorded (empty for an empty folder; no global batch for
+    a run recorded before there was one)."""
     try:
         if (run_dir / MODEL_FILE).exists():
             stored = read_checkpoint(run_dir / MODEL_FILE).meta.get("identity") or {}
         elif (run_dir / IDENTITY_FILE).exists():
             stored = json.loads((run_dir / IDENTITY_FILE).read_text())
+        elif (run_dir / CACHE_MANIFEST).exists():
+            stored = json.loads((run_dir / CACHE_MANIFEST).read_text()).get("identity") or {}
         else:
             return {}
-    except (DistillError, OSError, json.JSONDecodeError):
+    except (DistillError, OSError, json.JSONDecodeError, AttributeError):
         return {}
     config = stored.get("config") or {}
-    return {key: config.get(key) for key in ("global_batch", "batch_size", "grad_accum")}
+    return {key: config.get(key) for key in ("global_batch", "batch_size", "grad_accum", "mixed_precision")}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -186,7 +215,8 @@ class RunFolder:
             except OSError:  # not writable: the probe of the run folder says so in its own sentence
                 probe = None
         name = self._from_main(probe.name if probe is not None else None)
-        seen = gather_object([name is None or (root / name).exists()])
+        patience = min(SHARED_PATIENCE, self.config.dist_timeout / 4)
+        seen = gather_object([name is None or acc.is_main_process or _appears(root, name, patience)])
         if acc.is_main_process:
             if probe is not None:
                 probe.unlink(missing_ok=True)
@@ -313,12 +343,28 @@ class RunFolder:
         state, progress = saved
         saved_by, now = progress.get("processes", 1), self.accelerator.num_processes
         if saved_by != now and progress.get("global_batch") != global_batch:  # a state saved before global batches
+            if self.config.overwrite:
+                self.discard_state()
+                return None
             raise DistillError(f"{self.dir} was saved by a run on {saved_by} process(es) that did not record its global "
-                               f"batch; resume it on {saved_by}, not {now} (or pass --overwrite to start over).")
+                               f"batch; resume it on {saved_by}, not {now}, or pass --overwrite to start it again.")
         self.accelerator.load_state(str(state))
+        # accelerate restores its micro-batch counter, which belongs to the saved run's accumulation (and is missing
+        # on processes the saved run did not have); states are saved at optimizer steps, so the count starts afresh
+        self.accelerator.step = 0
         if ema is not None and (state / EMA_STATE).exists():
             ema.load_state_dict(load_file(str(state / EMA_STATE), device=str(self.accelerator.device)))
         return progress
+
+    def discard_state(self) -> None:
+        """Drop the saved state (--overwrite, when this run cannot resume it): the run starts from its first step."""
+        def discard() -> None:
+            for name in (STATE_DIR, STATE_OLD, STATE_TMP):
+                shutil.rmtree(self.dir / name, ignore_errors=True)
+            (self.dir / METRICS_FILE).unlink(missing_ok=True)
+
+        self.on_main(discard)
+        self.accelerator.wait_for_everyone()
 
     def metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.dir / METRICS_FILE)
