@@ -214,7 +214,12 @@ os.environ["ACCELERATE_MIXED_PRECISION"] = "no"  # what accelerate launch sets w
 report("launcher_default_distill_auto_runs", auto_precision()[0])
 del os.environ["ACCELERATE_MIXED_PRECISION"]
 report("no_launcher_distill_auto_runs", auto_precision()[0])
-make_accelerator("no")
+make_accelerator("no", deterministic=True)
+report("deterministic_kernels_and_no_cudnn_benchmark", (torch.are_deterministic_algorithms_enabled(),
+                                                        torch.backends.cudnn.benchmark))
+make_accelerator("no")  # as the tools (evaluate, predict, benchmark) make it: full fp32
+report("tf32_for_the_tools", torch.backends.cuda.matmul.allow_tf32)
+make_accelerator("no", tf32=True)  # as a training run makes it
 report("tf32_after_make_accelerator", torch.backends.cuda.matmul.allow_tf32)
 report("cudnn_benchmark_after_make_accelerator", torch.backends.cudnn.benchmark)
 
