@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +85,29 @@ def flowers12(tmp_path_factory) -> Path:
         tar.extractall(target, filter="data")
     roots = [p.parent for p in target.rglob("train")]
     return roots[0]
+
+
+def kill_once_saved(command: list, progress: Path, step: int, *, cwd: Path | None = None, env: dict | None = None,
+                    marker: str | None = None) -> None:
+    """Start `command` and SIGKILL it once its saved state (`progress`, a progress.json) has reached `step`: its whole
+    process group, and every process whose command line holds `marker` (torchrun's workers may sit in groups of
+    their own). A lost machine, as a test can make one."""
+    process = subprocess.Popen([str(part) for part in command], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if json.loads(progress.read_text())["step"] >= step:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    for proc in Path("/proc").iterdir() if marker else []:
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:
+            pass
+    process.wait()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, invoke, make_image_folder, run_cli
+from conftest import TINY, invoke, kill_once_saved, make_image_folder, run_cli
 from distill.weights.checkpoint import read_checkpoint
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distill"
@@ -64,19 +64,7 @@ def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(tmp
 
 def _kill_at_step(command: list, progress: Path, step: int) -> None:
     """Start `python -m distill ...` and SIGKILL it once its saved state has reached `step`."""
-    process = subprocess.Popen([sys.executable, "-m", "distill", *map(str, command)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if json.loads(progress.read_text())["step"] >= step:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    assert process.poll() is None, "the run ended before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_once_saved([sys.executable, "-m", "distill", *command], progress, step)
 
 
 def test_feature_distillation_resumes_its_projection_exactly_and_never_exports_it(tmp_path):

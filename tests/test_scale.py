@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, invoke, make_image_folder
+from conftest import TINY, invoke, kill_once_saved, make_image_folder
 from distill.weights.checkpoint import read_checkpoint
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -188,29 +187,6 @@ def test_the_recipes_global_batch_and_lr_are_the_same_on_one_and_two_processes(m
     assert "1024 = 1 x 128 x 8" in plans["1"] and "1024 = 2 x 128 x 4" in plans["2"] and "1024 = 16 x 64 x 1" in plans["16"]
 
 
-def _kill_group_at_step(command: list[str], cwd: Path, progress: Path, step: int, env: dict) -> None:
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.time() + 400
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if json.loads(progress.read_text())["step"] >= step:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun, and every process it started (a lost node):
-    launcher = command[3]
-    for proc in Path("/proc").iterdir():  # its workers may sit in process groups of their own
-        try:
-            if proc.name.isdigit() and launcher in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
-    process.wait()
-
-
 @needs_torchrun
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
 def test_a_killed_run_resumes_on_another_number_of_processes_at_the_same_global_batch(tmp_path, before, after):
@@ -222,8 +198,8 @@ def test_a_killed_run_resumes_on_another_number_of_processes_at_the_same_global_
     launcher.write_text(LAUNCHER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "runs" / "teach"
-    _kill_group_at_step([TORCHRUN, "--nproc_per_node", str(before), str(launcher), *args], tmp_path,
-                        run / "state" / "progress.json", 5, env)
+    kill_once_saved([TORCHRUN, "--nproc_per_node", str(before), launcher, *args], run / "state" / "progress.json", 5,
+                    cwd=tmp_path, env=env, marker=str(launcher))
     saved = json.loads((run / "state" / "progress.json").read_text())
     assert saved["processes"] == before and saved["global_batch"] == 8 and saved["step"] >= 5
     result = torchrun(tmp_path, *args, processes=after)
