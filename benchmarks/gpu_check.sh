@@ -109,7 +109,8 @@ from timm.utils import ModelEmaV3
 
 from distill.config import auto_precision
 from distill.data import NORMS
-from distill.training.engine import LossWatch, Prepared, TargetMixup, make_accelerator, train_step
+from distill.training.processes import make_accelerator
+from distill.training.step import LossWatch, Prepared, TargetMixup, train_step
 from distill.training.evaluation import bare
 from distill.losses import DistillationLoss, base_criterion
 from distill.speed import channels_last, choose_kernels, to_channels_last

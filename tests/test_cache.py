@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,7 +151,7 @@ def test_a_killed_cache_resumes_and_ends_identical(tmp_path):
 
 
 def test_cached_targets_are_mixed_with_the_images_lambda_and_box():
-    from distill.training.engine import TargetMixup
+    from distill.training.step import TargetMixup
 
     torch.manual_seed(0)
     labels = torch.tensor([0, 1, 2, 3, 0, 1])

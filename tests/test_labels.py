@@ -7,7 +7,6 @@ import io
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -255,7 +254,7 @@ def test_top5_is_measured_only_with_more_than_five_classes(trained):
 
     import torch
 
-    from distill.training.engine import make_accelerator
+    from distill.training.processes import make_accelerator
     from distill.training.evaluation import evaluate
 
     for classes in (5, 6):

@@ -157,7 +157,7 @@ def test_repeated_augmentation_follows_deits_rule():
 def test_a_resume_on_another_number_of_processes_continues_at_the_next_image():
     """The images two processes read in the first k steps of an epoch, and those one process reads after skipping
     the same k steps, are the whole epoch, each image once: the global position is what a resume keeps."""
-    from distill.training.engine import resume_skip
+    from distill.training.processes import resume_skip
 
     count, per_process = 96, 4
     two = [_epoch(count, 2, rank, repeated_aug=1, batch=per_process) for rank in (0, 1)]

@@ -47,7 +47,7 @@ def test_finished_run_is_reused_and_a_changed_one_refused(folder):
 
 
 def test_bf16_autocast_runs_on_cpu(folder):
-    from distill.training.engine import make_accelerator
+    from distill.training.processes import make_accelerator
 
     acc = make_accelerator("bf16")
     layer = torch.nn.Linear(8, 8)

@@ -64,8 +64,8 @@ def run_guarded(action: Callable[[], Any]) -> Any:
 
 def _timed_out(error: Exception) -> str | None:
     """The sentence for a collective operation that outlasted the process group's timeout, or None."""
-    engine = sys.modules.get("distill.training.engine")
-    seconds = getattr(engine, "PROCESS_GROUP", {}).get("seconds") if engine else None
+    group = sys.modules.get("distill.training.processes")  # loaded once a run has made its processes
+    seconds = getattr(group, "PROCESS_GROUP", {}).get("seconds") if group else None
     text = f"{type(error).__name__}: {error}"
     collective = type(error).__name__ == "DistBackendError" or re.search(r"\bgloo\b|\bnccl\b", text, re.IGNORECASE)
     if seconds is None or not collective or not re.search(r"timed out|timeout", text, re.IGNORECASE):

@@ -19,7 +19,7 @@ from distill.stages.common import (Expecting, StagePlan, data_record, default_pa
 from distill.teachers.cache import (fill_shards, read_manifest, shard_count, targets_digest, view_seeds, write_manifest,
                                     write_seeds)
 from distill.teachers.frozen import check_classes, frozen_teacher
-from distill.training.engine import make_accelerator
+from distill.training.processes import make_accelerator
 from distill.training.runfolder import as_recorded, normalise
 from distill.weights.naming import precision_name
 

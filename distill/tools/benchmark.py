@@ -106,7 +106,8 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
     from timm.optim import create_optimizer_v2
 
     from distill.data import NORMS, Transformed, open_dataset, train_loader, train_transform
-    from distill.training.engine import Prepared, TargetMixup, make_accelerator, train_step
+    from distill.training.processes import make_accelerator
+    from distill.training.step import Prepared, TargetMixup, train_step
     from distill.losses import DistillationLoss, base_criterion
     from distill.speed import channels_last, choose_kernels, idle_workers, to_channels_last
     from distill.students import has_dist_token, set_distilled_training

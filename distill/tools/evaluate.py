@@ -18,7 +18,7 @@ from distill.teachers.frozen import check_classes, check_teacher, frozen_teacher
 from distill.tools.inference import checkpoint_data
 from distill.tools.summary import per_class_table, print_metrics
 from distill.tools.tta import check_mode, evaluate_views, parse_resolutions, print_tta
-from distill.training.engine import make_accelerator
+from distill.training.processes import make_accelerator
 from distill.training.evaluation import bare, evaluate
 from distill.weights.checkpoint import build_model
 from distill.weights.naming import PRECISIONS, model_label

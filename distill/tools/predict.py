@@ -63,7 +63,7 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
             progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """(one record per readable image with its top-k classes and probabilities, the unreadable files skipped)."""
     from distill.data import eval_transform
-    from distill.training.engine import make_accelerator
+    from distill.training.processes import make_accelerator
     from distill.speed import choose_kernels, idle_workers, lower_worker_priority
     from distill.students import named_outputs
 

@@ -2,7 +2,8 @@
 
 The engine knows nothing of which stage it runs: a stage hands it a `Job` (a model, two datasets, a
 criterion `(inputs, outputs, targets) -> loss`, a way to read predictions, and a function that
-describes the final checkpoint). The run folder is `runfolder.RunFolder`, evaluation `evaluation.evaluate`.
+describes the final checkpoint). The run folder is `runfolder.RunFolder`, evaluation `evaluation.evaluate`, one
+training step `step.train_step`, the accelerator and what the processes share `processes`.
 
 A criterion may train parameters of its own (`criterion.learned`, a feature-distillation projection): they
 are optimised with the model's, prepared by accelerate like it (synchronised across processes, saved in and
@@ -19,25 +20,17 @@ evaluation and save (timm's distribute_bn), unless --sync-bn synchronises them a
 
 from __future__ import annotations
 
-import itertools
-import os
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from timm.data import Mixup
-from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.layers import convert_sync_batchnorm
-from timm.utils import ModelEmaV3, distribute_bn
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -46,75 +39,14 @@ from distill.config import StageConfig, processes, split_batch, to_dict
 from distill.console import console
 from distill.data.loaders import eval_loader, train_loader
 from distill.errors import DistillError
+from distill.training.processes import average_batchnorm, make_accelerator, resume_skip
+from distill.training.step import LossWatch, Prepared, TargetMixup, train_step
 from distill.training.evaluation import Predict, bare, evaluate, flatten, plain_logits
 from distill.weights.naming import precision_name
 from distill.training.runfolder import RunFolder, saved_progress
 from distill.training.schedule import check_grid, parse_schedule, resolution_at, set_resolution, vits
-from distill.speed import channels_last, choose_kernels, idle_workers, keep_freed_memory, to_channels_last
+from distill.speed import channels_last, choose_kernels, idle_workers, to_channels_last
 from distill.training.tracking import LOG_DIR, hyperparameters, numeric, offline_environment, tracker_names
-
-
-# The process group's timeout, once the group exists: the command line names it when a collective outlasts it.
-PROCESS_GROUP: dict[str, float] = {}
-
-
-def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = False,
-                     log_with: list[str] | None = None, project_dir: Path | None = None, dist_timeout: float = 1800,
-                     deterministic: bool = False, tf32: bool = False) -> Accelerator:
-    """A fresh Accelerator for one run (a pipeline may change precision between stages); with `compile`,
-    accelerate's prepare() hands the model to torch.compile (inductor); with `log_with`, accelerate's trackers
-    write under `project_dir`. The first one of a process makes the process group, with `dist_timeout`.
-
-    On CUDA, cuDNN picks its fastest kernels (cudnn.benchmark) and, with `tf32` (training), fp32 matrix products use
-    TF32, as timm's and DeiT's training scripts do; with `deterministic`, PyTorch's deterministic kernels instead. The
-    tools (evaluate, predict, benchmark) keep full fp32 unless they ask."""
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise DistillError("fp16 mixed precision needs a GPU; on a CPU use --mixed-precision bf16.")
-    AcceleratorState._reset_state(reset_partial_state=False)  # keeps the process group, forgets the precision
-    # Several processes without CUDA (torchrun on a CPU): accelerate joins them over gloo only when told
-    # it runs on the CPU; a single process keeps accelerate's own device choice (CUDA, MPS, XPU, CPU).
-    several = processes() > 1
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout)),
-                # each process keeps the BatchNorm statistics of its own batches (averaged before evaluations and
-                # saves) instead of taking process 0's at every forward pass
-                DistributedDataParallelKwargs(broadcast_buffers=False)]
-    if torch.cuda.is_available():
-        if deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_float32_matmul_precision("high" if tf32 else "highest")  # TF32 or not for fp32 matrix products
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=several and not torch.cuda.is_available(),
-                              gradient_accumulation_steps=grad_accum, dynamo_backend="inductor" if compile else None,
-                              log_with=log_with or None, project_dir=str(project_dir) if project_dir is not None else None,
-                              kwargs_handlers=handlers)
-    if several and "seconds" not in PROCESS_GROUP:
-        PROCESS_GROUP["seconds"] = dist_timeout
-    if accelerator.device.type == "cpu":
-        keep_freed_memory()  # distill.speed: no page faults for each step's activations
-    return accelerator
-
-
-def average_batchnorm(acc: Accelerator, *modules: nn.Module | None) -> None:
-    """Every process's BatchNorm statistics replaced by their mean over the processes (timm's distribute_bn), so all
-    evaluate, and save, the same model. A collective: every process calls it."""
-    if acc.num_processes == 1:
-        return
-    for module in modules:
-        if module is not None and any("running_mean" in name for name, _ in module.named_buffers()):
-            distribute_bn(module, acc.num_processes, reduce=True)
-
-
-def resume_skip(progress: dict[str, int], world: int, per_process: int, accumulation: int) -> int:
-    """The micro-batches each process skips to resume inside an epoch: the images the saved run had read of it, over
-    all its processes, at this run's images per pass. The loaders deal the epoch's images to the processes in turn,
-    so the first k passes of all processes read the first k x images-per-pass of the epoch, on any number of them."""
-    if not progress.get("batch"):
-        return 0
-    images = progress.get("images")
-    if images is None:  # a state saved before the global position was recorded: same processes, same batch
-        return progress["batch"]
-    return images // (per_process * world)
 
 
 @dataclass
@@ -147,76 +79,6 @@ def ema_step(cfg: StageConfig, step: int) -> int | None:
     """The step handed to the EMA: none with a fixed decay (timm then uses the decay as given from the first
     update on, as DeiT's ModelEma does), the optimizer step with the warmup."""
     return step if cfg.ema_warmup else None
-
-
-class TargetMixup(Mixup):
-    """timm's Mixup/CutMix ('batch' mode, DeiT's), also mixing dense extra targets (a cached teacher's) with the
-    very lambda and box of the images: each becomes lam * t + (1 - lam) * t.flip(0), as timm mixes the labels.
-    timm returns only the mixed labels, so this calls its `_mix_batch` (which mixes the images in place and
-    returns the lambda, corrected for the CutMix box) and mixes the rest alike."""
-
-    def __call__(self, x: torch.Tensor, target: torch.Tensor, extra: list[torch.Tensor] | None = None) -> Any:
-        if not extra:
-            return (*super().__call__(x, target), [])
-        lam = self._mix_batch(x)
-        mixed = mixup_target(target, self.num_classes, lam, self.label_smoothing)
-        return x, mixed, [t * lam + t.flip(0) * (1.0 - lam) for t in extra]
-
-
-class LossWatch:
-    """The training losses, kept on the device and read in one go: their mean for the log, and the first
-    optimizer step whose loss was not finite on any process."""
-
-    def __init__(self, accelerator: Accelerator):
-        self.accelerator = accelerator
-        self.pending: list[torch.Tensor] = []
-        self.steps: list[int] = []
-        self.total, self.count, self.recent = 0.0, 0, float("nan")
-        self.last: list[tuple[int, float]] = []  # (step, loss) of the last read, for the trackers
-
-    def add(self, loss: torch.Tensor, step: int) -> None:
-        self.pending.append(loss.detach().float().reshape(1))
-        self.steps.append(step)
-
-    def read(self) -> tuple[int, float] | None:
-        """One host sync (and one gather across processes); returns the first bad step and its loss, if any."""
-        self.last = []
-        if not self.pending:
-            return None
-        values = torch.cat(self.pending)
-        if self.accelerator.num_processes > 1:  # every process reads the same, so all stop together
-            values = self.accelerator.gather(values[None]).reshape(self.accelerator.num_processes, -1).t()
-        values = values.cpu().reshape(len(self.steps), -1)
-        steps, self.pending, self.steps = self.steps, [], []
-        finite = torch.isfinite(values).all(dim=1)
-        if not finite.all():
-            first = int((~finite).nonzero()[0])
-            return steps[first], float(values[first][~torch.isfinite(values[first])][0])
-        self.total += float(values.mean(dim=1).sum())
-        self.count += len(steps)
-        self.last = list(zip(steps, values.mean(dim=1).tolist()))
-        self.recent = float(values.mean())
-        return None
-
-    @property
-    def mean(self) -> float:
-        return self.total / max(1, self.count)
-
-
-@dataclass
-class Prepared:
-    """The pieces one training epoch needs, after accelerate has prepared them."""
-
-    model: nn.Module
-    optimizer: Any
-    scheduler: Any
-    criterion: nn.Module
-    mixup: TargetMixup | None
-    ema: ModelEmaV3 | None
-    loader: Any
-    batches: int  # micro-batches per epoch: a whole number of optimizer steps
-    trained: list[nn.Module]  # the model and any module the criterion trains beside it
-    channels_last: bool = False  # the model is convolutional and in channels-last format: so are its inputs
 
 
 class Run:
@@ -516,29 +378,6 @@ class Run:
 
         self.folder.on_main(write)
         return path
-
-
-def train_step(acc: Accelerator, parts: Prepared, batch: Any, clip_grad: float | None = None,
-               channels_last: bool = False) -> torch.Tensor:
-    """One micro-batch: to the device, Mixup/CutMix, forward, loss, backward, and (at an update) the optimizer
-    step. Returns the loss, left on the device. `distill benchmark` times this very function."""
-    images, targets, *extra = batch  # extra: a cached teacher's targets
-    images = images.to(acc.device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    targets = targets.to(acc.device, non_blocking=True)
-    extra = [t.to(acc.device, non_blocking=True) for t in extra]
-    if parts.mixup is not None:
-        images, targets, extra = parts.mixup(images, targets, extra)
-    with acc.accumulate(*parts.trained):  # accelerate skips the gradient sync and step between updates
-        with acc.autocast():
-            loss = parts.criterion(images, parts.model(images), targets, *extra)
-        acc.backward(loss)
-        if acc.sync_gradients and clip_grad:
-            acc.clip_grad_norm_(list(itertools.chain.from_iterable(m.parameters() for m in parts.trained)), clip_grad)
-        parts.optimizer.step()
-        parts.optimizer.zero_grad(set_to_none=True)
-    return loss
 
 
 def _duration(seconds: float) -> str:
