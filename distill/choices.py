@@ -5,3 +5,6 @@ DISTILLATION_KINDS = ("none", "soft", "hard", "feature", "soft+feature", "hard+f
 LABEL_LOSSES = ("ce", "bce")
 FEATURE_LOSSES = ("mse", "cosine")
 CROPS = ("rrc", "src")
+# How a token student's two heads make one prediction: the mean of their logits (timm's forward and the official
+# code's) or the mean of their probabilities (the paper's text: the two softmax outputs added).
+FUSIONS = ("logits", "softmax")

@@ -33,7 +33,7 @@ def runs(tmp_path_factory):
 
 def by_hand(path, data, flip=False, img_size=None):
     """Each test image through the checkpoint's own preprocessing, one at a time: the probabilities of its
-    headline prediction (the two heads' mean softmax for a token student)."""
+    headline prediction (for a token student, the softmax of its two heads' mean logits, its recorded fusion)."""
     ckpt = read_checkpoint(path)
     model = build_model(ckpt)
     if img_size:
@@ -48,7 +48,7 @@ def by_hand(path, data, flip=False, img_size=None):
             x = x.flip(-1) if flip else x
             if getattr(model, "dist_token", None) is not None:
                 tokens = model.forward_features(x)
-                probs = (model.head(tokens[:, 0]).softmax(-1) + model.head_dist(tokens[:, 1]).softmax(-1)) / 2
+                probs = ((model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2).softmax(-1)
             else:
                 probs = model(x).softmax(-1)
             rows.append(probs[0])

@@ -50,11 +50,56 @@ def test_export_writes_a_timm_folder_timm_reloads_with_the_same_logits_and_onnx_
     with torch.no_grad():
         assert torch.equal(reloaded(images), model(images))
         tokens = model.forward_features(images)
-        fused = (model.head(tokens[:, 0]).softmax(-1) + model.head_dist(tokens[:, 1]).softmax(-1)) / 2  # the paper's
+        fused = ((model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2).softmax(-1)  # the logit mean, timm's
+    assert ckpt.meta["distillation"]["fusion"] == "logits"
     session = onnxruntime.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])  # a batch of 3: the batch axis is free
     assert got.shape == (3, 3) and torch.allclose(got, fused, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(got, reloaded(images).softmax(-1), atol=1e-5)  # ONNX and the timm folder: one model
     assert "largest probability difference" in result.output
+
+
+def _timm_top1(folder, split_dir) -> float:
+    """An exported timm folder's top-1 on an image folder's split, read as a timm user would: its own
+    pretrained_cfg's transform and its own forward."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    transform = create_transform(**resolve_data_config({}, model=model))
+    names = json.loads((folder / "config.json").read_text())["label_names"]
+    right = total = 0
+    with torch.no_grad():
+        for label, name in enumerate(names):
+            for path in sorted((split_dir / name).iterdir()):
+                right += int(model(transform(Image.open(path).convert("RGB"))[None]).argmax() == label)
+                total += 1
+    return round(100 * right / total, 3)
+
+
+@pytest.mark.parametrize("fusion", ["logits", "softmax"])
+def test_the_exported_timm_model_scores_what_was_recorded_for_a_token_student(trained, tmp_path, fusion):
+    """One model, one accuracy: the recorded top-1, `distill evaluate` and the exported timm folder read with timm's
+    own transform agree (the default fusion is timm's logit mean); a student fused by its probabilities says, on
+    export, that timm's forward differs, and its ONNX keeps its rule."""
+    runs, folder = trained
+    if fusion == "softmax":
+        made = invoke("student", "--workdir", runs, *TINY, *TINY_VIT, "--fusion", "softmax", "--name", "student-softmax")
+        assert made.exit_code == 0, made.output
+        assert "heads fused by the mean of their probabilities" in made.output
+    run = runs / ("student" if fusion == "logits" else "student-softmax")
+    ckpt = read_checkpoint(run)
+    assert ckpt.meta["distillation"]["fusion"] == fusion
+    evaluated = invoke("evaluate", run, "--num-workers", "0")
+    assert evaluated.exit_code == 0 and f"{ckpt.meta['metrics']['top1']:.2f}" in evaluated.output
+    exported = invoke("export", run, "--out", tmp_path / "out")
+    assert exported.exit_code == 0, exported.output
+    if fusion == "logits":
+        assert "note:" not in exported.output
+        assert _timm_top1(tmp_path / "out", folder / "test") == ckpt.meta["metrics"]["top1"]
+    else:
+        assert "note: this student fuses its heads by the mean of their probabilities" in exported.output
 
 
 def test_export_refuses_a_file_as_target_and_leaves_it(trained, tmp_path):
@@ -74,7 +119,7 @@ def test_predict_agrees_with_evaluate_on_a_folder(trained, tmp_path):
     runs, folder = trained
     evaluated = invoke("evaluate", runs / "student", "--num-workers", "0")
     assert evaluated.exit_code == 0, evaluated.output
-    row = next(line for line in evaluated.output.splitlines() if "softmax sum" in line)
+    row = next(line for line in evaluated.output.splitlines() if "class + distillation (fused)" in line)
     top1 = float(row.split("│")[2])
     out = tmp_path / "predictions.csv"
     result = invoke("predict", runs / "student", folder / "test", "--top-k", "2", "--num-workers", "0", "--out", out)

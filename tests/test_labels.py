@@ -275,4 +275,5 @@ def test_no_distillation_shows_no_distillation_settings(trained):
     info = invoke("info", runs / "plain").output
     assert _row(info, "distillation") == "none"
     assert "measured against only, not distilled from" in _row(info, "teacher")
-    assert _row(invoke("info", runs / "student").output, "distillation") == "hard (alpha 0.5, distillation token)"
+    assert _row(invoke("info", runs / "student").output, "distillation") == ("hard (alpha 0.5, distillation token, heads "
+                                                                               "fused by their logit mean)")

@@ -34,7 +34,8 @@ def test_each_variant_trains_and_says_what_it_is(taught, variant):
     ckpt = read_checkpoint(root / "runs" / name / "model.safetensors")
     teacher = read_checkpoint(root / "runs" / "teach" / "model.safetensors")
     kind, token = variant[1], variant[2] == "--token"
-    assert ckpt.meta["distillation"] == {"kind": kind, "alpha": 0.5, "tau": 2.0, "token": token, "teacher_res": 16}
+    fused = {"fusion": "logits"} if token else {}  # a token student's heads: their logit mean, timm's, by default
+    assert ckpt.meta["distillation"] == {"kind": kind, "alpha": 0.5, "tau": 2.0, "token": token, "teacher_res": 16, **fused}
     assert ckpt.meta["parent"]["sha256"] == teacher.sha256 and ckpt.meta["teacher"]["sha256"] == teacher.sha256
     assert ckpt.classes == teacher.classes and ckpt.meta["data"]["data_dir"] == teacher.meta["data"]["data_dir"]
     assert ckpt.model_name == ("deit_tiny_distilled_patch16_224" if token else "deit_tiny_patch16_224")
@@ -117,7 +118,7 @@ def test_a_deit3_student_with_the_token_keeps_timm_keys_plus_the_token(taught):
     ckpt = read_checkpoint(root / "runs" / "deit3")
     assert ckpt.model_name == "deit3_small_patch16_224" and ckpt.model_args["distilled"] is True
     assert ckpt.meta["distillation"] == {"kind": "hard+feature", "alpha": 0.5, "tau": 1.0, "token": True,
-                                         "feature_loss": "cosine", "teacher_res": 16}
+                                         "feature_loss": "cosine", "teacher_res": 16, "fusion": "logits"}
     weights = load_file(ckpt.path)
     plain = timm.create_model("deit3_small_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
                               num_classes=3).state_dict()

@@ -174,7 +174,8 @@ def export(
                                        "(created if needed); required."),
     to: Optional[Path] = typer.Option(None, "--to", hidden=True),
     onnx: bool = typer.Option(False, "--onnx", help=escape("Also write model.onnx (class probabilities; a token student's two heads "
-                              "fused as in the paper), checked against torch with ONNX Runtime: pip install 'distill[onnx]'.")),
+                              "fused as its accuracy was measured), checked against torch with ONNX Runtime: pip install "
+                              "'distill[onnx]'.")),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
 ) -> None:
     """Write a timm model folder: timm.create_model("local-dir:DIR", pretrained=True) loads it with the same logits, and
@@ -189,6 +190,8 @@ def export(
         report = export_checkpoint(open_source(checkpoint, model=model), folder, onnx=onnx)
         console = _console()
         console.print(f"timm folder: {escape(report['folder'])} (reloaded with timm: logits identical)", soft_wrap=True)
+        if report.get("fusion_note"):
+            console.print(f"note: {escape(report['fusion_note'])}.", soft_wrap=True)
         if onnx:
             console.print(f"ONNX: {escape(report['onnx'])} (ONNX Runtime against torch: largest probability difference "
                           f"{report['onnx_max_difference']:.2g}, tolerance {ONNX_TOLERANCE:g})", soft_wrap=True)
@@ -212,8 +215,8 @@ def predict(
     mixed_precision: str = typer.Option("no", help="Precision: no (fp32), bf16 or fp16."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable images (counted) instead of stopping."),
 ) -> None:
-    """The top-k classes of images with their probabilities, batched on the device (a token student's heads fused as in
-    the paper)."""
+    """The top-k classes of images with their probabilities, batched on the device (a token student's heads fused as its
+    accuracy was measured)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from distill.choices import CROPS, DISTILLATION_KINDS, FEATURE_LOSSES, LABEL_LOSSES
+from distill.choices import CROPS, DISTILLATION_KINDS, FEATURE_LOSSES, FUSIONS, LABEL_LOSSES
 
 # DeiT's learning-rate rule: the value given is for a global batch of 512.
 LR_REFERENCE_BATCH = 512
@@ -230,6 +230,11 @@ class DistillFields:
     teacher_model: str | None = option(None, "timm architecture of a bare weights file given as --teacher (e.g. "
                                        "regnety_160.deit_in1k); not needed for distill checkpoints or timm/, hf-hub:, "
                                        "local-dir: sources.", "Distillation", result=False)
+    fusion: str | None = option(None, "How a token student's two heads make its prediction: logits (the mean of their "
+                                "logits, as timm's forward and the official code compute it, so an exported timm model "
+                                "scores as recorded) or softmax (the mean of their probabilities, the paper's text) "
+                                "[default: the parent's, else logits]. Recorded; evaluate, predict and ONNX follow it.",
+                                "Distillation", choices=FUSIONS)
     feature_loss: str | None = option("mse", "Feature distillation's loss: mse (timm's) or cosine (1 - cosine similarity, "
                                       "blind to the features' scale).", "Distillation", choices=FEATURE_LOSSES)
 

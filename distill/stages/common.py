@@ -24,7 +24,7 @@ from distill.data import NORMS, DataSplits, Share, Transformed, eval_transform, 
 from distill.data.sources import describe_skipped, peek_classes, peek_train_size
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, base_criterion
-from distill.students import PreLogits
+from distill.students import PreLogits, fusion_of, records_token
 from distill.teachers import FrozenTeacher
 from distill.teachers.frozen import check_classes, check_teacher
 from distill.training.engine import Run
@@ -206,21 +206,28 @@ def criterion_for(cfg: StageConfig, kind: str, teacher: FrozenTeacher | None, al
                             getattr(cfg, "feature_loss", None) or "mse", cached=cached)
 
 
-def distillation_record(kind: str, alpha: float, tau: float, token: bool, feature_loss: str | None) -> dict[str, Any]:
-    """What a checkpoint says about how it learned from its teacher."""
+def distillation_record(kind: str, alpha: float, tau: float, token: bool, feature_loss: str | None,
+                        fusion: str | None = None) -> dict[str, Any]:
+    """What a checkpoint says about how it learned from its teacher (and, for a token student, how its two heads make
+    its prediction)."""
     record = {"kind": kind, "alpha": alpha, "tau": tau, "token": token}
     if "feature" in kind:
         record["feature_loss"] = feature_loss
+    if token:
+        record["fusion"] = fusion or "logits"
     return record
 
 
 def inherit_distillation(cfg: FinetuneConfig | TransferConfig, parent: Checkpoint, kind: str) -> StageConfig:
-    """alpha, tau and the feature loss the user left open: the parent's, else the defaults."""
+    """alpha, tau, the feature loss and the heads' fusion the user left open: the parent's, else the defaults (a
+    fusion only for a token student)."""
     inherited = parent.meta.get("distillation") or {}
+    token = records_token(parent.model_name, parent.model_args)
     return dataclasses.replace(
         cfg, distillation=kind, alpha=cfg.alpha if cfg.alpha is not None else inherited.get("alpha", 0.5),
         tau=cfg.tau if cfg.tau is not None else inherited.get("tau", 1.0),
-        feature_loss=cfg.feature_loss or inherited.get("feature_loss") or "mse")
+        feature_loss=cfg.feature_loss or inherited.get("feature_loss") or "mse",
+        fusion=(cfg.fusion or fusion_of(parent.meta)) if token else None)
 
 def taught(kind: str) -> str:
     """What a run takes from its teacher: its outputs when it distils, else only the settings it was checked with."""

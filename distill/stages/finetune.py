@@ -14,7 +14,7 @@ from distill.stages.common import (Expected, Expecting, StagePlan, count_params,
                                    inherit_distillation, load_with_norm, open_checkpoint, open_run, parent_accuracy,
                                    planned, read_teacher, resolution_setter, resolve_for_run, taught)
 from distill.stages.teach import plan_teach
-from distill.students import (default_patch_size, has_dist_token, named_outputs, records_token, resize,
+from distill.students import (default_patch_size, fused_outputs, has_dist_token, records_token, resize,
                               set_distilled_training)
 from distill.teachers.frozen import check_classes, frozen_teacher, teacher_resolution
 from distill.training.engine import Job
@@ -106,7 +106,7 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
         check_classes(teacher, parent.classes or None, f"the student {parent.path}")
     model = {"name": parent.model_name, "args": {**parent.model_args, "img_size": cfg.res}}
     distillation = distillation_record(kind, cfg.alpha, cfg.tau, records_token(parent.model_name, parent.model_args),
-                                       cfg.feature_loss)
+                                       cfg.feature_loss, cfg.fusion)
     distillation["teacher_res"] = teacher_resolution(teacher, cfg.res, cfg.teacher_res) if teacher else None
     return planned(StagePlan("finetune", cfg, parent=parent, teacher=teacher, notes=notes, before=before,
                               settings={"distillation": distillation}, model=model, classes=parent.classes or None))
@@ -138,7 +138,7 @@ def execute_finetune(plan: StagePlan) -> Checkpoint:
     job = Job(model=model, train_set=train_set, eval_set=test_set,
               retransform=resolution_setter(cfg, mean, std, train_set, test_set, True),
               criterion=criterion_for(cfg, kind, frozen, alpha, tau, student=model),
-              num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
+              num_classes=len(data.classes), describe=describe, predict=fused_outputs(cfg.fusion or "logits"), reference=frozen,
               class_names=data.classes, evaluate_first=True, notes=plan.notes,
               extra_metrics=parent_accuracy(parent))
     return run.fit(job)

@@ -16,7 +16,7 @@ from distill.stages.common import (Expecting, StagePlan, count_params, criterion
                                    default_parent, distillation_record, inherit_data, load_with_norm, open_checkpoint,
                                    open_run, planned, planned_classes, read_teacher, resolution_setter, resolve_for_run,
                                    taught)
-from distill.students import (build_student, fit_deit_weights, named_outputs, set_distilled_training, student_args,
+from distill.students import (build_student, fit_deit_weights, fused_outputs, set_distilled_training, student_args,
                               student_model)
 from distill.teachers.cache import TeacherCache, targets_digest
 from distill.teachers.frozen import check_classes, frozen_teacher, teacher_resolution
@@ -41,13 +41,14 @@ def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
         cfg = dataclasses.replace(cfg, model=init.model_name, **sizing)
     cfg = inherit_data(cfg, teacher or init)
     name, token_args = student_model(cfg.model, cfg.token)
+    cfg = dataclasses.replace(cfg, fusion=(cfg.fusion or "logits") if cfg.token else None)
     cfg, notes = resolve_for_run(cfg)
     classes = planned_classes(cfg)
     if teacher is not None:
         check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
         classes = classes or teacher.classes or None
     args = {**student_args(cfg, len(classes) if classes else None), **token_args}
-    distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss)
+    distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss, cfg.fusion)
     distillation["teacher_res"] = teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None
     return planned(StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes,
                               settings={"distillation": distillation}, model={"name": name, "args": args},
@@ -115,10 +116,11 @@ def plan_cached_student(cfg: StudentConfig, expecting: Expecting) -> StagePlan:
         raise DistillError(f"A teacher cache holds the teacher's probabilities, not its features: --distillation "
                            f"{cfg.distillation} needs the teacher itself (--teacher, without --teacher-cache).")
     name, token_args = student_model(cfg.model, cfg.token)
+    cfg = dataclasses.replace(cfg, fusion=(cfg.fusion or "logits") if cfg.token else None)
     cfg, notes = resolve_for_run(cfg)
     classes = cache.manifest["classes"]
     args = {**student_args(cfg, len(classes)), **token_args}
-    distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss)
+    distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss, cfg.fusion)
     settings = {"distillation": distillation, "cache": {"path": str(cache.root.resolve()),
                                                          "identity": cache.manifest["identity"], "teacher": record}}
     plan = StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes, settings=settings,
@@ -167,6 +169,6 @@ def execute_student(plan: StagePlan) -> Checkpoint:
               retransform=resolution_setter(cfg, mean, std, train_set, test_set, True),
               criterion=criterion_for(cfg, cfg.distillation, frozen if cache is None else None, cfg.alpha, cfg.tau,
                                       student=model, cached=cache is not None),
-              num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
+              num_classes=len(data.classes), describe=describe, predict=fused_outputs(cfg.fusion or "logits"), reference=frozen,
               class_names=data.classes, notes=plan.notes, view_seeds=view_seeds_)
     return run.fit(job)

@@ -12,7 +12,7 @@ from distill.stages.common import (Expected, Expecting, StagePlan, count_params,
                                    datasets_for, default_parent, distillation_record, inherit_data,
                                    inherit_distillation, load_with_norm, open_checkpoint, open_run, planned,
                                    planned_classes, read_teacher, resolution_setter, resolve_for_run, taught)
-from distill.students import (attention_parameter_names, has_dist_token, head_parameter_names, named_outputs,
+from distill.students import (attention_parameter_names, fused_outputs, has_dist_token, head_parameter_names,
                               records_token, resize, set_distilled_training, train_only)
 from distill.teachers.frozen import check_classes, frozen_teacher, teacher_resolution
 from distill.training.engine import Job
@@ -66,7 +66,7 @@ def plan_transfer(cfg: TransferConfig, expecting: Expecting = {}) -> StagePlan:
     if args.get("img_size"):
         args["img_size"] = cfg.img_size
     distillation = distillation_record(kind, cfg.alpha, cfg.tau, records_token(parent.model_name, parent.model_args),
-                                       cfg.feature_loss)
+                                       cfg.feature_loss, cfg.fusion)
     distillation["teacher_res"] = teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None
     return planned(StagePlan("transfer", cfg, parent=parent, teacher=teacher, notes=notes,
                               settings={"distillation": distillation}, model={"name": parent.model_name, "args": args},
@@ -117,6 +117,6 @@ def execute_transfer(plan: StagePlan) -> Checkpoint:
     job = Job(model=model, train_set=train_set, eval_set=test_set,
               retransform=resolution_setter(cfg, mean, std, train_set, test_set, True),
               criterion=criterion_for(cfg, kind, frozen, alpha, tau, student=model),
-              num_classes=len(data.classes), describe=describe, predict=named_outputs, reference=frozen,
+              num_classes=len(data.classes), describe=describe, predict=fused_outputs(cfg.fusion or "logits"), reference=frozen,
               class_names=data.classes, notes=plan.notes)
     return run.fit(job)

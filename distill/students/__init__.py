@@ -3,9 +3,10 @@ changes, head outputs, and the pre-logits features that feature distillation reg
 
 from __future__ import annotations
 
+import functools
 import re
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
@@ -144,20 +145,38 @@ def fit_deit_weights(weights: dict[str, torch.Tensor], model: nn.Module, keep_he
     return fitted
 
 
-def named_outputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def named_outputs(model: nn.Module, images: torch.Tensor, fusion: str = "logits") -> dict[str, torch.Tensor]:
     """Scores per head for evaluation; the first entry is the headline prediction.
 
-    A token model reports its class head, its distillation head and their fusion. The fusion is the
-    paper's: the two softmax outputs added (here averaged, as log-probabilities); timm's own forward
-    averages the logits instead, which can rank classes differently.
+    A token model reports its class head, its distillation head and their fusion: by default the mean of their
+    logits, which is what timm's forward (and the official code) computes, so an exported timm model predicts what
+    was measured; `softmax` is the paper's text, the mean of the two probabilities (returned as log-probabilities).
+    The two can rank classes differently.
     """
     if not has_dist_token(model):
         return {"top": model(images)}
     tokens = model.forward_features(images)
     cls_logits = model.head(tokens[:, 0])
     dist_logits = model.head_dist(tokens[:, 1])
-    fused = ((cls_logits.float().softmax(-1) + dist_logits.float().softmax(-1)) / 2).clamp_min(1e-12).log()
+    if fusion == "softmax":
+        fused = ((cls_logits.float().softmax(-1) + dist_logits.float().softmax(-1)) / 2).clamp_min(1e-12).log()
+    else:
+        fused = (cls_logits + dist_logits) / 2
     return {"fused": fused, "cls": cls_logits, "dist": dist_logits}
+
+
+def fused_outputs(fusion: str) -> Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]:
+    """`named_outputs` with a token student's heads fused by `fusion` (a picklable function of model and images)."""
+    return functools.partial(named_outputs, fusion=fusion)
+
+
+def fusion_of(meta: dict[str, Any]) -> str:
+    """How a checkpoint's token student fuses its heads: as recorded; imported timm weights as timm does (logits);
+    distill students recorded before the choice existed as they were measured then (softmax)."""
+    recorded = (meta.get("distillation") or {}).get("fusion")
+    if recorded:
+        return recorded
+    return "logits" if meta.get("kind") == "pretrained" else "softmax"
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:

@@ -13,10 +13,10 @@ from distill.data import Transformed, eval_loader, eval_transform
 from distill.data.sources import describe_skipped
 from distill.errors import DistillError
 from distill.speed import idle_workers
-from distill.students import named_outputs, resize
+from distill.students import fused_outputs, fusion_of, resize
 from distill.teachers.frozen import check_classes, check_teacher, frozen_teacher
 from distill.tools.inference import checkpoint_data
-from distill.tools.summary import per_class_table, print_metrics
+from distill.tools.summary import FUSED, per_class_table, print_metrics
 from distill.tools.tta import check_mode, evaluate_views, parse_resolutions, print_tta
 from distill.training.processes import make_accelerator
 from distill.training.evaluation import bare, evaluate
@@ -59,11 +59,13 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
     loader = acc.prepare(eval_loader(Transformed(data.test, transform), batch_size=batch_size, num_workers=num_workers,
                                      idle_workers=idle_workers(None, acc.device.type)))
     net = acc.prepare(net)
-    metrics = evaluate(net, loader, acc, named_outputs, reference=reference, per_class=per_class)
+    metrics = evaluate(net, loader, acc, fused_outputs(fusion_of(ckpt.meta)), reference=reference, per_class=per_class)
     if acc.is_main_process:
         if skipped:
             console.print(f"--skip-corrupt: {escape(skipped)}", soft_wrap=True)
         print_metrics(metrics, f"{ckpt.path}: {label} on {where}")
+        if "heads" in metrics and "fused" in metrics["heads"]:
+            console.print(f"class + distillation: the two heads fused by {FUSED[fusion_of(ckpt.meta)]}")
         if own and ckpt.accuracy():
             console.print(escape(f"recorded in the checkpoint at the end of training: {ckpt.accuracy()}"), soft_wrap=True)
         if per_class:

@@ -5,8 +5,11 @@ it and `huggingface_hub.upload_folder` publishes it as it is. Its config.json ca
 its arguments, num_classes, the label names and the preprocessing (pretrained_cfg), plus a "distill" entry
 naming the checkpoint it came from and that checkpoint's lineage.
 
-The ONNX graph outputs class probabilities: softmax for a plain model, and for a token student the paper's
-fusion, the mean of the two heads' softmax outputs (timm's own forward averages the logits instead).
+The ONNX graph outputs class probabilities: softmax for a plain model, and for a token student the softmax of its
+two heads fused as its checkpoint records. By default that is the mean of their logits, which is also what the timm
+folder computes (timm's forward), so every way out predicts what was measured. A student made with `--fusion
+softmax` (the mean of the heads' probabilities, the paper's text) keeps that rule in ONNX, while the timm folder
+averages the logits: the report says so.
 """
 
 from __future__ import annotations
@@ -23,21 +26,21 @@ from torch import nn
 
 from distill.weights.checkpoint import MODEL_FILE, Checkpoint, build_model
 from distill.errors import DistillError
-from distill.students import named_outputs
+from distill.students import fusion_of, has_dist_token, named_outputs
 
 CONFIG_FILE, ONNX_FILE = "config.json", "model.onnx"
 ONNX_TOLERANCE = 1e-4  # largest absolute difference allowed between ONNX Runtime's and torch's probabilities
 
 
 class Probabilities(nn.Module):
-    """The model's class probabilities: softmax of its prediction (for a token student, of the fused heads)."""
+    """The model's class probabilities: softmax of its prediction (for a token student, of its fused heads)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fusion: str = "logits"):
         super().__init__()
-        self.model = model
+        self.model, self.fusion = model, fusion
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        headline = next(iter(named_outputs(self.model, images).values()))
+        headline = next(iter(named_outputs(self.model, images, self.fusion).values()))
         return headline.float().softmax(dim=-1)  # the fused log of mean probabilities comes back as those probabilities
 
 
@@ -76,7 +79,7 @@ def export_checkpoint(ckpt: Checkpoint, to: Path, onnx: bool = False, batch: int
         save_for_hf(model, str(staging), model_config=model_config, safe_serialization=True, data_config=data_config)
         images = torch.randn(batch, 3, ckpt.img_size, ckpt.img_size, generator=torch.Generator().manual_seed(0))
         if onnx:
-            onnx_difference = write_onnx(model, images, staging / ONNX_FILE)
+            onnx_difference = write_onnx(model, images, staging / ONNX_FILE, fusion_of(ckpt.meta))
         umask = os.umask(0)
         os.umask(umask)
         for name in (CONFIG_FILE, MODEL_FILE) + ((ONNX_FILE,) if onnx else ()):
@@ -91,19 +94,23 @@ def export_checkpoint(ckpt: Checkpoint, to: Path, onnx: bool = False, batch: int
         raise DistillError(f"The exported folder {to} does not reproduce the checkpoint's logits (max difference "
                            f"{difference:.3g}); please report this.")
     report: dict[str, Any] = {"folder": str(to), "timm_max_difference": difference}
+    if has_dist_token(model) and fusion_of(ckpt.meta) != "logits":
+        report["fusion_note"] = ("this student fuses its heads by the mean of their probabilities (--fusion softmax), "
+                                 "as its recorded accuracy and ONNX do; timm's forward averages their logits, which "
+                                 "can rank classes otherwise")
     if onnx:
         report.update(onnx=str(to / ONNX_FILE), onnx_max_difference=onnx_difference)
     return report
 
 
-def write_onnx(model: nn.Module, images: torch.Tensor, path: Path) -> float:
+def write_onnx(model: nn.Module, images: torch.Tensor, path: Path, fusion: str = "logits") -> float:
     """Export the probabilities to ONNX (dynamic batch) and check them with ONNX Runtime; returns the largest
     absolute difference from torch's, refused above ONNX_TOLERANCE."""
     try:
         import onnxruntime
     except ImportError:
         raise DistillError("--onnx needs onnx and onnxruntime: pip install 'distill[onnx]'.") from None
-    wrapped = Probabilities(model).eval()
+    wrapped = Probabilities(model, fusion).eval()
     with torch.no_grad():
         expected = wrapped(images).numpy()
     try:

@@ -3,7 +3,8 @@ test-time augmentation are measured with.
 
 Each image's probabilities come back in the split's order, so several models (or several views of one model)
 can be combined image by image. For a student with the distillation token the probabilities are the paper's
-fusion of its two heads (the mean of their softmax outputs), the headline prediction everywhere else.
+fusion of its two heads (as its checkpoint records: the mean of their logits, or of their probabilities), the
+headline prediction everywhere else.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from distill.errors import DistillError
 from distill.training.evaluation import Predict, plain_logits
 from distill.weights.naming import PRECISIONS
 from distill.speed import idle_workers
-from distill.students import named_outputs
+from distill.students import fused_outputs, fusion_of
 
 
 def device() -> torch.device:
@@ -35,8 +36,9 @@ def check_precision(mixed_precision: str) -> None:
 
 
 def predictor(ckpt: Checkpoint) -> Predict:
-    """How a checkpoint's scores are read: every head of a student, the logits of anything else."""
-    return named_outputs if ckpt.kind == "student" else plain_logits
+    """How a checkpoint's scores are read: every head of a student (a token student's two fused by its own rule),
+    the logits of anything else."""
+    return fused_outputs(fusion_of(ckpt.meta)) if ckpt.kind == "student" else plain_logits
 
 
 def preprocessing(ckpt: Checkpoint, img_size: int | None = None, crop_pct: float | None = None) -> Callable:

@@ -65,13 +65,14 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
     from distill.data import eval_transform
     from distill.training.processes import make_accelerator
     from distill.speed import choose_kernels, idle_workers, lower_worker_priority
-    from distill.students import named_outputs
+    from distill.students import fused_outputs, fusion_of
 
     if tta not in (None, "none", "flip"):
         raise DistillError(f"--tta takes flip (or none), not '{tta}'.")
     if top_k < 1:
         raise DistillError("--top-k must be at least 1.")
     acc = make_accelerator(mixed_precision)
+    heads = fused_outputs(fusion_of(ckpt.meta))  # a token student's two heads, fused as its accuracy was measured
     model = build_model(ckpt).to(acc.device)
     choose_kernels(acc, [model])
     data = ckpt.data
@@ -93,9 +94,9 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
         skipped += [str(files[int(indices[i])]) for i in bad]
         images = images.to(acc.device, non_blocking=True)
         with acc.autocast():
-            probabilities = _probabilities(named_outputs, model, images)
+            probabilities = _probabilities(heads, model, images)
             if tta == "flip":  # the mean of the image's and its mirror image's probabilities
-                probabilities = (probabilities + _probabilities(named_outputs, model, images.flip(-1))) / 2
+                probabilities = (probabilities + _probabilities(heads, model, images.flip(-1))) / 2
         top = probabilities.topk(k, dim=-1)
         values, labels = top.values.cpu().tolist(), top.indices.cpu().tolist()
         for row, index in enumerate(indices.tolist()):

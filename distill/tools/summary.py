@@ -12,7 +12,8 @@ from distill.console import console
 from distill.data.sources import describe_skipped
 from distill.weights.naming import measured_at
 
-HEAD_NAMES = {"top": "model", "fused": "class + distillation (softmax sum)", "cls": "class head", "dist": "distillation head",
+FUSED = {"logits": "the mean of their logits (timm's forward)", "softmax": "the mean of their probabilities"}
+HEAD_NAMES = {"top": "model", "fused": "class + distillation (fused)", "cls": "class head", "dist": "distillation head",
               "teacher": "teacher"}
 
 
@@ -69,6 +70,9 @@ def print_summary(ckpt: Checkpoint) -> None:
     meta = ckpt.meta
     metrics = meta.get("metrics", {})
     print_metrics(metrics, f"{ckpt.stage}: {ckpt.label()}", meta)
+    fusion = (meta.get("distillation") or {}).get("fusion")
+    if "heads" in metrics and fusion in FUSED:
+        console.print(f"class + distillation: the two heads fused by {FUSED[fusion]}")
     line = fine_tune_line(ckpt)
     if line:
         console.print(escape(line), soft_wrap=True)
@@ -143,7 +147,9 @@ def distillation_text(distillation: dict[str, Any] | None) -> str:
     tau = f", tau {distillation.get('tau')}" if kind.startswith("soft") else ""
     feature = f", feature loss {distillation['feature_loss']}" if distillation.get("feature_loss") else ""
     token = "distillation token" if distillation.get("token") else "no distillation token"
-    return f"{kind} (alpha {distillation.get('alpha')}{tau}{feature}, {token})"
+    short = {"logits": "logit", "softmax": "probability"}.get(distillation.get("fusion"))
+    fused = f", heads fused by their {short} mean" if short else ""
+    return f"{kind} (alpha {distillation.get('alpha')}{tau}{feature}, {token}{fused})"
 
 
 def info_table(ckpt: Checkpoint) -> None:
