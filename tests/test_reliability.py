@@ -34,20 +34,8 @@ def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(tmp
     reference = invoke(*_teach_args(data, tmp_path / "straight", 2 - workers))
     assert reference.exit_code == 0, reference.output
 
-    command = [sys.executable, "-m", "distill", *map(str, _teach_args(data, tmp_path / "killed", workers))]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = tmp_path / "killed" / "teach" / "state" / "progress.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if json.loads(progress.read_text())["step"] >= 12:  # mid-way through the first of two epochs
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    assert process.poll() is None, "the run ended before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    _kill_at_step(_teach_args(data, tmp_path / "killed", workers), tmp_path / "killed" / "teach" / "state" / "progress.json",
+                  12)  # mid-way through the first of two epochs
     assert not (tmp_path / "killed" / "teach" / "model.safetensors").exists()
 
     resumed = invoke(*_teach_args(data, tmp_path / "killed", workers))

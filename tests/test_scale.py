@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,8 @@ if os.environ.get("SLOW_CHECK") and rank in os.environ.get("SLOW_RANKS", rank).s
     quick = images.image_problem
     def slow(handle):
         time.sleep(float(os.environ["SLOW_CHECK"]))
+        with open(f"checked-{rank}", "a") as tally:  # how many images this rank checked
+            tally.write("x")
         return quick(handle)
     images.image_problem = slow
 if os.environ.get("BN_RECORD"):  # each rank writes the BatchNorm statistics it evaluates with
@@ -65,23 +66,24 @@ def test_a_slow_data_check_on_every_rank_outlasts_a_short_process_group_timeout(
     """Each rank checks its share of the images in parallel: none waits in a collective meanwhile, so a 5-second
     process-group timeout is never reached although the check takes longer than that."""
     data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)  # 48 images, 24 per rank
-    started = time.perf_counter()
     result = torchrun(tmp_path, "teach", "--data-dir", data, "--workdir", tmp_path / "runs", *TINY, "--dist-timeout", "5",
-                      env={"SLOW_CHECK": "0.3"})  # 7 s of checking on each rank
+                      env={"SLOW_CHECK": "0.3"})  # 24 x 0.3 s = 7.2 s of sleeping in each rank's check
     assert result.returncode == 0, result.stdout + result.stderr
-    assert time.perf_counter() - started > 7
+    checked = [len((tmp_path / f"checked-{rank}").read_text()) for rank in (0, 1)]
+    assert checked == [24, 24]  # each rank slept through its half, longer than the timeout, and the run finished
     assert read_checkpoint(tmp_path / "runs" / "teach").meta["processes"] == 2
 
 
 @needs_torchrun
-def test_a_collective_that_outlasts_the_timeout_is_one_sentence(tmp_path):
-    """A rank that falls behind (here: rank 1's share of the image check takes 6 s) makes the others give up after
-    --dist-timeout, with a sentence that names it, instead of waiting for ever."""
+@pytest.mark.parametrize("slow, waiting", [(1, 0), (0, 1)])
+def test_a_collective_that_outlasts_the_timeout_is_one_sentence(tmp_path, slow, waiting):
+    """A rank that falls behind (its share of the image check takes 6 s, process 0's included) makes the other give
+    up after --dist-timeout, with a sentence that names it, instead of waiting for ever."""
     data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)
     result = torchrun(tmp_path, "teach", "--data-dir", data, "--workdir", tmp_path / "runs", *TINY, "--dist-timeout", "2",
-                      env={"SLOW_CHECK": "0.25", "SLOW_RANKS": "1"}, timeout=300)
+                      env={"SLOW_CHECK": "0.25", "SLOW_RANKS": str(slow)}, timeout=300)
     assert result.returncode != 0
-    assert "Process 0 waited more than --dist-timeout 2 s" in result.stdout, result.stdout + result.stderr
+    assert f"Process {waiting} waited more than --dist-timeout 2 s" in result.stdout, result.stdout + result.stderr
     assert "Traceback" not in result.stdout
 
 

@@ -56,8 +56,8 @@ def fixres_config(teacher: Checkpoint, cfg: FinetuneConfig, global_batch: int | 
         crop_pct=teacher.data.get("crop_pct"), interpolation=cfg.interpolation, norm=teacher.data.get("norm"),
         profile="short", aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, scale_min=1.0, smoothing=0.0, hflip=0.0,
         epochs=cfg.teacher_epochs,
-        batch_size=cfg.batch_size, global_batch=global_batch, dist_timeout=cfg.dist_timeout,  # no --sync-bn: a FixRes
-        sync_bn=False,  # run averages its processes' statistics, and SyncBatchNorm would drop its frozen layers' eval lock
+        # no --sync-bn: a FixRes run averages its processes' statistics, and SyncBatchNorm would unlock its frozen layers
+        batch_size=cfg.batch_size, global_batch=global_batch, dist_timeout=cfg.dist_timeout, sync_bn=False,
         deterministic=cfg.deterministic, opt="sgd", lr=cfg.teacher_lr, lr_scale=cfg.lr_scale, min_lr=0.0, warmup_epochs=0.0,
         weight_decay=1e-4, momentum=0.9, drop_path=0.0, model=teacher.model_name, init=teacher.path, bn=cfg.teacher_bn,
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +36,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from distill.weights.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, read_checkpoint, save_checkpoint
-from distill.config import StageConfig, processes, split_batch, to_dict
+from distill.config import StageConfig, parse_schedule, processes, split_batch, to_dict, tracker_names
 from distill.console import console
 from distill.data.loaders import eval_loader, train_loader
 from distill.errors import DistillError
@@ -44,9 +45,9 @@ from distill.training.step import LossWatch, Prepared, TargetMixup, train_step
 from distill.training.evaluation import Predict, bare, evaluate, flatten, plain_logits
 from distill.weights.naming import precision_name
 from distill.training.runfolder import RunFolder, saved_progress
-from distill.training.schedule import check_grid, parse_schedule, resolution_at, set_resolution, vits
+from distill.training.schedule import check_grid, resolution_at, set_resolution, vits
 from distill.speed import channels_last, choose_kernels, idle_workers, to_channels_last
-from distill.training.tracking import LOG_DIR, hyperparameters, numeric, offline_environment, tracker_names
+from distill.training.tracking import LOG_DIR, hyperparameters, numeric, offline_environment
 
 
 @dataclass
@@ -259,12 +260,12 @@ class Run:
             if main:
                 console.print(epoch_line(record, cfg.epochs), soft_wrap=True)
             progress = {**progress, "epoch": epoch + 1, "batch": 0, "images": 0}
-            average_batchnorm(acc, bare(acc, model), ema.module if ema is not None else None)
+            if "top1" not in record:  # an evaluated epoch averaged them already (the model's and the EMA's)
+                average_batchnorm(acc, bare(acc, model), ema.module if ema is not None else None)
             self.folder.save_state(ema.module if ema is not None else None, progress)
 
         if final is None:  # resumed after the last epoch had been saved
-            final = measure(model, reference=reference, per_class=True)
-        average_batchnorm(acc, model)  # what is saved is what was measured, on every process
+            final = measure(model, reference=reference, per_class=True)  # (measuring averages BatchNorm statistics)
         ema_final = ema_record = None
         if ema is not None:  # with the decay the last update used, as timm computes it
             ema_final = measure(ema.module, per_class=True)
@@ -307,7 +308,7 @@ class Run:
                 left = (total_steps - progress["step"]) * elapsed / max(progress["step"] - first_step, 1)
                 console.print(f"  step {progress['step']}/{total_steps} (epoch {epoch + 1}/{cfg.epochs})  "
                               f"{seen * world / max(elapsed, 1e-9):.0f} img/s  loss {watch.recent:.4f}  "
-                              f"lr {parts.optimizer.param_groups[0]['lr']:.3g}  ETA {_duration(left)} (training only)",
+                              f"lr {parts.optimizer.param_groups[0]['lr']:.3g}  ETA {timedelta(seconds=int(left))} (training only)",
                               soft_wrap=True, highlight=False)
             if bad is None and self.trackers:  # the losses just read: no further sync
                 for step, value in watch.last:
@@ -378,12 +379,6 @@ class Run:
 
         self.folder.on_main(write)
         return path
-
-
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
 def _progress_bar(disable: bool) -> Progress:

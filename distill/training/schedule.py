@@ -14,7 +14,6 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from distill.config.checks import parse_schedule  # noqa: F401  (read here by the engine)
 from distill.errors import DistillError
 from distill.students import patch_size_of, resize
 

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from distill.config.checks import tracker_names  # noqa: F401  (read here by the engine)
 
 LOG_DIR = "logs"  # under the run folder
 OFFLINE = {  # environment variable -> value, set only when the user has not set it
