@@ -62,8 +62,16 @@ def test_two_stage_recipe_runs_then_reuses_then_reruns_what_changed(tmp_path, fo
     assert "reuse" in plan.output and "re-run" in plan.output and "alpha: 0.5 -> 0.3" in plan.output
     assert TINY_LABEL in plan.output
     assert (_stamp("teach"), _stamp("student")) == stamps  # a dry run trains nothing
-    changed = invoke("pipeline", recipe)
+    assert "(needs --overwrite)" in plan.output
+    # a finished run is never replaced without --overwrite: refused before anything trains
+    refused = invoke("pipeline", recipe)
+    assert refused.exit_code == 2, refused.output
+    assert "would replace 1 run(s)" in refused.output and "alpha: 0.5 -> 0.3" in refused.output
+    assert "--overwrite" in refused.output and "Traceback" not in refused.output
+    assert (_stamp("teach"), _stamp("student")) == stamps
+    changed = invoke("pipeline", recipe, "--overwrite")
     assert changed.exit_code == 0, changed.output
+    assert "holds a finished run with different settings (alpha: 0.5 -> 0.3); it is replaced" in changed.output
     assert _stamp("teach") == stamps[0] and _stamp("student") != stamps[1]
     assert read_checkpoint("runs/student").meta["distillation"]["alpha"] == 0.3
 
@@ -71,7 +79,7 @@ def test_two_stage_recipe_runs_then_reuses_then_reruns_what_changed(tmp_path, fo
     recipe.write_text(recipe.read_text().replace('model = "regnety_002"', 'model = "regnety_002"\nseed = 1'))
     plan = invoke("pipeline", recipe, "--dry-run")
     assert "seed: 0 -> 1" in plan.output and "after teach" in plan.output
-    rerun = invoke("pipeline", recipe)
+    rerun = invoke("pipeline", recipe, "--overwrite")
     assert rerun.exit_code == 0, rerun.output
     new_teacher = read_checkpoint("runs/teach")
     assert new_teacher.sha256 != teacher.sha256

@@ -130,6 +130,8 @@ def test_a_pickle_with_python_objects_is_refused_never_unpickled(tmp_path):
                 "hook": print}, tmp_path / "trusted.pth")
     result = invoke("info", tmp_path / "trusted.pth", "--model", "regnety_002")
     assert result.exit_code == 2 and "weights_only=True" in result.output and "Traceback" not in result.output
+    imports = tmp_path / "distill-cache" / "imports"
+    assert not imports.exists() or list(imports.iterdir()) == []  # a failed import leaves no folder, no lock file
 
 
 def test_an_unreachable_hub_is_one_sentence_naming_the_offline_ways(tmp_path, monkeypatch, folder):

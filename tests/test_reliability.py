@@ -237,3 +237,113 @@ def test_outputs_get_the_usual_file_permissions(folder):
     run = folder.parent / "runs" / "teach"
     for name in ("model.safetensors", "config.toml", "metrics.jsonl"):
         assert (run / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def _start(args: list, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "distill", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=stderr, start_new_session=True)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert process.poll() is None and time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_a_second_command_into_a_run_folder_in_use_is_refused_and_nothing_mixes(folder):
+    """Two runs started into one folder: the second is refused with a sentence naming the first, which goes on alone;
+    once the first has gone, the folder is free again."""
+    args = ["teach", "--data-dir", folder, *TINY, "--epochs", "300"]
+    run = folder.parent / "runs" / "teach"
+    first = _start(args)
+    try:
+        _wait_for(run / "state" / "progress.json", first)
+        second = invoke(*args, "--seed", "1")
+        assert second.exit_code == 2, second.output
+        assert f"Another distill command (process {first.pid}) is writing to runs/teach" in second.output
+        assert json.loads((run / "identity.json").read_text())["config"]["seed"] == 0
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    after = invoke(*args, "--seed", "1")  # the lock went with the killed process: the usual refusal now
+    assert after.exit_code == 2 and "already holds an interrupted run with different settings (seed: 0 -> 1)" in after.output
+
+
+def test_a_damaged_state_is_refused_and_overwrite_starts_the_run_again(folder):
+    args = ["teach", "--data-dir", folder, *TINY, "--epochs", "2"]
+    assert invoke(*args).exit_code == 0
+    run = folder.parent / "runs" / "teach"
+    (run / "model.safetensors").unlink()  # as if killed after its last state was saved
+    optimizer = run / "state" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    for _ in range(2):  # every rerun says the same, and changes nothing
+        refused = invoke(*args)
+        assert refused.exit_code == 2, refused.output
+        assert "is damaged (optimizer.bin cannot be read (truncated or not a torch file))" in refused.output
+        assert "pass --overwrite to start it again" in refused.output and "Traceback" not in refused.output
+    again = invoke(*args, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert "holds a damaged saved state" in again.output and "Resuming" not in again.output
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_full_disk_is_a_sentence_keeps_the_last_state_and_leaves_no_partial_one(tmp_path, folder):
+    """A write that fails for lack of room (here the file size limit, which fails a write as a full disk does):
+    one sentence naming the folder and the room, the previous state intact, no state.tmp; the same command resumes."""
+    import resource
+
+    args = ["teach", "--data-dir", folder, *TINY, "--epochs", "6"]
+    run = folder.parent / "runs" / "teach"
+    _kill_at_step(args, run / "state" / "progress.json", 4)  # killed after epoch 1's state (4 steps an epoch)
+    saved = json.loads((run / "state" / "progress.json").read_text())
+    model_bytes = (run / "state" / "model.safetensors").stat().st_size
+
+    def small_files() -> None:  # room for the model's state, not for the optimizer's (twice its size)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (model_bytes + 1_000_000, model_bytes + 1_000_000))
+
+    full = subprocess.run([sys.executable, "-m", "distill", *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=small_files, timeout=600)
+    text = " ".join((full.stdout + full.stderr).split())
+    assert full.returncode == 2, text
+    assert "A write into runs/teach failed (" in text and "; its disk has" in text and "GB free" in text
+    assert f"resumes from the state saved at epoch {saved['epoch']}, step {saved['step']}" in text
+    assert "Traceback" not in text and "enforce fail" not in text
+    assert not (run / "state.tmp").exists() and not (run / "state.old").exists()
+    assert json.loads((run / "state" / "progress.json").read_text()) == saved
+    resumed = invoke(*args)
+    assert resumed.exit_code == 0 and "Resuming" in resumed.output, resumed.output
+
+
+def test_a_killed_training_process_takes_its_loader_workers_with_it(tmp_path, folder):
+    """kill -9 of the training process alone: its workers go at once, silently (no broken-pipe traceback)."""
+    args = ["teach", "--data-dir", folder, *TINY, "--epochs", "300", "--num-workers", "2"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        main = _start(args, stderr=stderr)
+        _wait_for(folder.parent / "runs" / "teach" / "state" / "progress.json", main)
+        workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == main.pid]
+        assert len(workers) == 2, workers
+        os.kill(main.pid, signal.SIGKILL)
+        main.wait()
+        time.sleep(1.5)
+    alive = [pid for pid in workers if _alive(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert alive == []
+    assert "Traceback" not in log.read_text() and "BrokenPipeError" not in log.read_text()
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -102,6 +102,8 @@ def pipeline(
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe value: KEY=VALUE for every stage "
                                              "that has KEY, STAGE.KEY=VALUE for one stage, transfer.TARGET.KEY=VALUE for "
                                              "one transfer target (repeatable; VALUE is read as TOML)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Run again the stages whose settings or parent changed, "
+                                   "replacing their finished or interrupted runs (without it the pipeline refuses)."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
     """Run every stage of a recipe, each feeding the next; finished stages are reused, interrupted ones resumed."""
@@ -111,7 +113,8 @@ def pipeline(
         from distill.stages import pipeline as pipe
 
         path = pipe.find_recipe(recipe)
-        overrides = {"workdir": workdir, "mixed_precision": mixed_precision, "num_workers": num_workers}
+        overrides = {"workdir": workdir, "mixed_precision": mixed_precision, "num_workers": num_workers,
+                     "overwrite": overwrite or None}
         steps = pipe.select(pipe.build_steps(path, overrides, sets), only, start)
         if dry_run:
             if _is_main_process():

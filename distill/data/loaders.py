@@ -8,7 +8,12 @@ the images an uninterrupted run would have seen, whatever the number of workers 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import os
 import random
+import signal
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -142,10 +147,35 @@ def train_loader(dataset: Transformed, *, batch_size: int, seed: int, rank: int,
     # drop path and Mixup use, so a resumed run's random stream matches an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=torch.Generator(),
-                      worker_init_fn=lower_worker_priority if idle_workers else None)
+                      worker_init_fn=functools.partial(start_worker, idle=idle_workers))
 
 
 def eval_loader(dataset: Transformed, *, batch_size: int, num_workers: int, pin_memory: bool = False,
                 idle_workers: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator(), worker_init_fn=lower_worker_priority if idle_workers else None)
+                      generator=torch.Generator(), worker_init_fn=functools.partial(start_worker, idle=idle_workers))
+
+
+def start_worker(worker_id: int, idle: bool = False) -> None:
+    """A DataLoader worker's first act: it dies with the process that started it (Linux's parent-death signal), so
+    a training process killed outright (kill -9, a lost node's job teardown) leaves no worker behind to print a
+    broken-pipe traceback or hold memory; then, with `idle`, it lowers its priority (distill.speed)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before the signal was armed
+            os._exit(0)
+    if idle:
+        lower_worker_priority(worker_id)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _find_prctl() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: workers keep DataLoader's own watchdog
+        return None
+
+
+_prctl = _find_prctl()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from typing import Any
+
+from accelerate import Accelerator
 
 from rich.progress import Progress
 
@@ -20,7 +23,7 @@ from distill.teachers.cache import (fill_shards, read_manifest, shard_count, tar
                                     write_seeds)
 from distill.teachers.frozen import check_classes, frozen_teacher
 from distill.training.processes import make_accelerator
-from distill.training.runfolder import as_recorded, normalise
+from distill.training.runfolder import FolderLock, as_recorded, normalise
 from distill.weights.naming import precision_name
 
 
@@ -41,16 +44,28 @@ def plan_cache(cfg: CacheConfig, expecting: Expecting = {}) -> StagePlan:
 
 
 def execute_cache(plan: StagePlan) -> None:
-    """Write the cache shard by shard (resuming a killed run), then mark it complete."""
-    cfg, teacher = plan.config, plan.teacher
+    """Write the cache shard by shard (resuming a killed run), then mark it complete; one command at a time."""
+    cfg = plan.config
     root = cfg.run_dir()
     identity = normalise(plan.identity())
     acc = make_accelerator(cfg.mixed_precision, dist_timeout=cfg.dist_timeout, deterministic=cfg.deterministic)
-    existing = read_manifest(root) if acc.is_main_process else None  # process 0 decides, for every process
-    if acc.num_processes > 1:
+    lock = FolderLock(root)
+    holder, existing = (lock.acquire(), read_manifest(root)) if acc.is_main_process else (None, None)
+    if acc.num_processes > 1:  # process 0 decides, for every process
         from accelerate.utils import broadcast_object_list
 
-        existing = broadcast_object_list([existing], from_process=0)[0]
+        holder, existing = broadcast_object_list([(holder, existing)], from_process=0)[0]
+    if holder:
+        raise DistillError(f"Another distill command ({holder}) is writing to {root}; wait for it to finish, or pass "
+                           "--name (or --workdir) to write elsewhere.")
+    try:
+        return _fill(plan, acc, existing, identity)
+    finally:
+        lock.release()
+
+
+def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, identity: dict[str, Any]) -> None:
+    cfg, teacher, root = plan.config, plan.teacher, plan.config.run_dir()
     if existing is not None and existing.get("identity") != as_recorded(existing.get("identity") or {}, identity):
         if not cfg.overwrite:
             raise DistillError(f"{root} already holds a teacher cache made with other settings; pass --overwrite to "

@@ -1,9 +1,10 @@
 """`distill pipeline`: one recipe runs teach -> student -> finetune -> transfer, each stage feeding the next.
 
 A stage whose output exists with the same resolved config and the same parent is reused; one that
-was interrupted resumes; one whose config or parent changed runs again, and so does everything
-downstream of it (their parent's sha256 changes). A dry run plans every stage exactly as the run
-would, with the outputs not written yet stood in by their expected headers.
+was interrupted resumes; one whose config or parent changed runs again with --overwrite, and so does
+everything downstream of it (their parent's sha256 changes). Without --overwrite a pipeline that would
+replace a run refuses before it trains anything, as a single stage's command does. A dry run plans every
+stage exactly as the run would, with the outputs not written yet stood in by their expected headers.
 """
 
 from __future__ import annotations
@@ -106,7 +107,6 @@ def build_steps(recipe_path: Path, overrides: dict[str, Any] | None = None, sets
         values = check_keys(cls, stage_section(recipe, stage, target), str(recipe_path))
         for key, value in (wiring or {}).items():
             values.setdefault(key, value)
-        values.setdefault("overwrite", True)  # a changed recipe means: run the stage again
         given: dict[str, Any] = {}
         for scope in ["", stage] + ([f"{stage}.{target}"] if target else []):
             skip = NOT_SHARED.get(stage, set()) if scope == "" else set()  # as a recipe's top-level keys
@@ -180,8 +180,12 @@ def describe(label: str, plan: StagePlan) -> PlanRow:
                         if status.progress else "started, nothing saved yet"),
         "empty": ("run", "no run yet"),
         "changed-finished": ("re-run", f"changed: {status.detail}"),
-        "changed-interrupted": ("re-run", f"changed: {status.detail}"),
+        "changed-interrupted": (("re-run", f"changed: {status.detail}") if status.progress else
+                                ("run", f"started with other settings, nothing saved ({status.detail})")),
+        "damaged": ("re-run", f"its saved state is damaged: {status.detail}"),
     }[status.state]
+    if action == "re-run" and not plan.config.overwrite:
+        why += " (needs --overwrite)"
     return PlanRow(label, plan, action, why)
 
 
@@ -225,7 +229,15 @@ def _check_parent_exists(step: Step) -> None:
 
 
 def run(steps: list[Step]) -> list[tuple[Step, Checkpoint, str, float]]:
-    """Run the steps in order; returns (step, checkpoint, what happened, seconds) for each."""
+    """Run the steps in order; returns (step, checkpoint, what happened, seconds) for each. A run the pipeline would
+    replace without --overwrite is refused first, before any stage trains."""
+    refused = [row for row in plan(steps) if row.action == "re-run" and not row.plan.config.overwrite]
+    if refused:
+        listed = "; ".join(f"{row.label} ({row.plan.run_dir}: {row.why.removesuffix(' (needs --overwrite)')})"
+                           for row in refused)
+        raise DistillError(f"This pipeline would replace {len(refused)} run(s) made with other settings: {listed}. Pass "
+                           "--overwrite to run them again (each replaced run is named as it goes), or --workdir to "
+                           "start in another folder.")
     results = []
     for step in steps:
         _check_parent_exists(step)

@@ -12,6 +12,7 @@ from distill.stages.finetune import execute_finetune, plan_finetune
 from distill.stages.student import execute_student, plan_student
 from distill.stages.teach import execute_teach, plan_teach
 from distill.stages.transfer import execute_transfer, plan_transfer
+from distill.training.runfolder import FolderLock
 from distill.weights.checkpoint import Checkpoint
 
 PLANNERS: dict[str, Callable[..., StagePlan]] = {
@@ -31,7 +32,10 @@ def run_stage(make_plan: Callable[[], StagePlan]) -> Checkpoint:
     if plan.waiting:
         raise DistillError(f"Stage {plan.stage} needs {(plan.parent or plan.teacher).path}, which does not exist yet; run "
                            "the earlier stages first.")
-    return EXECUTORS[plan.stage](plan)
+    try:
+        return EXECUTORS[plan.stage](plan)
+    finally:  # however the stage ended, another command may now write its folder
+        FolderLock(plan.config.run_dir()).release()
 
 
 EXECUTORS: dict[str, Callable[[StagePlan], Checkpoint]] = {

@@ -12,6 +12,7 @@ augmentation is a pure function of a seed: view v of image i is the training tra
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from functools import lru_cache
@@ -25,7 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from distill.weights.checkpoint import atomic_path, atomic_write_bytes
 from distill.errors import DistillError
-from distill.speed import idle_workers, lower_worker_priority
+from distill.data.loaders import start_worker
+from distill.speed import idle_workers
 
 MANIFEST, SEEDS = "cache.json", "seeds.safetensors"
 FORMAT = "distill-teacher-cache"
@@ -158,7 +160,7 @@ def fill_shards(root: Path, dataset: Any, seeds: np.ndarray, teacher: torch.nn.M
         keys = [(p % images, int(seeds[p // images, p % images])) for p in positions]
         loader = DataLoader(_Keyed(dataset, keys), batch_size=batch_size, num_workers=num_workers,
                             generator=torch.Generator(),
-                            worker_init_fn=lower_worker_priority if idle_workers(None, accelerator.device.type) else None)
+                            worker_init_fn=functools.partial(start_worker, idle=idle_workers(None, accelerator.device.type)))
         chunks = []
         with torch.no_grad():
             for batch, _ in loader:

@@ -6,6 +6,7 @@ mean/std); a token student's prediction is the paper's fusion of its two heads, 
 
 from __future__ import annotations
 
+import functools
 import csv
 import glob
 import io
@@ -64,7 +65,8 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
     """(one record per readable image with its top-k classes and probabilities, the unreadable files skipped)."""
     from distill.data import eval_transform
     from distill.training.processes import make_accelerator
-    from distill.speed import choose_kernels, idle_workers, lower_worker_priority
+    from distill.data.loaders import start_worker
+    from distill.speed import choose_kernels, idle_workers
     from distill.students import fused_outputs, fusion_of
 
     if tta not in (None, "none", "flip"):
@@ -80,7 +82,7 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
                                crop_pct=data.get("crop_pct", 0.875), interpolation=data.get("interpolation", "bicubic"))
     loader = DataLoader(ImageFiles(files, transform, ckpt.img_size), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=acc.device.type == "cuda",
-                        worker_init_fn=lower_worker_priority if idle_workers(None, acc.device.type) else None)
+                        worker_init_fn=functools.partial(start_worker, idle=idle_workers(None, acc.device.type)))
     classes = ckpt.classes
     k = min(top_k, len(classes))
     records: list[dict[str, Any]] = []

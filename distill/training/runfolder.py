@@ -6,29 +6,38 @@
     runs/<name>/state/            the resumable training state, swapped in atomically
     runs/<name>/model.safetensors written last: its presence means finished
 
-Every write goes through `on_main`, so when one process fails to write, every process stops with the same
-sentence instead of the others waiting for it forever. With several processes, every one must see the same folder
+One command at a time writes a run folder: process 0 holds an exclusive lock on it (`FolderLock`) from the moment it
+opens the folder until the run ends, and a second command is refused with a sentence. Every write goes through
+`on_main`, so when one process fails to write, every process stops with the same sentence instead of the others
+waiting for it forever; a state whose files are damaged is refused (or, with --overwrite, replaced), never loaded. With several processes, every one must see the same folder
 (one shared filesystem): that is checked when the folder opens, and what the folder holds is decided by process 0
 alone and told to the others, so they all take the same path.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import secrets
 import shutil
+import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from accelerate import Accelerator
+from rich.markup import escape
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distill.weights.checkpoint import EMA_FILE, MODEL_FILE, Checkpoint, atomic_write_bytes, read_checkpoint
 from distill.config import StageConfig, config_differences, to_dict, write_toml
+from distill.console import console
 from distill.errors import DistillError
 from distill.teachers.cache import MANIFEST as CACHE_MANIFEST
 
@@ -46,7 +55,7 @@ def normalise(value: Any) -> Any:
 class FolderStatus:
     """What a run folder holds, compared with the run about to start."""
 
-    state: str  # empty | finished | interrupted | changed-finished | changed-interrupted
+    state: str  # empty | finished | interrupted | changed-finished | changed-interrupted | damaged | busy
     detail: str = ""
     checkpoint: Checkpoint | None = None
     progress: dict[str, int] | None = None
@@ -101,11 +110,90 @@ def folder_status(run_dir: Path, identity: dict[str, Any]) -> FolderStatus:
             stored = json.loads(identity_path.read_text())
         except (OSError, json.JSONDecodeError):
             stored = {}
-        if stored != as_recorded(stored, identity):
-            return FolderStatus("changed-interrupted", describe_change(stored, as_recorded(stored, identity)))
         saved = saved_progress(run_dir)
+        if stored != as_recorded(stored, identity):
+            return FolderStatus("changed-interrupted", describe_change(stored, as_recorded(stored, identity)),
+                                progress=saved[1] if saved else None)
+        damage = state_damage(saved[0]) if saved else None
+        if damage:
+            return FolderStatus("damaged", damage, progress=saved[1] if saved else None)
         return FolderStatus("interrupted", progress=saved[1] if saved else None)
     return FolderStatus("empty")
+
+
+def state_damage(state: Path) -> str | None:
+    """What is wrong with a saved state's files (truncated, or their bytes changed), without loading them: a
+    safetensors file must be as long as its header says, and every file torch.save wrote (a zip archive) must pass
+    its CRC checks. None when every file is whole."""
+    try:
+        files = sorted(p for p in state.iterdir() if p.is_file())
+    except OSError as error:
+        return f"cannot read {state.name}: {error.strerror or error}"
+    for path in files:
+        try:
+            if path.suffix == ".safetensors":
+                with open(path, "rb") as handle:
+                    length = int.from_bytes(handle.read(8), "little")
+                    header = json.loads(handle.read(length)) if 0 < length < 100_000_000 else None
+                if not isinstance(header, dict):
+                    return f"{path.name} has no readable header"
+                end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+                if path.stat().st_size != 8 + length + end:
+                    return f"{path.name} is {path.stat().st_size} bytes where its header says {8 + length + end}"
+            elif path.suffix in (".bin", ".pkl", ".pt"):
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    return f"{path.name} fails its checksum ({bad})"
+        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as error:
+            return f"{path.name} cannot be read ({'truncated or not a torch file' if isinstance(error, zipfile.BadZipFile) else error})"
+    return None
+
+
+class FolderLock:
+    """An exclusive lock on one run folder, held by process 0 of the command writing it (flock on a file in the
+    machine's temporary folder named after the folder's absolute path; the lock goes with the process, so a killed
+    command never leaves the folder locked). It guards against a second command on the same machine; commands on
+    two machines writing one shared folder are not seen. Within one process the lock is taken again freely, so a
+    pipeline's stages and a retried command run in turn."""
+
+    held: ClassVar[dict[str, int]] = {}  # absolute run folder -> the descriptor holding its lock, in this process
+
+    def __init__(self, run_dir: Path):
+        self.key = str(run_dir.resolve())
+        digest = hashlib.sha256(self.key.encode()).hexdigest()[:24]
+        self.path = Path(tempfile.gettempdir()) / f"distill-locks-{getattr(os, 'getuid', lambda: 0)()}" / f"{digest}.lock"
+
+    def acquire(self) -> str | None:
+        """None once this process holds the lock; else who holds it ("process N"), as far as the lock file says."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; the folder is not guarded
+            return None
+        if self.key in FolderLock.held:
+            return None
+        try:
+            self.path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # no usable temporary folder: run unguarded rather than not at all
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                return f"process {holder}" if holder.isdigit() else "another process"
+            return None  # a filesystem without flock: unguarded
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        FolderLock.held[self.key] = fd
+        return None
+
+    def release(self) -> None:
+        fd = FolderLock.held.pop(self.key, None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases its flock
 
 
 # Seconds another machine may take to see a file process 0 just made in the work folder: NFS clients cache what a
@@ -150,6 +238,21 @@ def recorded_settings(run_dir: Path) -> dict[str, Any]:
     return {key: config.get(key) for key in ("global_batch", "batch_size", "grad_accum", "mixed_precision")}
 
 
+def _size(count: int) -> str:
+    return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"
+
+
+def _reason(error: BaseException) -> str:
+    code = getattr(error, "errno", None)
+    if code == errno.ENOSPC or "No space" in str(error):
+        return "no space left on the device"
+    if code == errno.EDQUOT:
+        return "disk quota exceeded"
+    if code == errno.EFBIG or "FileTooLarge" in str(error) or "too large" in str(error):
+        return "file too large"
+    return "the file could not be written"
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -166,26 +269,54 @@ class RunFolder:
         self.created: list[Path] = []  # folders this command made (deepest first): taken back if it fails
         self.replacing = False  # a different run is here and --overwrite replaces it, once the inputs have proved usable
         self.started = False
+        self.lock = FolderLock(self.dir)
 
     def open(self) -> Checkpoint | None:
         """The finished checkpoint when this exact run is done; otherwise make the folder ready to resume or
         start, refusing to replace a different run unless --overwrite."""
         self._check_shared()
-        status = folder_status(self.dir, self.identity) if self.accelerator.is_main_process else None
+        status = None
+        if self.accelerator.is_main_process:
+            holder = self.lock.acquire()
+            status = FolderStatus("busy", holder) if holder else folder_status(self.dir, self.identity)
         status = self._from_main(status)  # one verdict: processes that read the folder at other moments agree
+        if status.state == "busy":
+            raise DistillError(f"Another distill command ({status.detail}) is writing to {self.dir}; wait for it to "
+                               "finish, or pass --name (or --workdir) to write elsewhere.")
+        try:
+            return self._decide(status)
+        except BaseException:
+            self.close()
+            raise
+
+    def _decide(self, status: FolderStatus) -> Checkpoint | None:
         if status.state == "finished":
+            self.close()  # nothing will be written
             return status.checkpoint
         if status.state == "changed-interrupted" and status.progress is None:
             status.state = "stale"  # started with other settings but nothing saved: nothing to lose
+        if status.state == "damaged" and not self.config.overwrite:
+            raise DistillError(f"The saved state in {self.dir / STATE_DIR} is damaged ({status.detail}), so the run "
+                               "cannot resume; pass --overwrite to start it again (its state and metrics are replaced).")
         if status.state in ("changed-finished", "changed-interrupted") and not self.config.overwrite:
             what = "a finished run" if status.state == "changed-finished" else "an interrupted run"
             hint = "run the same command as before to resume it, " if status.state == "changed-interrupted" else ""
             raise DistillError(f"{self.dir} already holds {what} with different settings ({status.detail}); {hint}"
                                "pass --overwrite to replace it, or --name to write elsewhere.")
-        self.replacing = status.state in ("changed-finished", "changed-interrupted", "stale")
+        self.replacing = status.state in ("changed-finished", "changed-interrupted", "stale", "damaged")
+        if self.replacing and status.state != "stale" and self.accelerator.is_main_process:
+            what = {"changed-finished": "a finished run with different settings",
+                    "changed-interrupted": "an interrupted run with different settings",
+                    "damaged": "a damaged saved state"}[status.state]
+            console.print(f"--overwrite: {escape(str(self.dir))} holds {what} ({escape(status.detail)}); it is replaced "
+                          "once this run's inputs have loaded.", soft_wrap=True)
         self.created = [p for p in [self.dir, *self.dir.parents] if not p.exists()]
         self.on_main(self._probe_writable, everywhere=True)  # fail now, before any data is loaded
         return None
+
+    def close(self) -> None:
+        """The run is over (finished, failed or reused): another command may write the folder."""
+        self.lock.release()
 
     def _from_main(self, value: Any) -> Any:
         """Process 0's value, on every process (a collective: every process calls it)."""
@@ -283,13 +414,30 @@ class RunFolder:
             except DistillError as error:
                 problem = error.sentence
             except OSError as error:
-                problem = f"Cannot write to {self.dir}: {error.strerror or error}."
+                problem = (self._write_failed(error) if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+                           else f"Cannot write to {self.dir}: {error.strerror or error}.")
+            except (RuntimeError, SafetensorError) as error:  # torch's and safetensors' writers say it their way
+                if not any(word in str(error) for word in ("write", "No space", "Os {", "serializ", "inline_container")):
+                    raise
+                problem = self._write_failed(error)
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
             problem = next((p for p in gather_object([problem]) if p), None)
         if problem:
             raise DistillError(problem)
+
+    def _write_failed(self, error: BaseException) -> str:
+        """A write that failed for lack of room: where, how much is free, and how much a state takes here."""
+        where = next((p for p in [self.dir, *self.dir.parents] if p.exists()), Path("."))
+        free = shutil.disk_usage(where).free
+        saved = saved_progress(self.dir)
+        size = sum(p.stat().st_size for p in saved[0].iterdir() if p.is_file()) if saved else 0
+        needs = f", and a training state of this run takes {_size(size)}" if size else ""
+        then = (f": it resumes from the state saved at epoch {saved[1].get('epoch')}, step {saved[1].get('step')}"
+                if saved else "")
+        return (f"A write into {self.dir} failed ({_reason(error)}); its disk has {_size(free)} free{needs}. Free some "
+                f"space (or raise the file size limit) and run the same command again{then}.")
 
     def start(self) -> None:
         """Write what the run is, once its inputs have proved usable (only now is a run replaced by --overwrite
@@ -330,8 +478,13 @@ class RunFolder:
             shutil.rmtree(old, ignore_errors=True)
 
         self.on_main(clear)
-        self.on_main(lambda: acc.save_state(str(tmp), safe_serialization=True), everywhere=True)
-        self.on_main(finish)
+        try:
+            self.on_main(lambda: acc.save_state(str(tmp), safe_serialization=True), everywhere=True)
+            self.on_main(finish)
+        except DistillError:
+            if acc.is_main_process:  # the previous state stays whole; the partial one goes
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def resume(self, ema: nn.Module | None, global_batch: int) -> dict[str, int] | None:
         """Load the last saved state (model, optimizer, every process's RNG, EMA); its progress, or None. A state

@@ -16,6 +16,7 @@ Hub downloads go through huggingface_hub, so its cache and HF_HUB_OFFLINE apply;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -152,13 +153,21 @@ def import_source(source: Source, role: str = "checkpoint") -> Path:
     resolved = resolve(source, role)
     target = cache_root() / "imports" / resolved.slug / MODEL_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / ".import.lock")):  # several processes planning the same run import once
-        if target.is_file() and is_distill_checkpoint(target):
-            existing = read_checkpoint(target)
-            if existing.meta.get("source") == resolved.record:
-                return target
-        model = build(resolved, role)
-        save_checkpoint(target, model.state_dict(), describe(resolved, model))
+    lock = target.parent / ".import.lock"
+    try:
+        with FileLock(str(lock)):  # several processes planning the same run import once
+            if target.is_file() and is_distill_checkpoint(target):
+                existing = read_checkpoint(target)
+                if existing.meta.get("source") == resolved.record:
+                    return target
+            model = build(resolved, role)
+            save_checkpoint(target, model.state_dict(), describe(resolved, model))
+    except BaseException:
+        if not target.exists():  # a failed import leaves no empty folder behind
+            lock.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                target.parent.rmdir()
+        raise
     return target
 
 
