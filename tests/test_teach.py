@@ -39,8 +39,10 @@ def test_finished_run_is_reused_and_a_changed_one_refused(folder):
     again = invoke("teach", "--data-dir", folder, *TINY, "--num-workers", "1")  # workers do not change the result
     assert again.exit_code == 0 and "already finished" in again.output
     assert path.stat().st_mtime_ns == written
-    changed = invoke("teach", "--data-dir", folder, *TINY, "--lr", "0.01")
-    assert changed.exit_code == 2 and "different settings (lr: 0.064 -> 0.01)" in changed.output
+    first = invoke("teach", "--data-dir", folder, *TINY, "--lr", "0.01")
+    changed = " ".join(first.output.split())
+    # the lr each run trains with, as the first printed it ("lr 0.001 at global batch 8"), and the per-512 base beside
+    assert first.exit_code == 2 and "different settings (lr: 0.001 -> 0.0001563 at global batch 8; per 512 images 0.064 -> 0.01)" in changed
     assert path.stat().st_mtime_ns == written
     assert invoke("teach", "--data-dir", folder, *TINY, "--lr", "0.01", "--overwrite").exit_code == 0
     assert read_checkpoint(path).meta["config"]["lr"] == 0.01

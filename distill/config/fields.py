@@ -281,4 +281,25 @@ def to_dict(config: StageConfig, result_only: bool = False) -> dict[str, Any]:
 def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
     """Human-readable 'key: old -> new' for the settings that change a run's result."""
     keys = sorted((set(old) | set(new)) - set(ignore))
-    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
+    return [_lr_change(old, new) if k == "lr" else f"{k}: {old.get(k)} -> {new.get(k)}"
+            for k in keys if old.get(k) != new.get(k)]
+
+
+def _lr_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The lr each run trains with (as its first line printed it), with the per-512 base beside it: the recorded
+    value is the base, which no run prints alone."""
+    def used(config: dict[str, Any]) -> tuple[float, int] | None:
+        batch = config.get("global_batch")
+        if not config.get("lr_scale", True):
+            return config.get("lr"), batch
+        if not batch or config.get("lr") is None:
+            return None
+        return config["lr"] * batch / LR_REFERENCE_BATCH, batch
+
+    before, after = used(old), used(new)
+    if before is None or after is None:
+        return f"lr (per {LR_REFERENCE_BATCH} images): {old.get('lr')} -> {new.get('lr')}"
+    where = (f" at global batch {after[1]}" if before[1] == after[1] else
+             f" (at global batch {before[1]} -> {after[1]})")
+    return (f"lr: {before[0]:.4g} -> {after[0]:.4g}{where}; per {LR_REFERENCE_BATCH} images {old.get('lr'):.4g} -> "
+            f"{new.get('lr'):.4g}")

@@ -18,6 +18,7 @@ from distill.data.hub import ALIASES, HubAlias, HubImages, load_hub  # noqa: F40
 from distill.data.images import (IMAGE_EXTENSIONS, ArrayImages, DataSplits, FolderImages, ImageSource,  # noqa: F401
                                  SubsetSource, image_problem)
 from distill.errors import DistillError
+from distill.console import listing
 
 DIGITS_SIZE = 32  # the 8x8 digits are upsampled once, so crops and RandAugment act on a real image
 SCAN_BLOCK, SCAN_THREADS = 512, 8  # images checked per task, and threads checking them
@@ -77,7 +78,7 @@ def load_folder(root: Path) -> DataSplits:
     test_classes, test_files = _scan_folder(test_dir)
     unknown = sorted(set(test_classes) - set(classes))
     if unknown:
-        raise DistillError(f"The test split {test_dir} has classes the training split lacks: {', '.join(unknown[:5])}.")
+        raise DistillError(f"The test split {test_dir} has classes the training split lacks: {listing(unknown, 5)}.")
     if not any(test_files):
         raise DistillError(f"The test split {test_dir} is empty.")
     index = {c: i for i, c in enumerate(classes)}
@@ -171,8 +172,7 @@ def keep_classes(splits: DataSplits, names: list[str]) -> DataSplits:
     """Restrict both splits to some classes, renumbered in the dataset's own order."""
     unknown = [n for n in names if n not in splits.classes]
     if unknown:
-        raise DistillError(f"Class '{unknown[0]}' is not in this dataset (its classes: {', '.join(splits.classes[:12])}"
-                           f"{' ...' if len(splits.classes) > 12 else ''}).")
+        raise DistillError(f"Class '{unknown[0]}' is not in this dataset (its classes: {listing(splits.classes, 12)}).")
     kept = [i for i, c in enumerate(splits.classes) if c in set(names)]
     relabel = {old: new for new, old in enumerate(kept)}
 
@@ -226,8 +226,7 @@ def peek_classes(dataset: str | None, data_dir: Path | None, classes: list[str] 
     if classes:
         unknown = [c for c in classes if c not in names]
         if unknown:
-            raise DistillError(f"Class '{unknown[0]}' is not in this dataset (its classes: {', '.join(names[:12])}"
-                               f"{' ...' if len(names) > 12 else ''}).")
+            raise DistillError(f"Class '{unknown[0]}' is not in this dataset (its classes: {listing(names, 12)}).")
         return [n for n in names if n in set(classes)]
     return names
 

@@ -32,6 +32,7 @@ from distill.training.runfolder import FolderStatus, folder_status, recorded_set
 from distill.weights.checkpoint import MODEL_FILE, Checkpoint, stage_checkpoints
 from distill.weights.naming import precision_name
 from distill.weights.pretrained import open_source
+from distill.console import listing
 
 DEFAULT_IMG_SIZE, DEFAULT_CROP_PCT, DEFAULT_NORM = 32, 0.875, "imagenet"
 Expecting = Mapping[Path, Checkpoint]  # pipeline outputs not written yet, by path: planning reads these instead
@@ -75,7 +76,7 @@ def default_parent(workdir: Path, folder: str, role: str, flag: str, make: str, 
     if path.resolve() in expecting or path.exists():
         return open_checkpoint(path, role, expecting, expect_kind=kind)
     others = [str(c.path.parent) for c in stage_checkpoints(workdir) if c.kind == kind]
-    found = f"; {kind} checkpoints here: {', '.join(others[:4])}" if others else ""
+    found = f"; {kind} checkpoints here: {listing(others, 4)}" if others else ""
     raise DistillError(f"No {role} at {path} (the default); {make} or pass {flag} CKPT{found}.")
 
 

@@ -88,7 +88,7 @@ def inherit_from_cache(cfg: StageConfig, cache: TeacherCache) -> StageConfig:
             differences.append(f"{key} {theirs} (asked: {mine})")
     if differences:
         raise DistillError(f"The teacher cache {cache.root} was made with other data or augmentation: "
-                           f"{'; '.join(differences[:4])}. Leave these unset to use the cache's, or make a cache with them.")
+                           f"{'; '.join(differences[:4])}{f'; and {len(differences) - 4} more' if len(differences) > 4 else ''}. Leave these unset to use the cache's, or make a cache with them.")
     return dataclasses.replace(cfg, **updates)
 
 

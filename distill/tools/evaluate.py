@@ -59,11 +59,11 @@ def evaluate_checkpoint(path: Path | str, *, dataset: str | None, data_dir: Path
     loader = acc.prepare(eval_loader(Transformed(data.test, transform), batch_size=batch_size, num_workers=num_workers,
                                      idle_workers=idle_workers(None, acc.device.type)))
     net = acc.prepare(net)
-    metrics = evaluate(net, loader, acc, fused_outputs(fusion_of(ckpt.meta)), reference=reference, per_class=per_class)
+    metrics = evaluate(net, loader, acc, fused_outputs(fusion_of(ckpt.meta)), reference=reference, per_class=True)
     if acc.is_main_process:
         if skipped:
             console.print(f"--skip-corrupt: {escape(skipped)}", soft_wrap=True)
-        print_metrics(metrics, f"{ckpt.path}: {label} on {where}")
+        print_metrics(metrics, f"{ckpt.path}: {label} on {where}", classes=ckpt.classes)
         if "heads" in metrics and "fused" in metrics["heads"]:
             console.print(f"class + distillation: the two heads fused by {FUSED[fusion_of(ckpt.meta)]}")
         if own and ckpt.accuracy():

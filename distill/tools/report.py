@@ -24,6 +24,7 @@ from typing import Any
 from distill.weights.checkpoint import MODEL_FILE, Checkpoint, stage_checkpoints
 from distill.errors import DistillError
 from distill.weights.naming import count
+from distill.console import listing
 
 METRICS_FILE = "metrics.jsonl"
 HEADS = {"top1": "headline", "cls_top1": "class head", "dist_top1": "distillation head", "ema_top1": "EMA"}
@@ -224,7 +225,7 @@ def accuracy_png(runs: list[Run], path: Path) -> bool:
 def dataset_name(run: Run) -> str:
     data = run.ckpt.data
     source = data.get("dataset") or Path(data.get("data_dir") or "?").name
-    return f"{source}: {', '.join(run.ckpt.classes[:5])}{' ...' if len(run.ckpt.classes) > 5 else ''}"
+    return f"{source}: {listing(run.ckpt.classes, 5)}"
 
 
 # -- tables ----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from distill.weights.checkpoint import Checkpoint
-from distill.console import console
+from distill.console import console, listing
 from distill.data.sources import describe_skipped
 from distill.weights.naming import measured_at
 
@@ -26,11 +26,59 @@ def _topk(values: dict[str, Any]) -> str:
     return _pct(values.get("top1")) + (f" / {_pct(values['top5'])}" if values.get("top5") is not None else "")
 
 
-def print_metrics(metrics: dict[str, Any], title: str, meta: dict[str, Any] | None = None) -> None:
-    """A heading line (it may be long: paths) and a table of heads, captioned with how it was measured."""
+def print_metrics(metrics: dict[str, Any], title: str, meta: dict[str, Any] | None = None,
+                  classes: list[str] | None = None) -> None:
+    """A heading line (it may be long: paths) and a table of heads, captioned with how it was measured; then the
+    best head where it is not the headline, and how the predictions spread over the classes."""
     console.print(f"[bold]{escape(title)}[/]", soft_wrap=True)
     console.print(metrics_table(metrics))
     console.print(f"on {metrics.get('samples', '?')} test images, measured in {measured_at(metrics, meta)}")
+    for line in [best_head_line(metrics), *spread_lines(metrics, classes)]:
+        if line:
+            console.print(escape(line), soft_wrap=True)
+
+
+def best_head_line(metrics: dict[str, Any]) -> str | None:
+    """A token student whose headline (the fused heads) is not its best head says which head is."""
+    heads = {name: values.get("top1") for name, values in (metrics.get("heads") or {}).items() if name != "teacher"}
+    headline = metrics.get("head")
+    if not heads or headline not in heads or None in heads.values():
+        return None
+    best = max(heads, key=lambda name: heads[name])
+    if heads[best] <= heads[headline]:
+        return None
+    return (f"best head: the {HEAD_NAMES.get(best, best)}, {_pct(heads[best])} (the headline, "
+            f"{HEAD_NAMES.get(headline, headline)}, {_pct(heads[headline])})")
+
+
+# A model has collapsed when one class takes at least this share of the predictions and at least twice its share of
+# the labels, or when at least half of the classes (of 4 or more) are never predicted.
+COLLAPSE_SHARE = 0.4
+
+
+def spread_lines(metrics: dict[str, Any], classes: list[str] | None) -> list[str]:
+    """Mean per-class accuracy, the classes never predicted and never right, and one line when the predictions
+    collapse onto a few classes (a model that calls most images one class can still show a passable top-1)."""
+    accuracies, predicted, labels = (metrics.get(key) for key in ("per_class_top1", "predicted_per_class", "labels_per_class"))
+    if not accuracies or not predicted or not labels:
+        return []
+    names = classes if classes and len(classes) == len(accuracies) else [str(i) for i in range(len(accuracies))]
+    shown = [i for i, count in enumerate(labels) if count]
+    lines = [f"mean per-class top-1 {_pct(metrics.get('mean_class_top1'))} over {len(shown)} classes"]
+    never = [names[i] for i in shown if predicted[i] == 0]
+    wrong = [names[i] for i in shown if predicted[i] and accuracies[i] == 0]
+    if never:
+        lines[0] += f"; never predicted: {listing(never)}"
+    if wrong:
+        lines[0] += f"; never right: {listing(wrong)}"
+    total = sum(labels)
+    top = max(range(len(predicted)), key=lambda i: predicted[i])
+    share = predicted[top] / total if total else 0.0
+    if (share >= COLLAPSE_SHARE and predicted[top] >= 2 * labels[top]) or (len(shown) >= 4 and 2 * len(never) >= len(shown)):
+        lines.append(f"collapsed: {predicted[top]} of {total} test images ({share * 100:.0f} %) are predicted "
+                     f"'{names[top]}', which holds {labels[top]} of them, and {len(never)} of {len(shown)} classes are "
+                     "never predicted; the top-1 above hides it")
+    return lines
 
 
 def metrics_table(metrics: dict[str, Any]) -> Table:
@@ -43,11 +91,11 @@ def metrics_table(metrics: dict[str, Any]) -> Table:
         table.add_column("top-5", justify="right")
     disagreement = metrics.get("disagreement", {})
     if disagreement:
-        table.add_column("disagrees with teacher", justify="right")
+        table.add_column("disagrees with teacher (%)", justify="right")
     for name, values in heads.items():
         rate = disagreement.get(name)
         cells = [HEAD_NAMES.get(name, name), _pct(values.get("top1"))] + ([_pct(values.get("top5"))] if top5 else [])
-        table.add_row(*cells, *(["-" if rate is None else f"{rate:.3f}"] if disagreement else []))
+        table.add_row(*cells, *(["-" if rate is None else _pct(rate * 100)] if disagreement else []))
     return table
 
 
@@ -69,7 +117,7 @@ def fine_tune_line(ckpt: Checkpoint) -> str | None:
 def print_summary(ckpt: Checkpoint) -> None:
     meta = ckpt.meta
     metrics = meta.get("metrics", {})
-    print_metrics(metrics, f"{ckpt.stage}: {ckpt.label()}", meta)
+    print_metrics(metrics, f"{ckpt.stage}: {ckpt.label()}", meta, ckpt.classes)
     fusion = (meta.get("distillation") or {}).get("fusion")
     if "heads" in metrics and fusion in FUSED:
         console.print(f"class + distillation: the two heads fused by {FUSED[fusion]}")
@@ -164,7 +212,7 @@ def info_table(ckpt: Checkpoint) -> None:
         ("timm", f"timm.create_model({ckpt.model_name!r}, **{ckpt.model_args})"),
         ("parameters", f"{meta.get('params', 0):,}"),
         ("dataset", data.get("dataset") or data.get("data_dir") or "?"),
-        ("classes", f"{len(ckpt.classes)}: {', '.join(ckpt.classes[:10])}{' ...' if len(ckpt.classes) > 10 else ''}"),
+        ("classes", f"{len(ckpt.classes)}: {listing(ckpt.classes, 10)}"),
         ("train / test images", f"{data.get('train_size', '?')} / {data.get('test_size', '?')}"),
     ]
     skipped = describe_skipped(data)
@@ -194,7 +242,11 @@ def info_table(ckpt: Checkpoint) -> None:
     for name, values in (metrics.get("heads") or {}).items():
         rows.append((f"  {HEAD_NAMES.get(name, name)}", _topk(values)))
     for name, rate in (metrics.get("disagreement") or {}).items():
-        rows.append((f"  disagreement, {HEAD_NAMES.get(name, name)}", f"{rate:.4f}"))
+        rows.append((f"  disagrees with teacher, {HEAD_NAMES.get(name, name)}", f"{_pct(rate * 100)} %"))
+    rows += [("  predictions", line) for line in spread_lines(metrics, ckpt.classes)]
+    best = best_head_line(metrics)
+    if best:
+        rows.append(("  best head", best.removeprefix("best head: ")))
     line = fine_tune_line(ckpt)
     if line:
         rows.append(("resolution change", line.removeprefix("top-1: ")))

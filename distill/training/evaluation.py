@@ -85,10 +85,15 @@ def evaluate(model: nn.Module, loader: Any, acc: Accelerator, predict: Predict =
         teacher_pred = merged["teacher/pred"]
         result["disagreement"] = {name: round((merged[f"{name}/pred"] != teacher_pred).float().mean().item(), 4)
                                   for name in heads if name != "teacher"}
-    if per_class:
-        correct = (merged[f"{headline}/pred"] == labels).float()
+    if per_class:  # and how the predictions spread over the classes: a model that collapsed onto a few shows it
+        predicted = merged[f"{headline}/pred"]
+        correct = (predicted == labels).float()
         result["per_class_top1"] = [round(correct[labels == c].mean().item() * 100, 2) if (labels == c).any() else None
                                     for c in range(num_classes)]
+        present = [value for value in result["per_class_top1"] if value is not None]
+        result["mean_class_top1"] = round(sum(present) / len(present), 3)
+        result["predicted_per_class"] = torch.bincount(predicted, minlength=num_classes).tolist()
+        result["labels_per_class"] = torch.bincount(labels, minlength=num_classes).tolist()
     return result
 
 

@@ -66,7 +66,7 @@ def describe_change(stored: dict[str, Any], identity: dict[str, Any]) -> str:
     for key in sorted(set(stored) | set(identity)):
         if key != "config" and stored.get(key) != identity.get(key):
             changes.append(f"{key} checkpoint changed" if key in ("parent", "teacher") else f"{key} changed")
-    return "; ".join(changes[:4]) or "settings changed"
+    return "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "") or "settings changed"
 
 
 def saved_progress(run_dir: Path) -> tuple[Path, dict[str, int]] | None:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from distill import __version__
 from distill.errors import DistillError
 from distill.weights.naming import measured_at, model_label
+from distill.console import listing
 
 FORMAT = "distill-checkpoint"
 FORMAT_VERSION = 1
@@ -280,11 +281,12 @@ def class_difference(known: list[str], classes: list[str], sides: tuple[str, str
     """How two class lists differ, in a few words: counts, names only one side has, or the first position
     that differs (for messages refusing a mismatch)."""
     data = set(classes)
-    only_known = [c for c in known if c not in data][:3]
-    only_data = [c for c in classes if c not in set(known)][:3]
+    only_known = [c for c in known if c not in data]
+    only_data = [c for c in classes if c not in set(known)]
     detail = f"{len(known)} classes vs {len(classes)}"
     if only_known or only_data:
-        detail += f"; only {sides[0]} has {only_known or 'none'}, only {sides[1]} has {only_data or 'none'}"
+        detail += (f"; only {sides[0]} has {listing(only_known, 4) or 'none'}, only {sides[1]} has "
+                   f"{listing(only_data, 4) or 'none'}")
     else:
         detail += "; same names in a different order"
     first = next((i for i, (a, b) in enumerate(zip(known, classes)) if a != b), None)

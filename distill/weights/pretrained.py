@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from distill.weights.checkpoint import (FORMAT, MODEL_FILE, Checkpoint, atomic_path, file_sha256, read_checkpoint,
                                save_checkpoint)
 from distill.errors import DistillError
+from distill.console import listing
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 # The weights files timm's own local-dir loader looks for, in its order.
@@ -253,7 +254,7 @@ def _resolve_timm(source: Source, role: str) -> Resolved:
     except RuntimeError:
         tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
         raise DistillError(f"The {role} {source.spec}: timm has no pretrained weights '{source.ident}'"
-                           + (f" (tags: {', '.join(tags[:6])})." if tags else "; this architecture has none.")) from None
+                           + (f" (tags: {listing(tags)})." if tags else "; this architecture has none.")) from None
     if not cfg.hf_hub_id:
         raise DistillError(f"The {role} {source.spec}: timm keeps these weights outside the Hugging Face hub; download "
                            f"the file and pass it with --model {arch}.{cfg.tag}.")
