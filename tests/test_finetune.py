@@ -63,6 +63,9 @@ def test_finetune_with_the_automatic_fixres_teacher(trained):
     result = invoke("finetune", "--workdir", runs, "--img-size", "24", "--epochs", "1", "--teacher-epochs", "1",
                     "--batch-size", "8", "--num-workers", "0", "--warmup-epochs", "0")
     assert result.exit_code == 0, result.output
+    # the first line names the student being fine-tuned, and the teacher's adaptation says what it is
+    assert result.output.startswith(f"finetune of {runs / 'student' / 'model.safetensors'}: first teach-fixres into ")
+    assert "teacher adapted to 24 px for the fine-tune (FixRes): " in result.output
     student = read_checkpoint(runs / "student")
     original = read_checkpoint(runs / "teach")
     fixres_dir = next(runs.glob("teach-fixres-24-*"))  # named by resolution and the teacher's sha256

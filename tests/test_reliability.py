@@ -147,6 +147,7 @@ def test_a_corrupt_image_is_named_and_can_be_skipped(tmp_path, workers):
     skipped = invoke("teach", "--data-dir", data, *TINY, "--skip-corrupt", "--name", "skipping")
     assert skipped.exit_code == 0, skipped.output
     assert read_checkpoint(tmp_path / "runs" / "skipping").meta["data"]["skipped_corrupt"] == 1
+    assert "24 training and 8 test images remain (the lines above counted every file)" in " ".join(skipped.output.split())
 
 
 def test_bad_inputs_are_one_sentence_and_a_non_zero_exit(tmp_path, folder):
@@ -347,3 +348,32 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_inputs_that_would_train_a_meaningless_model_are_refused_or_named(tmp_path, folder):
+    """A one-class dataset is refused; a --train-subset beyond the data, a fine-tune that does not raise the resolution
+    and a resolution no automatic patch size tiles each get one line."""
+    one = make_image_folder(tmp_path / "one", ["only"])
+    refused = invoke("teach", "--data-dir", one, *TINY)
+    assert refused.exit_code == 2 and "The data has one class ('only'): a classifier needs at least two" in refused.output
+    digits = invoke("teach", *TINY, "--classes", "3", "--name", "three")
+    assert digits.exit_code == 2 and "one class ('3')" in digits.output
+
+    subset = invoke("teach", "--data-dir", folder, *TINY, "--train-subset", "1000")
+    assert subset.exit_code == 0, subset.output
+    assert "--train-subset 1,000 is not fewer than the 36 training images: every one is used" in subset.output
+
+    student = invoke("student", "--data-dir", folder, *TINY, "--patch-size", "4", "--embed-dim", "32", "--depth", "1",
+                     "--num-heads", "2", "--distillation", "none")
+    assert student.exit_code == 0, student.output
+    same = invoke("finetune", "--img-size", "16", *TINY[:-4], "--no-teacher")
+    assert "--img-size 16 is the parent's 16 px: FixRes fine-tunes at a higher resolution" in " ".join(same.output.split())
+
+    odd = invoke("student", "--data-dir", folder, *TINY[:-4], "--img-size", "31", "--name", "odd", "--depth", "1")
+    text = " ".join(odd.output.split())
+    assert odd.exit_code == 2 and "patch size 7 (chosen for this resolution; pass --patch-size" in text
+    assert "try --img-size 28 or 35" in text
+    thirty = invoke("student", "--data-dir", folder, *TINY[:-4], "--img-size", "30", "--name", "thirty", "--depth", "1",
+                    "--embed-dim", "32", "--num-heads", "2", "--distillation", "none")
+    assert thirty.exit_code == 0, thirty.output  # the automatic patch tiles 30 px: 6 (a 5 x 5 grid)
+    assert read_checkpoint(tmp_path / "runs" / "thirty").model_args["patch_size"] == 6

@@ -29,6 +29,8 @@ def runs(tmp_path_factory):
                   "deeper", *TINY, *TINY_VIT[:-4], "--depth", "2", "--num-heads", "2").exit_code == 0
     assert invoke("student", "--distillation", "none", "--no-token", "--data-dir", other, "--workdir", runs, "--name",
                   "other", *TINY, *TINY_VIT).exit_code == 0
+    moved = invoke("transfer", "--checkpoint", runs / "s1", "--data-dir", data, "--workdir", runs, "--name", "moved", *TINY)
+    assert moved.exit_code == 0, moved.output
     return runs, data
 
 
@@ -93,7 +95,8 @@ def test_batchnorm_statistics_are_re_estimated(runs):
 
 
 @pytest.mark.parametrize("other, words", [("deeper", "another architecture"), ("other", "other classes"),
-                                          ("s0", "given twice")])
+                                          ("s0", "given twice"),
+                                          ("moved", "started from the weights of")])
 def test_mismatches_are_refused_with_a_sentence(runs, other, words):
     runs, _ = runs
     result = invoke("soup", runs / "s0", runs / other, "--out", runs / "bad", "--num-workers", 0)

@@ -103,8 +103,8 @@ class StageConfig:
                                  "any Hugging Face hub id or a local copy of one [default: the parent's, else digits].", "Data")
     data_dir: Path | None = option(None, "Local image folder: train/<class>/* and test/ (or val/)<class>/*.", "Data")
     train_subset: int | None = option(None, "Train on a fixed class-balanced subset of this many training images.", "Data")
-    classes: str | None = option(None, "Keep only these classes, comma-separated (e.g. 0,1,2,3,4) [default: all; "
-                                 "a later stage takes its parent's].", "Data")
+    classes: str | None = option(None, "Keep only these classes, by name, comma-separated (e.g. cat,dog; the digits' "
+                                 "names are 0 to 9) [default: all; a later stage takes its parent's].", "Data")
     img_size: int | None = option(None, "Training and test resolution in pixels [default: the parent's, else 32].", "Data")
     img_size_schedule: str | None = option(None, "Progressive resizing: RESOLUTION:EPOCH pairs, e.g. 24:0,32:10 (24 px from "
                                            "epoch 0, 32 px from epoch 10); ViT position embeddings are resampled at each "

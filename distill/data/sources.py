@@ -199,6 +199,7 @@ def open_dataset(dataset: str | None, data_dir: Path | None, *, skip_corrupt: bo
         splits = load_hub(dataset)
     if classes:
         splits = keep_classes(splits, classes)
+    need_two_classes(splits.classes)
     if data_dir is not None or skip_corrupt:  # a hub dataset is checked only when asked: it may be ImageNet's bytes
         check_readable(splits, skip_corrupt, share)
         if len(splits.train) == 0 or len(splits.test) == 0:
@@ -227,8 +228,17 @@ def peek_classes(dataset: str | None, data_dir: Path | None, classes: list[str] 
         unknown = [c for c in classes if c not in names]
         if unknown:
             raise DistillError(f"Class '{unknown[0]}' is not in this dataset (its classes: {listing(names, 12)}).")
-        return [n for n in names if n in set(classes)]
+        names = [n for n in names if n in set(classes)]
+    if names:  # none: loading says what is wrong with the folder
+        need_two_classes(names)
     return names
+
+
+def need_two_classes(names: list[str]) -> None:
+    """A classifier of one class is right by construction (it would train to 100 %): refused."""
+    if len(names) == 1:
+        raise DistillError(f"The data has one class ('{names[0]}'): a classifier needs at least two (a folder per class "
+                           "under train/ and test/, or more names in --classes).")
 
 
 def peek_train_size(dataset: str | None, data_dir: Path | None, classes: list[str] | None = None,

@@ -128,8 +128,14 @@ def resolve_for_run(cfg: StageConfig) -> tuple[StageConfig, list[str]]:
     makes another run."""
     recorded = recorded_settings(cfg.run_dir())
     same = recorded.get("batch_size") == cfg.batch_size and recorded.get("grad_accum") == cfg.grad_accum
-    return resolve_auto(cfg, train_size=train_size(cfg), recorded_batch=recorded.get("global_batch") if same else None,
-                        recorded_precision=recorded.get("mixed_precision") if same else None)
+    resolved, notes = resolve_auto(cfg, train_size=train_size(cfg), recorded_batch=recorded.get("global_batch") if same
+                                   else None, recorded_precision=recorded.get("mixed_precision") if same else None)
+    if cfg.train_subset:
+        every = peek_train_size(None if cfg.data_dir else cfg.dataset, cfg.data_dir, cfg.class_list())
+        if every is not None and every <= cfg.train_subset:
+            notes.append(f"--train-subset {cfg.train_subset:,} is not fewer than the {every:,} training images: every one "
+                         "is used")
+    return resolved, notes
 
 
 def planned_classes(cfg: StageConfig) -> list[str] | None:
@@ -326,7 +332,8 @@ def open_run(plan: StagePlan) -> tuple[Run, Checkpoint | None]:
         if plan.parent is not None:
             role = ("teacher" if plan.parent is plan.teacher else
                     "architecture from (its weights are not used)" if getattr(plan.config, "from_scratch", False)
-                    else "parent")
+                    else f"teacher adapted to {plan.config.img_size} px for the fine-tune (FixRes)"
+                    if plan.stage == "teach-fixres" else "parent")
             console.print(source_line(role, plan.parent), soft_wrap=True)
         if plan.teacher is not None and plan.teacher is not plan.parent:
             console.print(source_line("teacher", plan.teacher), soft_wrap=True)
@@ -342,8 +349,9 @@ def load_with_norm(run: Run, teacher: Checkpoint | None, where: str) -> tuple[Da
     cfg = run.config
     data = load_data(cfg, share_of(run.accelerator))
     skipped = describe_skipped(data.info)
-    if skipped and run.accelerator.is_main_process:
-        console.print(f"--skip-corrupt: {escape(skipped)}", soft_wrap=True)
+    if skipped and run.accelerator.is_main_process:  # the planning lines above counted the files, readable or not
+        console.print(f"--skip-corrupt: {escape(skipped)}; {len(data.train):,} training and {len(data.test):,} test "
+                      "images remain (the lines above counted every file)", soft_wrap=True)
     if teacher is not None:
         check_classes(teacher, data.classes, where)
     mean, std = resolve_norm(cfg, data)

@@ -14,7 +14,7 @@ from distill.stages.common import (Expected, Expecting, StagePlan, count_params,
                                    inherit_distillation, load_with_norm, open_checkpoint, open_run, parent_accuracy,
                                    planned, read_teacher, resolution_setter, resolve_for_run, taught)
 from distill.stages.teach import plan_teach
-from distill.students import (default_patch_size, fused_outputs, has_dist_token, records_token, resize,
+from distill.students import (default_patch_size, off_grid, fused_outputs, has_dist_token, records_token, resize,
                               set_distilled_training)
 from distill.teachers.frozen import check_classes, frozen_teacher, teacher_resolution
 from distill.training.engine import Job
@@ -83,13 +83,16 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
     cfg = inherit_data(dataclasses.replace(cfg, img_size=cfg.res), parent)
     patch = int(parent.model_args.get("patch_size") or default_patch_size(parent.img_size))
     if cfg.res % patch:
-        raise DistillError(f"Resolution {cfg.res} is not a multiple of the patch size {patch}; "
-                           f"try {max(patch, cfg.res // patch * patch)} or {(cfg.res // patch + 1) * patch}.")
+        raise DistillError(off_grid(cfg.res, patch))
     inherited = parent.meta.get("distillation") or {}
     kind = "none" if cfg.no_teacher else (cfg.distillation or inherited.get("kind") or "none")
     cfg = inherit_distillation(cfg, parent, kind)
     given_batch = cfg.global_batch
     cfg, notes = resolve_for_run(cfg)
+    if cfg.res <= parent.img_size:
+        notes.append(f"--img-size {cfg.res} is {'the' if cfg.res == parent.img_size else 'below the'} parent's "
+                     f"{parent.img_size} px: FixRes fine-tunes at a higher resolution than training's, so this run only "
+                     "trains further" + (" (and at fewer pixels)" if cfg.res < parent.img_size else ""))
     teacher: Checkpoint | None = None
     before: list[StagePlan] = []
     if kind != "none":

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
+from rich.markup import escape
+
 from distill.config import CacheConfig, FinetuneConfig, StudentConfig, TeachConfig, TransferConfig
+from distill.console import console
 from distill.errors import DistillError
 from distill.stages.cache import execute_cache, plan_cache
-from distill.stages.common import StagePlan
+from distill.stages.common import StagePlan, finished
 from distill.stages.finetune import execute_finetune, plan_finetune
 from distill.stages.student import execute_student, plan_student
 from distill.stages.teach import execute_teach, plan_teach
@@ -26,6 +30,11 @@ def run_stage(make_plan: Callable[[], StagePlan]) -> Checkpoint:
     they exist."""
     plan = make_plan()
     if plan.before:
+        pending = [before for before in plan.before if finished(before) is None]
+        if pending and os.environ.get("RANK", "0") == "0":  # one line, not one per process
+            first = ", then ".join(f"{before.stage} into {before.run_dir}" for before in pending)
+            console.print(escape(f"{plan.stage} of {plan.parent.path}: first {first}, then the {plan.stage} itself"),
+                          soft_wrap=True)
         for before in plan.before:
             run_stage(lambda before=before: before)
         plan = make_plan()

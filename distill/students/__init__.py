@@ -44,8 +44,19 @@ def records_token(name: str, args: dict[str, Any]) -> bool:
 
 
 def default_patch_size(img_size: int) -> int:
-    """16 as in DeiT; below 128 px, img_size / 4 (a 4 x 4 grid of patches keeps small CPU runs fast)."""
-    return 16 if img_size >= 128 else max(1, img_size // 4)
+    """16 as in DeiT; below 128 px, img_size / 4 (a 4 x 4 grid of patches keeps small CPU runs fast), or where 4 does
+    not divide the size, the largest patch that tiles it in a grid of 4 x 4 to 8 x 8 (30 px: patches of 6)."""
+    if img_size >= 128:
+        return 16
+    fitting = [patch for patch in range(max(1, img_size // 4), 0, -1) if img_size % patch == 0 and img_size // patch <= 8]
+    return fitting[0] if fitting else max(1, img_size // 4)
+
+
+def off_grid(img_size: int, patch: int, chosen: bool = False) -> str:
+    """Why a resolution does not fit a patch size, and the sizes around it that do."""
+    why = " (chosen for this resolution; pass --patch-size to pick another)" if chosen else ""
+    return (f"Resolution {img_size} is not a multiple of the patch size {patch}{why}; try --img-size "
+            f"{max(patch, img_size // patch * patch)} or {(img_size // patch + 1) * patch}.")
 
 
 def student_args(cfg: Any, num_classes: int | None) -> dict[str, Any]:
@@ -53,7 +64,7 @@ def student_args(cfg: Any, num_classes: int | None) -> dict[str, Any]:
     num_heads, layer_scale), checked before anything is built."""
     patch_size = cfg.patch_size or default_patch_size(cfg.img_size)
     if cfg.img_size % patch_size:
-        raise DistillError(f"Resolution {cfg.img_size} is not a multiple of the patch size {patch_size}.")
+        raise DistillError(off_grid(cfg.img_size, patch_size, chosen=not cfg.patch_size))
     args: dict[str, Any] = {"num_classes": num_classes, "img_size": cfg.img_size, "patch_size": patch_size}
     for key in ("embed_dim", "depth", "num_heads"):
         if getattr(cfg, key, None) is not None:
@@ -106,8 +117,7 @@ def resize(model: nn.Module, img_size: int) -> None:
     embeddings are kept as they are."""
     patch = patch_size_of(model)
     if img_size % patch:
-        raise DistillError(f"Resolution {img_size} is not a multiple of the patch size {patch}; "
-                           f"try {max(patch, img_size // patch * patch)} or {(img_size // patch + 1) * patch}.")
+        raise DistillError(off_grid(img_size, patch))
     model.set_input_size(img_size=(img_size, img_size))
 
 

@@ -25,6 +25,7 @@ from distill.weights.checkpoint import MODEL_FILE, Checkpoint, build_model, read
 from distill.data import ImageSource, Transformed, eval_loader
 from distill.data.sources import balanced_subset
 from distill.errors import DistillError
+from distill.tools.summary import inherited
 from distill.tools.inference import checkpoint_data, class_probabilities, device, predictor, preprocessing, top1
 
 METHODS = ("uniform", "greedy")
@@ -50,6 +51,24 @@ def check_ingredients(ckpts: list[Checkpoint]) -> None:
         if differs:
             raise DistillError(f"{other.path} preprocesses its images otherwise than {first.path} ({', '.join(differs)} "
                                "differ); only checkpoints with the same preprocessing can be averaged.")
+        if starting_point(other) != starting_point(first):
+            raise DistillError(f"{other.path} started from {starting_point(other)[1]}, {first.path} from "
+                               f"{starting_point(first)[1]}: a soup averages models trained from one starting point "
+                               "(Wortsman et al.), so give ingredients that share it.")
+
+
+def starting_point(ckpt: Checkpoint) -> tuple[str, str]:
+    """Where a checkpoint's training started, as (key, words): the weights of a parent (a transfer, a fine-tune, a
+    student with --init), imported weights themselves, or a random initialisation."""
+    meta = ckpt.meta
+    if meta.get("ingredients"):  # a soup starts where its ingredients did
+        return tuple(meta.get("starting_point") or ("soup", "a soup"))  # type: ignore[return-value]
+    if meta.get("source"):
+        return f"imported:{ckpt.sha256}", f"the imported weights {ckpt.path}"
+    start = meta.get("init") or (meta.get("parent") if inherited(meta.get("parent") or {}, meta) == "weights" else None)
+    if start:
+        return f"weights:{start.get('sha256')}", f"the weights of {start.get('path')}"
+    return "random", "a random initialisation"
 
 
 def average(state_dicts: list[dict[str, torch.Tensor]], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
@@ -206,11 +225,15 @@ def make_soup(paths: list[Path], out: Path, *, method: str = "uniform", held_out
     test_top1 = top1(probs, labels)
     metrics = {"top1": test_top1, "samples": len(labels), "precision": "fp32", "img_size": first.img_size,
                "per_class_top1": [round(((probs.argmax(-1) == labels) & (labels == c)).sum().item() * 100
-                                        / max(1, (labels == c).sum().item()), 2) for c in range(len(data.classes))]}
+                                        / max(1, (labels == c).sum().item()), 2) for c in range(len(data.classes))],
+               "predicted_per_class": torch.bincount(probs.argmax(-1), minlength=len(data.classes)).tolist(),
+               "labels_per_class": torch.bincount(labels, minlength=len(data.classes)).tolist()}
+    present = [value for value, count in zip(metrics["per_class_top1"], metrics["labels_per_class"]) if count]
+    metrics["mean_class_top1"] = round(sum(present) / len(present), 3)
     meta = {key: first.meta[key] for key in ("kind", "model", "params", "data", "distillation") if key in first.meta}
     meta.update({
         "stage": "soup", "parent": None, "teacher": None, "metrics": metrics,
-        "ingredients": records,
+        "ingredients": records, "starting_point": list(starting_point(first)),
         "soup": {"method": method, "kept": sum(r["in_soup"] for r in records), "of": len(records),
                  "held_out": split.how if method == "greedy" else None, "held_out_unseen": split.unseen,
                  "held_out_top1": held_top1, "batchnorm_recalibrated": batchnorm,
