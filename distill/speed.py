@@ -29,6 +29,13 @@
   TF32), so `--onednn-linear` (default on an AVX-512 CPU not made by Intel) has timm's linear layers call oneDNN's
   linear (`_OneDNNLinear`: forward, input and weight gradients all in oneDNN), the same fp32 maths in another
   summation order. Off under autocast, in bf16 and fp16, on a GPU and inside torch.compile, which keep PyTorch's.
+- PyTorch runs one compute thread per core, and each parallel operation ends when its slowest thread does. When
+  another program keeps a core busy, the thread that shares the core with it is descheduled for whole time slices
+  and every other thread waits for it: on 2 cores beside one busy program a run trains 3.5-4x slower than alone, where
+  a fair share of the machine would cost 2x. `--threads auto` (the default) looks, as a run starts on a CPU, at how
+  many of its cores other programs keep busy (the kernel's per-core counters over 0.1 s) and trains with one thread
+  per core left (at least one); alone it keeps PyTorch's thread per core. A user's OMP_NUM_THREADS (torchrun sets 1
+  for several processes) is left as it is.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import time
 from functools import cache, partial
 from typing import TYPE_CHECKING, Iterable
 
@@ -257,3 +265,74 @@ def lower_worker_priority(worker_id: int) -> None:
             os.nice(19)
     except OSError:  # a sandbox that forbids it: the worker keeps its priority
         pass
+
+
+THREAD_SAMPLE_SECONDS = 0.1  # how long the cores are watched before a run chooses its threads
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. taskset or a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _core_ticks(cores: set[int]) -> tuple[int, int]:
+    """(busy, total) clock ticks of the given cores since boot, from /proc/stat."""
+    busy = total = 0
+    with open("/proc/stat") as handle:
+        for line in handle:
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cores:
+                continue
+            ticks = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
+            total += sum(ticks)
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy, total
+
+
+def busy_cores_elsewhere(seconds: float = THREAD_SAMPLE_SECONDS) -> float | None:
+    """How many of this process's cores other programs keep busy, watched for `seconds` while this process sleeps;
+    None where the kernel does not say (no /proc/stat)."""
+    try:
+        cores = os.sched_getaffinity(0)
+        before, own_before = _core_ticks(cores), _own_seconds()
+        time.sleep(seconds)
+        after, own_after = _core_ticks(cores), _own_seconds()
+        hertz = os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError):
+        return None
+    total = after[1] - before[1]
+    busy = after[0] - before[0] - (own_after - own_before) * hertz  # this process's own threads are not elsewhere
+    return max(0.0, len(cores) * busy / total) if total > 0 else None
+
+
+def _own_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def choose_threads(choice: str, device_type: str) -> str | None:
+    """Set PyTorch's compute threads for a run (see the module's notes); returns a line saying what was chosen and
+    why, or None where nothing was decided (a GPU run, PyTorch's own choice kept)."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's and accelerate launch's processes here
+    if choice != "auto":
+        torch.set_num_threads(int(choice))
+        return f"threads {int(choice)} (--threads)"
+    if device_type != "cpu":
+        return None
+    if "OMP_NUM_THREADS" in os.environ:
+        return f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
+    share = max(1, usable_cores() // max(1, local_processes))
+    if local_processes > 1:  # the job's other processes start beside this one: they are not other programs
+        torch.set_num_threads(share)
+        return f"threads {share} (auto: {usable_cores()} cores shared by {local_processes} processes)"
+    busy = busy_cores_elsewhere()
+    taken = int(busy + 0.5) if busy is not None else 0
+    threads = max(1, share - taken)
+    torch.set_num_threads(threads)
+    if taken == 0:
+        return None  # alone: PyTorch's thread per core, as always
+    return (f"threads {threads} of {share} cores (auto: other programs keep {busy:.1f} core(s) busy; "
+            "--threads N to choose)")

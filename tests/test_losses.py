@@ -251,3 +251,22 @@ def test_the_student_features_are_its_pre_logits_the_distillation_tokens_for_a_t
         tokens = model.forward_features(images)  # no dropout or drop path in this model: the same forward
         expected = tokens[:, 1] if "distilled" in name else tokens[:, 0]
         assert torch.allclose(caught.take(), expected)
+
+
+def test_a_teachers_logits_reach_the_loss_in_fp32_under_mixed_precision():
+    """The teacher's body runs in bf16, its classifier in fp32 on the bf16 features: the hard label's argmax and the
+    soft target's softmax read logits that were never rounded to bf16."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("regnety_002", num_classes=10)
+    norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    teacher = FrozenTeacher(model, norm, norm)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = teacher(images)
+        features = model.forward_head(model.forward_features(images), pre_logits=True)
+    assert logits.dtype == torch.float32 and features.dtype == torch.bfloat16
+    fc = model.get_classifier()
+    assert torch.equal(logits, F.linear(features.float(), fc.weight, fc.bias))
+    assert not torch.equal(logits, logits.bfloat16().float())  # bf16 would have rounded them

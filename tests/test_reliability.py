@@ -377,3 +377,22 @@ def test_inputs_that_would_train_a_meaningless_model_are_refused_or_named(tmp_pa
                     "--embed-dim", "32", "--num-heads", "2", "--distillation", "none")
     assert thirty.exit_code == 0, thirty.output  # the automatic patch tiles 30 px: 6 (a 5 x 5 grid)
     assert read_checkpoint(tmp_path / "runs" / "thirty").model_args["patch_size"] == 6
+
+
+def test_beside_a_busy_program_a_run_trains_on_the_cores_left(folder):
+    """One other program keeping a core busy: the run takes one thread fewer (a thread sharing a core with it would
+    stall every step), says so, and still trains; --threads takes only auto or a number."""
+    from distill.speed import usable_cores
+
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        result = run_cli("teach", "--data-dir", folder, *TINY, "--name", "busy")
+    finally:
+        hog.kill()
+        hog.wait()
+    assert result.returncode == 0, result.stdout + result.stderr
+    cores = usable_cores()
+    assert f"threads {max(1, cores - 1)} of {cores} cores (auto: other programs keep" in result.stdout
+    wrong = invoke("teach", "--data-dir", folder, *TINY, "--threads", "many")
+    assert wrong.exit_code == 2 and "--threads takes auto or a number of threads (1 or more), not 'many'" in wrong.output

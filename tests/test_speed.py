@@ -206,13 +206,14 @@ def test_idle_loader_workers_run_at_idle_priority_and_others_keep_theirs(idle, e
 
 @pytest.mark.parametrize("extra, expected", [([], True), (["--no-idle-workers"], False)])
 def test_a_cpu_run_gives_its_loaders_idle_workers_by_default(folder, tmp_path, monkeypatch, extra, expected):
+    from distill.data.loaders import start_worker
     from distill.training import engine
 
     made = []
     for name in ("train_loader", "eval_loader"):
         def recording(*args, _original=getattr(engine, name), **kwargs):
             loader = _original(*args, **kwargs)
-            made.append(loader.worker_init_fn is speed.lower_worker_priority)
+            made.append(loader.worker_init_fn.func is start_worker and loader.worker_init_fn.keywords["idle"])
             return loader
         monkeypatch.setattr(engine, name, recording)
     result = invoke("teach", "--data-dir", folder, "--workdir", tmp_path / "runs", *TINY, "--num-workers", "1", *extra)

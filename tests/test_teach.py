@@ -81,6 +81,7 @@ def test_module_entry_point_and_help():
     assert result.returncode == 0 and result.stdout.startswith("distill ")
     helped = run_cli("student", "--help", env={"COLUMNS": "250"})
     assert helped.returncode == 0 and "global batch / 512" in helped.stdout and "--no-token" in helped.stdout
+    assert "by name, comma-separated (e.g. cat,dog; the digits' names are 0 to 9)" in " ".join(helped.stdout.split())
 
 
 def test_gradient_accumulation_and_ema(folder):

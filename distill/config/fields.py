@@ -83,6 +83,9 @@ class StageConfig:
                                         "[default: on an AVX-512 CPU not made by Intel, where MKL runs its AVX2 code: "
                                         "2x the matmul rate on AMD]. Measured in docs/results.md.", "Run",
                                         result=False)
+    threads: str = option("auto", "PyTorch's compute threads on a CPU: a number, or auto (one per core that other programs "
+                          "leave free as the run starts, so a busy machine does not stall every step). Measured in "
+                          "docs/results.md.", "Run", result=False)
     attention: str = option("auto", "The kernel of timm's attention layers: fused (PyTorch's scaled_dot_product_attention), "
                             "manual (timm's matmul-softmax-matmul, more memory) or auto (manual on a CPU in bf16, where it "
                             "is 1.3-1.9x faster, else timm's choice). Measured in docs/results.md.", "Run",
@@ -155,6 +158,8 @@ class StageConfig:
                            "SyncBatchNorm, GPUs only; for convnets trained with small batches per GPU). Without it, the "
                            "processes' statistics are averaged before every evaluation and save.", "Optimisation")
     opt: str = option("adamw", "Optimizer (any timm name: adamw, sgd, lamb, ...).", "Optimisation")
+    opt_eps: float = option(1e-8, "The optimizer's epsilon, for those that take one: DeiT's --opt-eps, 1e-8 for every "
+                            "optimizer (timm's LAMB alone would use 1e-6).", "Optimisation")
     lr: float | None = option(None, "BASE learning rate per global batch of 512: the rate used is lr x global batch / 512 "
                               "(global batch = batch size x processes x accumulation), DeiT's rule. Default: auto, the "
                               "stage's reference rate at the reference's own global batch (here DeiT's 1e-3 at 1024, i.e. "

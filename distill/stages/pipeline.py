@@ -231,6 +231,8 @@ def _check_parent_exists(step: Step) -> None:
 def run(steps: list[Step]) -> list[tuple[Step, Checkpoint, str, float]]:
     """Run the steps in order; returns (step, checkpoint, what happened, seconds) for each. A run the pipeline would
     replace without --overwrite is refused first, before any stage trains."""
+    if steps:  # the first step's parents must be there already; the plan stands in the later ones'
+        _check_parent_exists(steps[0])
     refused = [row for row in plan(steps) if row.action == "re-run" and not row.plan.config.overwrite]
     if refused:
         listed = "; ".join(f"{row.label} ({row.plan.run_dir}: {row.why.removesuffix(' (needs --overwrite)')})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import torch
@@ -41,6 +42,9 @@ class FrozenTeacher(nn.Module):
         self.renormalise = not (torch.allclose(t_mean, i_mean) and torch.allclose(t_std, i_std))
         self.register_buffer("scale", i_std / t_std, persistent=False)
         self.register_buffer("shift", (i_mean - t_mean) / t_std, persistent=False)
+        classifiers = model.get_classifier() if hasattr(model, "get_classifier") else ()
+        for classifier in classifiers if isinstance(classifiers, tuple) else (classifiers,):
+            classifier.forward = functools.partial(_in_fp32, classifier.forward)  # same weights, same state-dict keys
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)
@@ -68,6 +72,14 @@ class FrozenTeacher(nn.Module):
         """Logits and pre-logits features (timm's forward_head(pre_logits=True)) from one pass of the body."""
         body = self.model.forward_features(self._renormalised(images))
         return self.model.forward_head(body), self.model.forward_head(body, pre_logits=True)
+
+
+def _in_fp32(forward: Any, features: torch.Tensor) -> torch.Tensor:
+    """A teacher's classifier, run in fp32 under mixed precision: the body runs in bf16/fp16, but the logits the loss
+    takes its argmax and softmax of are not rounded to 8 bits of mantissa, where near-ties would flip the hard label
+    (DeiT's fp16 keeps 11 bits; this keeps 24). Written by hand: timm has no switch for a head's precision."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return forward(features.float())
 
 
 def norms_in_forward_order(model: nn.Module, img_size: int) -> list[str]:

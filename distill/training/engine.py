@@ -46,7 +46,7 @@ from distill.training.evaluation import Predict, bare, evaluate, flatten, plain_
 from distill.weights.naming import precision_name
 from distill.training.runfolder import RunFolder, saved_progress
 from distill.training.schedule import check_grid, resolution_at, set_resolution, vits
-from distill.speed import channels_last, choose_kernels, idle_workers, to_channels_last
+from distill.speed import channels_last, choose_kernels, choose_threads, idle_workers, to_channels_last
 from distill.training.tracking import LOG_DIR, hyperparameters, numeric, offline_environment
 
 
@@ -96,6 +96,7 @@ class Run:
                                             log_with=self.trackers, project_dir=config.run_dir(),
                                             dist_timeout=config.dist_timeout, deterministic=config.deterministic,
                                             tf32=not config.deterministic)
+        self.threads = choose_threads(str(config.threads), self.accelerator.device.type)  # before any data loads
         self.folder = RunFolder(config, identity, self.accelerator)
         self.dir = self.folder.dir
         self.finished: Checkpoint | None = self.folder.open()
@@ -108,7 +109,8 @@ class Run:
         criterion's own parameters (`learned`) join it as further groups, decayed the same way."""
         cfg = self.config
         try:
-            optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+            optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                            eps=cfg.opt_eps)  # as DeiT's create_optimizer(args): timm drops it for SGD
         except (ValueError, AssertionError, KeyError) as error:
             raise DistillError(f"timm cannot make the optimizer '{cfg.opt}': {error}.") from None
         if learned is not None:  # before the scheduler, which reads every group's base rate
@@ -199,8 +201,8 @@ class Run:
                        ) if acc.device.type == "cuda" else ""
             console.print(f"[bold]{cfg.stage}[/] -> {self.dir}  ({world} process{'es' if world > 1 else ''}, "
                           f"{acc.device.type}, precision {precision_name(cfg.mixed_precision)}{kernels}, global batch "
-                          f"{self.global_batch}{shared}, lr {lr:.3g})" + "".join(f"\n  {note}" for note in job.notes),
-                          soft_wrap=True)
+                          f"{self.global_batch}{shared}, lr {lr:.3g})"
+                          + "".join(f"\n  {note}" for note in [*job.notes, self.threads] if note), soft_wrap=True)
 
         set_seed(cfg.seed, device_specific=True)  # drop path and Mixup differ across processes (a resume restores them)
         saved = None if self.folder.replacing else saved_progress(self.dir)

@@ -80,7 +80,8 @@ def saved_progress(run_dir: Path) -> tuple[Path, dict[str, int]] | None:
 
 # Settings added after runs were first recorded, and what a record without one was made with (None: whatever its
 # processes made of it), so that a run recorded before them still names the same run.
-LATER_SETTINGS: dict[str, Any] = {"global_batch": None, "sync_bn": False, "fusion": "softmax"}
+LATER_SETTINGS: dict[str, Any] = {"global_batch": None, "sync_bn": False, "fusion": "softmax",
+                                  "opt_eps": 1e-8}  # (a LAMB run's own state keeps the 1e-6 it was saved with)
 
 
 def as_recorded(stored: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
