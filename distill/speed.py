@@ -35,7 +35,9 @@
   a fair share of the machine would cost 2x. `--threads auto` (the default) looks, as a run starts on a CPU, at how
   many of its cores other programs keep busy (the kernel's per-core counters over 0.1 s) and trains with one thread
   per core left (at least one); alone it keeps PyTorch's thread per core. A user's OMP_NUM_THREADS (torchrun sets 1
-  for several processes) is left as it is.
+  for several processes) is left as it is. This one setting can change what a CPU run computes: PyTorch splits
+  parallel sums by thread, so another count sums in another order. The count is printed when it is not one per core,
+  saved with the training state, and a resumed run takes it again, so a resume stays exact.
 """
 
 from __future__ import annotations
@@ -313,9 +315,11 @@ def _own_seconds() -> float:
     return times.user + times.system
 
 
-def choose_threads(choice: str, device_type: str) -> str | None:
+def choose_threads(choice: str, device_type: str, kept: int | None = None) -> str | None:
     """Set PyTorch's compute threads for a run (see the module's notes); returns a line saying what was chosen and
-    why, or None where nothing was decided (a GPU run, PyTorch's own choice kept)."""
+    why, or None where nothing was decided (a GPU run, PyTorch's own choice kept). On a CPU the thread count is part
+    of what a run computes, not only how fast (parallel sums are split by thread), so a resumed run is given the
+    count its state was saved with (`kept`), and that state then resumes bit for bit."""
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's and accelerate launch's processes here
     if choice != "auto":
         torch.set_num_threads(int(choice))
@@ -324,6 +328,9 @@ def choose_threads(choice: str, device_type: str) -> str | None:
         return None
     if "OMP_NUM_THREADS" in os.environ:
         return f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
+    if kept:
+        torch.set_num_threads(int(kept))
+        return f"threads {int(kept)} (auto: kept from the saved state, whose sums a resumed run repeats exactly)"
     share = max(1, usable_cores() // max(1, local_processes))
     if local_processes > 1:  # the job's other processes start beside this one: they are not other programs
         torch.set_num_threads(share)

@@ -18,6 +18,9 @@ from typer.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ["COLUMNS"] = "200"  # tables are read by the tests: one row per line
+# One compute thread in every run a test makes (the thread count decides how a CPU sums, and the tests compare runs
+# bit for bit; the tests run two at a time, one per core). Tests of the automatic choice take it away themselves.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

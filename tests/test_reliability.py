@@ -387,7 +387,9 @@ def test_beside_a_busy_program_a_run_trains_on_the_cores_left(folder):
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)
-        result = run_cli("teach", "--data-dir", folder, *TINY, "--name", "busy")
+        automatic = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+        result = subprocess.run([sys.executable, "-m", "distill", "teach", "--data-dir", str(folder), *TINY, "--name",
+                                 "busy"], capture_output=True, text=True, env=automatic, timeout=600)
     finally:
         hog.kill()
         hog.wait()
@@ -396,3 +398,19 @@ def test_beside_a_busy_program_a_run_trains_on_the_cores_left(folder):
     assert f"threads {max(1, cores - 1)} of {cores} cores (auto: other programs keep" in result.stdout
     wrong = invoke("teach", "--data-dir", folder, *TINY, "--threads", "many")
     assert wrong.exit_code == 2 and "--threads takes auto or a number of threads (1 or more), not 'many'" in wrong.output
+
+
+
+def test_a_resumed_run_keeps_the_threads_its_state_was_saved_with(folder, monkeypatch):
+    """The thread count decides how a CPU sums: a state saved with 1 thread resumes with 1, whatever auto would pick
+    now, and the checkpoint records it."""
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    args = ["teach", "--data-dir", folder, *TINY, "--epochs", "2"]
+    assert invoke(*args, "--threads", "1").exit_code == 0
+    run = folder.parent / "runs" / "teach"
+    assert json.loads((run / "state" / "progress.json").read_text())["threads"] == 1
+    (run / "model.safetensors").unlink()  # as if killed after its last state
+    resumed = invoke(*args)
+    assert resumed.exit_code == 0, resumed.output
+    assert "threads 1 (auto: kept from the saved state" in resumed.output
+    assert read_checkpoint(run).meta["threads"] == 1

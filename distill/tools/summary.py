@@ -251,7 +251,9 @@ def info_table(ckpt: Checkpoint) -> None:
     if line:
         rows.append(("resolution change", line.removeprefix("top-1: ")))
     if not source:
-        rows.append(("training time", f"{metrics.get('train_seconds', '?')} s on {meta.get('processes', '?')} process(es)"))
+        threads = f", {meta['threads']} CPU thread(s) each" if meta.get("threads") else ""
+        rows.append(("training time", f"{metrics.get('train_seconds', '?')} s on {meta.get('processes', '?')} process(es)"
+                     f"{threads}"))
         config = meta.get("config", {})
         rows.append(("config", ", ".join(f"{k}={v}" for k, v in sorted(config.items()))))
         rows.append(("effective lr", f"{meta.get('lr_effective')}"))

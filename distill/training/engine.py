@@ -26,6 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
@@ -96,10 +97,14 @@ class Run:
                                             log_with=self.trackers, project_dir=config.run_dir(),
                                             dist_timeout=config.dist_timeout, deterministic=config.deterministic,
                                             tf32=not config.deterministic)
-        self.threads = choose_threads(str(config.threads), self.accelerator.device.type)  # before any data loads
         self.folder = RunFolder(config, identity, self.accelerator)
         self.dir = self.folder.dir
         self.finished: Checkpoint | None = self.folder.open()
+        # before any data loads; a resumed run keeps the threads its state was saved with (their sums, bit for bit)
+        saved = None if self.finished is not None or self.folder.replacing else saved_progress(self.dir)
+        same_processes = saved is not None and saved[1].get("processes", 1) == self.accelerator.num_processes
+        self.threads = choose_threads(str(config.threads), self.accelerator.device.type,
+                                      kept=saved[1].get("threads") if same_processes else None)
         self.size: int | None = None  # the training resolution now, with --img-size-schedule
         set_seed(config.seed)  # the same initial weights on every process
 
@@ -225,9 +230,11 @@ class Run:
                          if saved_by != world else "")
                 console.print(f"[bold]Resuming[/] {self.dir} at epoch {progress['epoch'] + 1}, batch {skip} "
                               f"(step {progress['step']}){moved}.", soft_wrap=True)
-            progress = {**progress, "batch": skip, "processes": world, "global_batch": self.global_batch}
+            progress = {**progress, "batch": skip, "processes": world, "global_batch": self.global_batch,
+                        "threads": torch.get_num_threads()}
         else:
-            progress = {"epoch": 0, "batch": 0, "step": 0, "processes": world, "global_batch": self.global_batch}
+            progress = {"epoch": 0, "batch": 0, "step": 0, "processes": world, "global_batch": self.global_batch,
+                        "threads": torch.get_num_threads()}
             if job.evaluate_first:
                 before = measure(model)
                 self.folder.append_metrics({"epoch": 0, "step": 0, **flatten(before)}, keep_epochs_below=0)
@@ -372,6 +379,8 @@ class Run:
                               if key in before})
             meta = {**job.describe(final), "identity": self.folder.identity, "config": to_dict(self.config),
                     "metrics": final, "lr_effective": lr, "processes": self.accelerator.num_processes}
+            if self.accelerator.device.type == "cpu":  # on a CPU the thread count decides how sums are split
+                meta["threads"] = torch.get_num_threads()
             if self.config.img_size_schedule:
                 meta["img_size_schedule"] = [{"epoch": e, "img_size": size}
                                              for e, size in parse_schedule(self.config.img_size_schedule)]

@@ -152,9 +152,9 @@ def state_damage(state: Path) -> str | None:
 
 
 class FolderLock:
-    """An exclusive lock on one run folder, held by process 0 of the command writing it (flock on a file in the
+    """An exclusive lock on one run folder, held by process 0 of the command writing it (a POSIX lock on a file in the
     machine's temporary folder named after the folder's absolute path; the lock goes with the process, so a killed
-    command never leaves the folder locked). It guards against a second command on the same machine; commands on
+    command never leaves the folder locked, and forked loader workers never hold it). It guards against a second command on the same machine; commands on
     two machines writing one shared folder are not seen. Within one process the lock is taken again freely, so a
     pipeline's stages and a retried command run in turn."""
 
@@ -169,7 +169,7 @@ class FolderLock:
         """None once this process holds the lock; else who holds it ("process N"), as far as the lock file says."""
         try:
             import fcntl
-        except ImportError:  # Windows: no flock; the folder is not guarded
+        except ImportError:  # Windows: no fcntl; the folder is not guarded
             return None
         if self.key in FolderLock.held:
             return None
@@ -178,14 +178,14 @@ class FolderLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:  # no usable temporary folder: run unguarded rather than not at all
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:  # a POSIX record lock: held by this process alone, not by the loader workers it forks
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             holder = os.read(fd, 64).decode(errors="replace").strip()
             os.close(fd)
             if error.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
                 return f"process {holder}" if holder.isdigit() else "another process"
-            return None  # a filesystem without flock: unguarded
+            return None  # a filesystem without locks: unguarded
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         FolderLock.held[self.key] = fd
@@ -194,7 +194,7 @@ class FolderLock:
     def release(self) -> None:
         fd = FolderLock.held.pop(self.key, None)
         if fd is not None:
-            os.close(fd)  # closing the descriptor releases its flock
+            os.close(fd)  # closing the descriptor releases the lock
 
 
 # Seconds another machine may take to see a file process 0 just made in the work folder: NFS clients cache what a
