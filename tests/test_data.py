@@ -34,7 +34,8 @@ def test_class_filter_and_balanced_subset(folder):
     splits = open_dataset(None, folder, classes=["star", "circle"], train_subset=10)
     assert splits.classes == ["circle", "star"]  # the dataset's own order
     assert len(splits.train) == 10 and sorted(set(splits.train.targets)) == [0, 1]
-    assert abs(splits.train.targets.count(0) - splits.train.targets.count(1)) <= 1
+    targets = splits.train.targets.tolist()
+    assert abs(targets.count(0) - targets.count(1)) <= 1
     with pytest.raises(DistillError, match="Class 'moon' is not in this dataset"):
         open_dataset(None, folder, classes=["moon"])
 
@@ -124,3 +125,26 @@ def test_skip_corrupt_checks_a_hub_dataset_from_its_stored_bytes(tmp_path):
     skipped = open_dataset(str(tmp_path / "copy"), None, skip_corrupt=True)
     assert len(skipped.train) == 5 and skipped.info["skipped_corrupt"] == 1
     assert skipped.info["skipped_examples"] == [f"row 5 of {tmp_path / 'copy'}[train]"]
+
+
+def test_an_image_folder_is_held_as_arrays_that_forked_workers_share(tmp_path):
+    """File names and labels are numpy arrays (no Python object per image, whose reference counts a forked worker
+    would write, copying the list into every worker); a subset (--classes, --train-subset, --skip-corrupt) too. A
+    worker of a real loader reads them, and the images load by name."""
+    import numpy as np
+
+    from distill.data.sources import balanced_subset, load_folder
+
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"])
+    splits = load_folder(data)
+    train = splits.train
+    assert isinstance(train.names, np.ndarray) and train.names.dtype.kind == "S" and train.names.dtype != object
+    assert isinstance(train.targets, np.ndarray) and train.targets.dtype == np.int64
+    assert train.where(0) == str(data / "train" / "a" / "a_0.png") and train.load(0).size == (16, 16)
+    part = balanced_subset(train, 6, 3)
+    assert isinstance(part.indices, np.ndarray) and isinstance(part.targets, np.ndarray)
+    assert sorted(part.targets.tolist()) == [0, 0, 1, 1, 2, 2]
+    from torch.utils.data import DataLoader
+
+    labels = [int(label) for _, label in DataLoader(part, batch_size=None, num_workers=1, collate_fn=lambda x: x)]
+    assert labels == part.targets.tolist()

@@ -4,6 +4,7 @@ files of a folder, rows of a Hugging Face table), and the quick check of an enco
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
@@ -50,7 +51,7 @@ def image_problem(handle: BinaryIO) -> str | None:
 class ImageSource(Dataset):
     """Labelled images: `targets` is known without decoding, `load(i)` decodes one to RGB."""
 
-    targets: list[int]
+    targets: Sequence[int]  # a list or an int64 array
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -82,11 +83,13 @@ class ImageSource(Dataset):
 
 
 class SubsetSource(ImageSource):
-    """Some of a source's images, optionally with their labels renumbered."""
+    """Some of a source's images, optionally with their labels renumbered (indices and labels held as arrays, which
+    forked loader workers share instead of copying: see FolderImages)."""
 
-    def __init__(self, parent: ImageSource, indices: list[int], relabel: dict[int, int] | None = None):
-        self.parent, self.indices = parent, indices
-        self.targets = [parent.targets[i] if relabel is None else relabel[parent.targets[i]] for i in indices]
+    def __init__(self, parent: ImageSource, indices: Sequence[int], relabel: dict[int, int] | None = None):
+        self.parent, self.indices = parent, np.asarray(indices, dtype=np.int64)
+        chosen = np.asarray(parent.targets, dtype=np.int64)[self.indices]
+        self.targets = chosen if relabel is None else np.asarray([relabel[int(t)] for t in chosen], dtype=np.int64)
 
     def load(self, index: int) -> Image.Image:
         return self.parent.load(self.indices[index])
@@ -112,13 +115,23 @@ class ArrayImages(ImageSource):
 
 
 class FolderImages(ImageSource):
-    """One split of an image folder: <root>/<class>/<image>."""
+    """One split of an image folder: <root>/<class>/<image>.
 
-    def __init__(self, root: Path, files: list[Path], targets: list[int]):
-        self.root, self.files, self.targets = root, files, targets
+    The file names (relative to the root, as bytes) and the labels are numpy arrays, not lists of Path and int
+    objects: a forked loader worker reads a list of Python objects and so writes their reference counts, which copies
+    every memory page the list touches into each worker of each process (ImageNet's 1.28M Paths: about 585 MB a
+    worker); an array of bytes has no per-entry objects, and its pages stay shared (benchmarks/file_list_memory.py)."""
+
+    def __init__(self, root: Path, files: Sequence[Path], targets: Sequence[int]):
+        self.root = Path(root)
+        self.names = np.array([os.fsencode(Path(f).relative_to(self.root)) for f in files], dtype=np.bytes_)
+        self.targets = np.asarray(targets, dtype=np.int64)
+
+    def path(self, index: int) -> Path:
+        return self.root / os.fsdecode(self.names[index])
 
     def load(self, index: int) -> Image.Image:
-        path = self.files[index]
+        path = self.path(index)
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
@@ -132,14 +145,14 @@ class FolderImages(ImageSource):
         found: list[str | None] = []
         for index in indices:
             try:
-                with open(self.files[index], "rb") as handle:
+                with open(self.path(index), "rb") as handle:
                     found.append(image_problem(handle))
             except OSError as error:
                 found.append(error.strerror or str(error))
         return found
 
     def where(self, index: int) -> str:
-        return str(self.files[index])
+        return str(self.path(index))
 
 
 @dataclass
