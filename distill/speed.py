@@ -270,6 +270,7 @@ def lower_worker_priority(worker_id: int) -> None:
 
 
 THREAD_SAMPLE_SECONDS = 0.1  # how long the cores are watched before a run chooses its threads
+PYTORCH_THREADS = torch.get_num_threads()  # PyTorch's own choice (its physical cores, or OMP_NUM_THREADS), at import
 
 
 def usable_cores() -> int:
@@ -331,15 +332,15 @@ def choose_threads(choice: str, device_type: str, kept: int | None = None) -> st
     if kept:
         torch.set_num_threads(int(kept))
         return f"threads {int(kept)} (auto: kept from the saved state, whose sums a resumed run repeats exactly)"
-    share = max(1, usable_cores() // max(1, local_processes))
     if local_processes > 1:  # the job's other processes start beside this one: they are not other programs
+        share = max(1, PYTORCH_THREADS // local_processes)
         torch.set_num_threads(share)
-        return f"threads {share} (auto: {usable_cores()} cores shared by {local_processes} processes)"
+        return f"threads {share} (auto: {PYTORCH_THREADS} cores shared by {local_processes} processes)"
     busy = busy_cores_elsewhere()
     taken = int(busy + 0.5) if busy is not None else 0
-    threads = max(1, share - taken)
-    torch.set_num_threads(threads)
+    threads = max(1, PYTORCH_THREADS - taken)
+    torch.set_num_threads(threads)  # alone: PyTorch's own count again (an earlier run in this process may have lowered it)
     if taken == 0:
-        return None  # alone: PyTorch's thread per core, as always
-    return (f"threads {threads} of {share} cores (auto: other programs keep {busy:.1f} core(s) busy; "
+        return None
+    return (f"threads {threads} of {PYTORCH_THREADS} cores (auto: other programs keep {busy:.1f} core(s) busy; "
             "--threads N to choose)")

@@ -43,7 +43,7 @@ def by_hand(path, data, flip=False, img_size=None):
     test = load_folder(data).test
     rows = []
     with torch.no_grad():
-        for path_ in test.files:
+        for path_ in (test.path(i) for i in range(len(test))):
             x = transform(Image.open(path_).convert("RGB"))[None]
             x = x.flip(-1) if flip else x
             if getattr(model, "dist_token", None) is not None:

@@ -258,15 +258,21 @@ def test_a_teachers_logits_reach_the_loss_in_fp32_under_mixed_precision():
     soft target's softmax read logits that were never rounded to bf16."""
     import timm
 
+    from types import SimpleNamespace
+
+    from distill.speed import choose_kernels
+
     torch.manual_seed(0)
     model = timm.create_model("regnety_002", num_classes=10)
     norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     teacher = FrozenTeacher(model, norm, norm)
+    run = SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16")
+    choose_kernels(run, [teacher], "auto", True)  # as every run does (oneDNN's linear layers where chosen)
     images = torch.randn(4, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = teacher(images)
-        features = model.forward_head(model.forward_features(images), pre_logits=True)
-    assert logits.dtype == torch.float32 and features.dtype == torch.bfloat16
-    fc = model.get_classifier()
-    assert torch.equal(logits, F.linear(features.float(), fc.weight, fc.bias))
-    assert not torch.equal(logits, logits.bfloat16().float())  # bf16 would have rounded them
+        body = model.forward_features(images)
+        rounded = model.forward_head(body)
+    assert logits.dtype == torch.float32 and body.dtype == torch.bfloat16 and rounded.dtype == torch.bfloat16
+    assert torch.equal(logits, model.forward_head(body.float()))
+    assert not torch.equal(logits, rounded.float())  # the head in bf16 would have rounded them

@@ -66,7 +66,7 @@ def test_two_stage_recipe_runs_then_reuses_then_reruns_what_changed(tmp_path, fo
     # a finished run is never replaced without --overwrite: refused before anything trains
     refused = invoke("pipeline", recipe)
     assert refused.exit_code == 2, refused.output
-    assert "would replace 1 run(s)" in refused.output and "alpha: 0.5 -> 0.3" in refused.output
+    assert "would replace 1 run(s) made otherwise" in refused.output and "alpha: 0.5 -> 0.3" in refused.output
     assert "--overwrite" in refused.output and "Traceback" not in refused.output
     assert (_stamp("teach"), _stamp("student")) == stamps
     changed = invoke("pipeline", recipe, "--overwrite")

@@ -324,7 +324,7 @@ def test_a_killed_training_process_takes_its_loader_workers_with_it(tmp_path, fo
         main = _start(args, stderr=stderr)
         _wait_for(folder.parent / "runs" / "teach" / "state" / "progress.json", main)
         workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == main.pid]
-        assert len(workers) == 2, workers
+        assert len(workers) >= 2, workers  # the training loader's, and the evaluation loader's once it has run
         os.kill(main.pid, signal.SIGKILL)
         main.wait()
         time.sleep(1.5)
@@ -382,8 +382,6 @@ def test_inputs_that_would_train_a_meaningless_model_are_refused_or_named(tmp_pa
 def test_beside_a_busy_program_a_run_trains_on_the_cores_left(folder):
     """One other program keeping a core busy: the run takes one thread fewer (a thread sharing a core with it would
     stall every step), says so, and still trains; --threads takes only auto or a number."""
-    from distill.speed import usable_cores
-
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)
@@ -394,7 +392,8 @@ def test_beside_a_busy_program_a_run_trains_on_the_cores_left(folder):
         hog.kill()
         hog.wait()
     assert result.returncode == 0, result.stdout + result.stderr
-    cores = usable_cores()
+    cores = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=automatic,
+                               capture_output=True, text=True).stdout)  # PyTorch's own count, without OMP_NUM_THREADS
     assert f"threads {max(1, cores - 1)} of {cores} cores (auto: other programs keep" in result.stdout
     wrong = invoke("teach", "--data-dir", folder, *TINY, "--threads", "many")
     assert wrong.exit_code == 2 and "--threads takes auto or a number of threads (1 or more), not 'many'" in wrong.output

@@ -258,3 +258,29 @@ def test_a_run_recorded_before_the_global_batch_existed_is_still_the_same_run(tm
     assert folder_status(run, now).state == "interrupted"
     assert folder_status(run, {**now, "config": {**now["config"], "sync_bn": True}}).state == "changed-interrupted"
     assert folder_status(run, {**now, "config": {**now["config"], "epochs": 3}}).state == "changed-interrupted"
+
+
+def test_loader_workers_follow_the_cores_and_the_processes_of_the_machine(monkeypatch, folder):
+    """--num-workers auto: on a GPU node every core but one per training process, shared by its processes (8 GPUs on
+    64 cores: 7 each); on a CPU half a process's cores, at least 2; the run's first lines say which."""
+    import torch
+
+    from distill.config.auto import auto_workers
+
+    with monkeypatch.context() as machine:
+        machine.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+        machine.setenv("LOCAL_WORLD_SIZE", "8")
+        machine.setattr(torch.cuda, "is_available", lambda: True)
+        assert auto_workers()[0] == 7
+        machine.setenv("LOCAL_WORLD_SIZE", "1")
+        assert auto_workers()[0] == 32  # at most 32 a process
+        machine.setattr(torch.cuda, "is_available", lambda: False)
+        assert auto_workers()[0] == 32
+        machine.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        assert auto_workers()[0] == 2
+    result = invoke("teach", "--data-dir", folder, "--epochs", "1", "--batch-size", "8", "--img-size", "16",
+                    "--warmup-epochs", "0")
+    assert result.exit_code == 0, result.output
+    cores = len(os.sched_getaffinity(0))
+    expected = min(32, max(2, cores // 2))
+    assert f"{expected} loader workers per process (auto: {cores} cores for 1 process(es), no GPU" in result.output

@@ -47,6 +47,28 @@ def auto_precision() -> tuple[str, str]:
     return "no", "no GPU; --mixed-precision bf16 on a CPU with bf16 instructions"
 
 
+MAX_WORKERS = 32  # per training process: beyond it a node's memory, not its cores, runs out first
+
+
+def auto_workers() -> tuple[int, str]:
+    """--num-workers auto, and why. On a GPU the workers are the CPU's main work (a DeiT step on an H100 wants 14 to 18
+    cores of augmentation): every core of the machine but one for each training process, shared among the processes
+    on it. On a CPU the workers share the cores with the training threads at idle priority (distill.speed), so half of
+    a process's cores do, at least 2."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    share = max(1, cores // local)
+    import torch  # here: the command line starts without torch
+
+    if torch.cuda.is_available():
+        workers = min(MAX_WORKERS, max(1, share - 1))
+        return workers, f"{cores} cores for {local} process(es), one core each kept for the training step"
+    return min(MAX_WORKERS, max(2, share // 2)), f"{cores} cores for {local} process(es), no GPU: half a process's cores"
+
+
 def split_batch(global_batch: int, world: int, limit: int, even: bool = False) -> tuple[int, int]:
     """How `world` processes share a global batch: (images per process per forward pass, micro-batches accumulated
     per optimizer step), the largest share per pass that is at most `limit` (and even, for Mixup/CutMix)."""
@@ -118,6 +140,9 @@ def resolve_auto(config: StageConfig, world: int | None = None, train_size: int 
     if chosen:
         notes.append(f"{profile} profile ({why}): " + ", ".join(f"{key.replace('_', '-')} {value:g}" if isinstance(value, float)
                                                                   else f"{key} {value}" for key, value in chosen.items()))
+    if config.num_workers is None and "num_workers" not in unused:
+        updates["num_workers"], why = auto_workers()
+        late.append(f"{updates['num_workers']} loader workers per process (auto: {why})")
     resolved = dataclasses.replace(config, **updates)
     validate(resolved)
     if resolved.sync_bn and world > 1 and "sync_bn" not in unused:

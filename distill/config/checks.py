@@ -26,7 +26,7 @@ def validate(config: StageConfig) -> None:
         (config.save_every >= 0, "--save-every must not be negative."),
         (config.eval_every >= 1, "--eval-every must be at least 1."),
         (config.log_every >= 1, "--log-every must be at least 1."),
-        (config.num_workers >= 0, "--num-workers must not be negative."),
+        (config.num_workers is None or config.num_workers >= 0, "--num-workers must not be negative."),
         (str(config.threads) == "auto" or (str(config.threads).isdigit() and int(config.threads) >= 1),
          f"--threads takes auto or a number of threads (1 or more), not '{config.threads}'."),
         (not (config.data_dir and config.dataset not in (None, "folder")),

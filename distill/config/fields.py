@@ -66,7 +66,10 @@ class StageConfig:
                                  "cudnn.benchmark; slower): with it a resumed CUDA run ends bit for bit as an "
                                  "uninterrupted one, as a CPU run always does.", "Run", result=False)
     save_every: int = option(0, "Also save the resumable state every N optimizer steps (0: once per epoch).", "Run", result=False)
-    num_workers: int = option(2, "Data-loading worker processes per training process.", "Run", result=False)
+    num_workers: int | None = option(None, "Data-loading worker processes per training process [default: auto: on a GPU "
+                                     "every core of the machine but one per training process, shared among its "
+                                     "processes (at most 32 each); on a CPU half of a process's cores, at least 2].",
+                                     "Run", result=False)
     eval_every: int = option(1, "Evaluate on the test split every N epochs (and always after the last).", "Run",
                              result=False)
     compile: bool = option(False, "Hand the model being trained and the teacher to torch.compile (inductor; the first steps "

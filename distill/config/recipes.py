@@ -34,6 +34,8 @@ def _coerce(f: dataclasses.Field, kind: type, value: Any, where: str) -> Any:
         if isinstance(value, (str, Path)):
             return Path(value)
     elif kind is str:
+        if isinstance(value, int) and not isinstance(value, bool):  # `threads = 2`, `classes = 3`: what was meant
+            value = str(value)
         if isinstance(value, str):
             choices = f.metadata.get("choices")
             if choices and value not in choices:

@@ -147,22 +147,26 @@ def train_loader(dataset: Transformed, *, batch_size: int, seed: int, rank: int,
     # drop path and Mixup use, so a resumed run's random stream matches an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=torch.Generator(),
-                      worker_init_fn=functools.partial(start_worker, idle=idle_workers))
+                      worker_init_fn=functools.partial(start_worker, idle=idle_workers, parent=os.getpid()))
 
 
 def eval_loader(dataset: Transformed, *, batch_size: int, num_workers: int, pin_memory: bool = False,
-                idle_workers: bool = False) -> DataLoader:
+                idle_workers: bool = False, persistent: bool = False) -> DataLoader:
+    """In order, every image once. `persistent`: its workers stay between evaluations (a run evaluates every epoch,
+    and forking tens of workers each time costs seconds on a GPU node); they keep the transform they were forked
+    with, so a run whose transform changes (--img-size-schedule) does not ask for it."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator(), worker_init_fn=functools.partial(start_worker, idle=idle_workers))
+                      persistent_workers=persistent and num_workers > 0,
+                      generator=torch.Generator(), worker_init_fn=functools.partial(start_worker, idle=idle_workers, parent=os.getpid()))
 
 
-def start_worker(worker_id: int, idle: bool = False) -> None:
+def start_worker(worker_id: int, idle: bool = False, parent: int | None = None) -> None:
     """A DataLoader worker's first act: it dies with the process that started it (Linux's parent-death signal), so
     a training process killed outright (kill -9, a lost node's job teardown) leaves no worker behind to print a
     broken-pipe traceback or hold memory; then, with `idle`, it lowers its priority (distill.speed)."""
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the parent died before the signal was armed
+        if parent is not None and os.getppid() != parent:  # the parent died before the signal was armed
             os._exit(0)
     if idle:
         lower_worker_priority(worker_id)

@@ -15,7 +15,7 @@ from distill.config import CacheConfig, to_dict
 from distill.console import console
 from distill.data import Transformed
 from distill.errors import DistillError
-from distill.speed import channels_last, choose_kernels, to_channels_last
+from distill.speed import channels_last, choose_kernels, choose_threads, to_channels_last
 from distill.stages.common import (Expecting, StagePlan, data_record, default_parent, inherit_data, load_data, planned,
                                    planned_classes, read_teacher, resolve_for_run, resolve_norm, share_of, source_line,
                                    training_transform)
@@ -49,6 +49,9 @@ def execute_cache(plan: StagePlan) -> None:
     root = cfg.run_dir()
     identity = normalise(plan.identity())
     acc = make_accelerator(cfg.mixed_precision, dist_timeout=cfg.dist_timeout, deterministic=cfg.deterministic)
+    threads = choose_threads(str(cfg.threads), acc.device.type)
+    if threads and acc.is_main_process:
+        console.print(threads, soft_wrap=True)
     lock = FolderLock(root)
     holder, existing = (lock.acquire(), read_manifest(root)) if acc.is_main_process else (None, None)
     if acc.num_processes > 1:  # process 0 decides, for every process

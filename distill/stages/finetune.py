@@ -50,7 +50,7 @@ def fixres_config(teacher: Checkpoint, cfg: FinetuneConfig, global_batch: int | 
     sha = teacher.sha256[:8] if not isinstance(teacher, Expected) else "pending"
     return FixResConfig(
         workdir=cfg.workdir, name=f"teach-fixres-{cfg.res}-{tag}{sha}", seed=cfg.seed,
-        mixed_precision=cfg.mixed_precision, save_every=cfg.save_every, num_workers=cfg.num_workers,
+        mixed_precision=cfg.mixed_precision, save_every=cfg.save_every, num_workers=cfg.num_workers, threads=cfg.threads,
         eval_every=cfg.eval_every, overwrite=cfg.overwrite, skip_corrupt=cfg.skip_corrupt,
         dataset=cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset, classes=cfg.classes, img_size=cfg.res,
         crop_pct=teacher.data.get("crop_pct"), interpolation=cfg.interpolation, norm=teacher.data.get("norm"),

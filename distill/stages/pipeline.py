@@ -27,6 +27,7 @@ from distill.console import console
 from distill.errors import DistillError
 from distill.stages.common import Expected, Expecting, StagePlan
 from distill.stages.runner import PLANNERS, run_stage
+from distill.training.runfolder import IDENTITY_FILE
 from distill.weights.checkpoint import MODEL_FILE, Checkpoint
 from distill.weights.naming import measured_at, model_label
 
@@ -173,6 +174,9 @@ def describe(label: str, plan: StagePlan) -> PlanRow:
     status = plan.status()
     if status is None:
         waiting = plan.parent if isinstance(plan.parent, Expected) else plan.teacher
+        if (plan.run_dir / MODEL_FILE).exists() or (plan.run_dir / IDENTITY_FILE).exists():
+            why = f"after {waiting.path.parent.name}, whose new output replaces its parent"
+            return PlanRow(label, plan, "re-run", why + ("" if plan.config.overwrite else " (needs --overwrite)"))
         return PlanRow(label, plan, "run", f"after {waiting.path.parent.name}")
     action, why = {
         "finished": ("reuse", "finished with the same settings and parent"),
@@ -180,7 +184,7 @@ def describe(label: str, plan: StagePlan) -> PlanRow:
                         if status.progress else "started, nothing saved yet"),
         "empty": ("run", "no run yet"),
         "changed-finished": ("re-run", f"changed: {status.detail}"),
-        "changed-interrupted": (("re-run", f"changed: {status.detail}") if status.progress else
+        "changed-interrupted": (("re-run", f"changed: {status.detail}") if status.progress is not None else
                                 ("run", f"started with other settings, nothing saved ({status.detail})")),
         "damaged": ("re-run", f"its saved state is damaged: {status.detail}"),
     }[status.state]
@@ -237,7 +241,7 @@ def run(steps: list[Step]) -> list[tuple[Step, Checkpoint, str, float]]:
     if refused:
         listed = "; ".join(f"{row.label} ({row.plan.run_dir}: {row.why.removesuffix(' (needs --overwrite)')})"
                            for row in refused)
-        raise DistillError(f"This pipeline would replace {len(refused)} run(s) made with other settings: {listed}. Pass "
+        raise DistillError(f"This pipeline would replace {len(refused)} run(s) made otherwise: {listed}. Pass "
                            "--overwrite to run them again (each replaced run is named as it goes), or --workdir to "
                            "start in another folder.")
     results = []

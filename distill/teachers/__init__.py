@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import torch
@@ -42,9 +41,7 @@ class FrozenTeacher(nn.Module):
         self.renormalise = not (torch.allclose(t_mean, i_mean) and torch.allclose(t_std, i_std))
         self.register_buffer("scale", i_std / t_std, persistent=False)
         self.register_buffer("shift", (i_mean - t_mean) / t_std, persistent=False)
-        classifiers = model.get_classifier() if hasattr(model, "get_classifier") else ()
-        for classifier in classifiers if isinstance(classifiers, tuple) else (classifiers,):
-            classifier.forward = functools.partial(_in_fp32, classifier.forward)  # same weights, same state-dict keys
+        self.body: Any = None  # the compiled forward_features, with --compile
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)
@@ -58,9 +55,14 @@ class FrozenTeacher(nn.Module):
                                    antialias=shrink)
         return images
 
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.body or self.model.forward_features)(self._renormalised(images))
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self._renormalised(images))
+        if not hasattr(self.model, "forward_head"):  # not a timm model: no head to run apart
+            return self.model(self._renormalised(images))
+        return _head_in_fp32(self.model, self._features(images))
 
     @property
     def feature_dim(self) -> int:
@@ -70,16 +72,17 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and pre-logits features (timm's forward_head(pre_logits=True)) from one pass of the body."""
-        body = self.model.forward_features(self._renormalised(images))
-        return self.model.forward_head(body), self.model.forward_head(body, pre_logits=True)
+        body = self._features(images)
+        return _head_in_fp32(self.model, body), _head_in_fp32(self.model, body, pre_logits=True)
 
 
-def _in_fp32(forward: Any, features: torch.Tensor) -> torch.Tensor:
-    """A teacher's classifier, run in fp32 under mixed precision: the body runs in bf16/fp16, but the logits the loss
-    takes its argmax and softmax of are not rounded to 8 bits of mantissa, where near-ties would flip the hard label
-    (DeiT's fp16 keeps 11 bits; this keeps 24). Written by hand: timm has no switch for a head's precision."""
+def _head_in_fp32(model: nn.Module, features: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """A teacher's head (timm's forward_head: pooling, norm, classifier) run in fp32 under mixed precision: the body
+    runs in bf16/fp16, but the logits the loss takes its argmax and softmax of are not rounded to bf16's 8 bits of
+    mantissa, where near-ties would flip the hard label (DeiT's fp16 keeps 11; this keeps 24). Written by hand: timm
+    has no switch for a head's precision."""
     with torch.autocast(device_type=features.device.type, enabled=False):
-        return forward(features.float())
+        return model.forward_head(features.float(), **kwargs)
 
 
 def norms_in_forward_order(model: nn.Module, img_size: int) -> list[str]:

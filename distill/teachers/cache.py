@@ -13,6 +13,7 @@ augmentation is a pure function of a seed: view v of image i is the training tra
 from __future__ import annotations
 
 import functools
+import os
 import hashlib
 import json
 from functools import lru_cache
@@ -160,7 +161,8 @@ def fill_shards(root: Path, dataset: Any, seeds: np.ndarray, teacher: torch.nn.M
         keys = [(p % images, int(seeds[p // images, p % images])) for p in positions]
         loader = DataLoader(_Keyed(dataset, keys), batch_size=batch_size, num_workers=num_workers,
                             generator=torch.Generator(),
-                            worker_init_fn=functools.partial(start_worker, idle=idle_workers(None, accelerator.device.type)))
+                            worker_init_fn=functools.partial(start_worker, idle=idle_workers(None, accelerator.device.type),
+                                                           parent=os.getpid()))
         chunks = []
         with torch.no_grad():
             for batch, _ in loader:

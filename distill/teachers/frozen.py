@@ -52,6 +52,6 @@ def frozen_teacher(ckpt: Checkpoint, input_norm: tuple[tuple[float, ...], tuple[
         resize(model, size)  # a ViT teacher must read its input size
     teacher = FrozenTeacher(model, (ckpt.data["mean"], ckpt.data["std"]), input_norm,
                             img_size=size if size != img_size else None)
-    if compile:
-        teacher.model = torch.compile(teacher.model)
+    if compile:  # the body: its head runs apart, in fp32
+        teacher.body = torch.compile(teacher.model.forward_features)
     return teacher

@@ -7,6 +7,7 @@ mean/std); a token student's prediction is the paper's fusion of its two heads, 
 from __future__ import annotations
 
 import functools
+import os
 import csv
 import glob
 import io
@@ -82,7 +83,8 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
                                crop_pct=data.get("crop_pct", 0.875), interpolation=data.get("interpolation", "bicubic"))
     loader = DataLoader(ImageFiles(files, transform, ckpt.img_size), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=acc.device.type == "cuda",
-                        worker_init_fn=functools.partial(start_worker, idle=idle_workers(None, acc.device.type)))
+                        worker_init_fn=functools.partial(start_worker, idle=idle_workers(None, acc.device.type),
+                                                           parent=os.getpid()))
     classes = ckpt.classes
     k = min(top_k, len(classes))
     records: list[dict[str, Any]] = []

@@ -190,7 +190,7 @@ class Run:
         else:  # prepared after the model, so the resumable state holds it as model_1
             model, criterion.learned, optimizer = acc.prepare(job.model, learned, optimizer)
         test_dl = acc.prepare(eval_loader(job.eval_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                          pin_memory=pin, idle_workers=idle))
+                                          pin_memory=pin, idle_workers=idle, persistent=not schedule))
         reference = job.reference.to(acc.device) if job.reference is not None else None
 
         def measure(net: nn.Module, **kwargs: Any) -> dict[str, Any]:

@@ -74,20 +74,27 @@ def saved_progress(run_dir: Path) -> tuple[Path, dict[str, int]] | None:
     for name in (STATE_DIR, STATE_OLD):
         marker = run_dir / name / PROGRESS_FILE
         if marker.exists():
-            return marker.parent, json.loads(marker.read_text())
+            try:
+                return marker.parent, json.loads(marker.read_text())
+            except (OSError, ValueError):  # a damaged marker: the state is damaged (state_damage says so)
+                return marker.parent, {}
     return None
 
 
 # Settings added after runs were first recorded, and what a record without one was made with (None: whatever its
 # processes made of it), so that a run recorded before them still names the same run.
+# A callable gives the implied value from the old record's config: before --opt-eps each optimizer used its own timm
+# default, which was 1e-8 for AdamW and Adam (and SGD takes none); a record of another optimizer implies nothing.
 LATER_SETTINGS: dict[str, Any] = {"global_batch": None, "sync_bn": False, "fusion": "softmax",
-                                  "opt_eps": 1e-8}  # (a LAMB run's own state keeps the 1e-6 it was saved with)
+                                  "opt_eps": lambda old: 1e-8 if old.get("opt", "adamw") in ("adamw", "adam", "sgd",
+                                                                                             "momentum") else "?"}
 
 
 def as_recorded(stored: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
     """`identity` without the settings `stored` predates, where they hold the value the record implies."""
     config, old = dict(identity.get("config") or {}), stored.get("config") or {}
     for key, implied in LATER_SETTINGS.items():
+        implied = implied(old) if callable(implied) else implied
         if key not in old and key in config and (implied is None or config[key] == implied):
             del config[key]
     return {**identity, "config": config}
@@ -115,9 +122,8 @@ def folder_status(run_dir: Path, identity: dict[str, Any]) -> FolderStatus:
         if stored != as_recorded(stored, identity):
             return FolderStatus("changed-interrupted", describe_change(stored, as_recorded(stored, identity)),
                                 progress=saved[1] if saved else None)
-        damage = state_damage(saved[0]) if saved else None
-        if damage:
-            return FolderStatus("damaged", damage, progress=saved[1] if saved else None)
+        if saved is not None and not saved[1]:
+            return FolderStatus("damaged", f"{PROGRESS_FILE} cannot be read", progress=saved[1])
         return FolderStatus("interrupted", progress=saved[1] if saved else None)
     return FolderStatus("empty")
 
@@ -280,6 +286,10 @@ class RunFolder:
         if self.accelerator.is_main_process:
             holder = self.lock.acquire()
             status = FolderStatus("busy", holder) if holder else folder_status(self.dir, self.identity)
+            saved = saved_progress(self.dir) if status.state == "interrupted" else None
+            damage = state_damage(saved[0]) if saved else None  # every file read in full: here only, on process 0
+            if damage:
+                status = FolderStatus("damaged", damage, progress=status.progress)
         status = self._from_main(status)  # one verdict: processes that read the folder at other moments agree
         if status.state == "busy":
             raise DistillError(f"Another distill command ({status.detail}) is writing to {self.dir}; wait for it to "
@@ -430,10 +440,13 @@ class RunFolder:
 
     def _write_failed(self, error: BaseException) -> str:
         """A write that failed for lack of room: where, how much is free, and how much a state takes here."""
-        where = next((p for p in [self.dir, *self.dir.parents] if p.exists()), Path("."))
-        free = shutil.disk_usage(where).free
-        saved = saved_progress(self.dir)
-        size = sum(p.stat().st_size for p in saved[0].iterdir() if p.is_file()) if saved else 0
+        try:
+            where = next((p for p in [self.dir, *self.dir.parents] if p.exists()), Path("."))
+            free = shutil.disk_usage(where).free
+            saved = saved_progress(self.dir)
+            size = sum(p.stat().st_size for p in saved[0].iterdir() if p.is_file()) if saved else 0
+        except OSError:  # the disk will not even say: the failure alone
+            return f"A write into {self.dir} failed ({_reason(error)}); free some space and run the same command again."
         needs = f", and a training state of this run takes {_size(size)}" if size else ""
         then = (f": it resumes from the state saved at epoch {saved[1].get('epoch')}, step {saved[1].get('step')}"
                 if saved else "")
