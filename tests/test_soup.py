@@ -18,13 +18,16 @@ def runs(tmp_path_factory):
     data = make_image_folder(root / "data", ["circle", "square", "star"])
     other = make_image_folder(root / "other", ["apple", "pear", "plum", "fig"], seed=1)
     runs = root / "runs"
-    for seed in (0, 1, 2):
+    # ingredients as a soup takes them: one starting point (the same seed), trained otherwise (here the lr)
+    for index, lr in enumerate((0.032, 0.064, 0.128)):
         result = invoke("student", "--distillation", "none", "--no-token", "--data-dir", data, "--workdir", runs,
-                        "--name", f"s{seed}", "--seed", seed, "--train-subset", 27, *TINY, *TINY_VIT)
+                        "--name", f"s{index}", "--lr", lr, "--train-subset", 27, *TINY, *TINY_VIT)
         assert result.exit_code == 0, result.output
-    for seed in (0, 1):
-        result = invoke("teach", "--data-dir", data, "--workdir", runs, "--name", f"t{seed}", "--seed", seed, *TINY)
+    for index, lr in enumerate((0.032, 0.128)):
+        result = invoke("teach", "--data-dir", data, "--workdir", runs, "--name", f"t{index}", "--lr", lr, *TINY)
         assert result.exit_code == 0, result.output
+    assert invoke("student", "--distillation", "none", "--no-token", "--data-dir", data, "--workdir", runs, "--name",
+                  "seeded", "--seed", 1, "--train-subset", 27, *TINY, *TINY_VIT).exit_code == 0
     assert invoke("student", "--distillation", "none", "--no-token", "--data-dir", data, "--workdir", runs, "--name",
                   "deeper", *TINY, *TINY_VIT[:-4], "--depth", "2", "--num-heads", "2").exit_code == 0
     assert invoke("student", "--distillation", "none", "--no-token", "--data-dir", other, "--workdir", runs, "--name",
@@ -96,7 +99,8 @@ def test_batchnorm_statistics_are_re_estimated(runs):
 
 @pytest.mark.parametrize("other, words", [("deeper", "another architecture"), ("other", "other classes"),
                                           ("s0", "given twice"),
-                                          ("moved", "started from the weights of")])
+                                          ("moved", "started from the weights of"),
+                                          ("seeded", "started from a random initialisation (seed 1)")])
 def test_mismatches_are_refused_with_a_sentence(runs, other, words):
     runs, _ = runs
     result = invoke("soup", runs / "s0", runs / other, "--out", runs / "bad", "--num-workers", 0)

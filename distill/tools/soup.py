@@ -59,7 +59,7 @@ def check_ingredients(ckpts: list[Checkpoint]) -> None:
 
 def starting_point(ckpt: Checkpoint) -> tuple[str, str]:
     """Where a checkpoint's training started, as (key, words): the weights of a parent (a transfer, a fine-tune, a
-    student with --init), imported weights themselves, or a random initialisation."""
+    student with --init), imported weights themselves, or a random initialisation, which its seed fixes."""
     meta = ckpt.meta
     if meta.get("ingredients"):  # a soup starts where its ingredients did
         return tuple(meta.get("starting_point") or ("soup", "a soup"))  # type: ignore[return-value]
@@ -68,7 +68,8 @@ def starting_point(ckpt: Checkpoint) -> tuple[str, str]:
     start = meta.get("init") or (meta.get("parent") if inherited(meta.get("parent") or {}, meta) == "weights" else None)
     if start:
         return f"weights:{start.get('sha256')}", f"the weights of {start.get('path')}"
-    return "random", "a random initialisation"
+    seed = (meta.get("config") or {}).get("seed")
+    return f"random:{ckpt.model_name}:{seed}", f"a random initialisation (seed {seed})"
 
 
 def average(state_dicts: list[dict[str, torch.Tensor]], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
