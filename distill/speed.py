@@ -45,7 +45,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import time
 from functools import cache, partial
 from typing import TYPE_CHECKING, Iterable
 
@@ -281,39 +280,20 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _core_ticks(cores: set[int]) -> tuple[int, int]:
-    """(busy, total) clock ticks of the given cores since boot, from /proc/stat."""
-    busy = total = 0
-    with open("/proc/stat") as handle:
-        for line in handle:
-            name, *fields = line.split()
-            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cores:
-                continue
-            ticks = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
-            total += sum(ticks)
-            busy += sum(ticks) - ticks[3] - ticks[4]
-    return busy, total
-
-
 def busy_cores_elsewhere(seconds: float = THREAD_SAMPLE_SECONDS) -> float | None:
-    """How many of this process's cores other programs keep busy, watched for `seconds` while this process sleeps;
-    None where the kernel does not say (no /proc/stat)."""
+    """How many of this process's cores other programs keep busy, watched for `seconds` while this process sleeps
+    (psutil's per-core counters, less this process's own CPU time); None where psutil cannot read them."""
+    import psutil  # accelerate's own dependency
+
     try:
-        cores = os.sched_getaffinity(0)
-        before, own_before = _core_ticks(cores), _own_seconds()
-        time.sleep(seconds)
-        after, own_after = _core_ticks(cores), _own_seconds()
-        hertz = os.sysconf("SC_CLK_TCK")
-    except (AttributeError, OSError, ValueError):
+        me = psutil.Process()
+        cores = me.cpu_affinity() if hasattr(me, "cpu_affinity") else list(range(psutil.cpu_count() or 1))
+        own_before = sum(me.cpu_times()[:2])
+        percent = psutil.cpu_percent(interval=seconds, percpu=True)
+        own = sum(me.cpu_times()[:2]) - own_before
+    except (psutil.Error, OSError):
         return None
-    total = after[1] - before[1]
-    busy = after[0] - before[0] - (own_after - own_before) * hertz  # this process's own threads are not elsewhere
-    return max(0.0, len(cores) * busy / total) if total > 0 else None
-
-
-def _own_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
+    return max(0.0, sum(percent[core] for core in cores if core < len(percent)) / 100 - own / seconds)
 
 
 def choose_threads(choice: str, device_type: str, kept: int | None = None) -> str | None:

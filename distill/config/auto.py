@@ -55,13 +55,12 @@ def auto_workers() -> tuple[int, str]:
     cores of augmentation): every core of the machine but one for each training process, shared among the processes
     on it. On a CPU the workers share the cores with the training threads at idle priority (distill.speed), so half of
     a process's cores do, at least 2."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
+    from distill.speed import usable_cores  # here: the command line starts without torch
+
+    cores = usable_cores()
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     share = max(1, cores // local)
-    import torch  # here: the command line starts without torch
+    import torch
 
     if torch.cuda.is_available():
         workers = min(MAX_WORKERS, max(1, share - 1))

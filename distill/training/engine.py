@@ -144,8 +144,6 @@ class Run:
         except BaseException:
             self.folder.abandon()
             raise
-        finally:
-            self.folder.close()
 
     def _fit(self, job: Job) -> Checkpoint:
         cfg, acc = self.config, self.accelerator
