@@ -43,3 +43,25 @@ def test_benchmark_measures_a_timm_model_and_a_checkpoint(folder, tmp_path):
 def test_an_unknown_model_is_a_sentence():
     result = invoke("benchmark", "regnety_0002", "--no-training", "--res", "16")
     assert result.exit_code == 2 and "no model named 'regnety_0002'" in result.output
+
+
+def test_benchmark_data_reports_the_loader_alone(folder, tmp_path):
+    """`--data` without a model: every part of DeiT's preprocessing timed, the parts adding up to the loader's cost,
+    uint8 pixels to the device (the bytes of the pixels, the erasing record and the label), cores from the rate."""
+    result = invoke("benchmark", "--data", folder, "--img-size", "16", "--batch-size", "4", "--steps", "3",
+                    "--num-workers", "1", "--step-rate", "500", "--json", tmp_path / "loader.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "loader.json").read_text())["loader"]
+    parts = report["parts_ms"]
+    assert list(parts)[:4] == ["decode", "random-resized crop", "flip", "RandAugment"]
+    assert {"to uint8 tensor", "erasing box", "collate", "device part (here on the CPU)"} <= set(parts)
+    assert abs(sum(v for k, v in parts.items() if not k.startswith("device")) - report["loader_ms"]) < 1e-3
+    assert report["bytes_per_image"] == 3 * 16 * 16 + 5 * 8 + 8 and report["fp32_bytes_per_image"] == 3 * 16 * 16 * 4 + 8
+    assert report["images"] == 12 and report["loader_img_s"] > 0
+    assert report["cores_per_gpu"]["--step-rate"] == round(500 / report["images_per_s_per_core"], 1)
+    assert "the loader alone" in result.output and "cores of augmentation one gpu needs" in result.output.lower()
+
+
+def test_benchmark_needs_a_model_or_data():
+    result = invoke("benchmark")
+    assert result.exit_code != 0 and "or pass --data for the loader alone" in result.output

@@ -40,6 +40,7 @@ def test_a_replayed_view_is_the_cached_one_bit_for_bit(cached):
     from distill.teachers.frozen import frozen_teacher
     from distill.data import Transformed, train_loader
     from distill.teachers.cache import _Keyed
+    from torch.utils.data import default_collate
 
     runs, _ = cached
     cache = TeacherCache(runs / "teacher-cache")
@@ -59,8 +60,9 @@ def test_a_replayed_view_is_the_cached_one_bit_for_bit(cached):
         loader.sampler.set_epoch(epoch)
         images, _, keys = next(iter(loader))
         assert all(int(v) == epoch % 2 for _, v in keys.tolist())
-        written = torch.stack([_Keyed(as_cached, [(int(i), int(seeds[v, i]))])[0][0] for i, v in keys.tolist()])
-        assert torch.equal(images, written)
+        written = default_collate([_Keyed(as_cached, [(int(i), int(seeds[v, i]))])[0][0] for i, v in keys.tolist()])
+        images = transform.finish(images, "cpu")
+        assert torch.equal(images, transform.finish(written, "cpu"))
         probabilities = teacher(images).float().softmax(dim=1)
         for row, (i, v) in enumerate(keys.tolist()):
             values, classes = cache.top_k_of(i, v)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, TINY_VIT, invoke, make_image_folder
 from distill.weights.checkpoint import build_model, read_checkpoint
-from distill.data import eval_transform
+from timm.data import create_transform
 from distill.data.sources import load_folder
 
 
@@ -38,8 +38,9 @@ def by_hand(path, data, flip=False, img_size=None):
     model = build_model(ckpt)
     if img_size:
         model.set_input_size(img_size=(img_size, img_size))
-    transform = eval_transform(img_size or ckpt.img_size, mean=tuple(ckpt.data["mean"]), std=tuple(ckpt.data["std"]),
-                               crop_pct=ckpt.data["crop_pct"])
+    transform = create_transform(img_size or ckpt.img_size, is_training=False, mean=tuple(ckpt.data["mean"]),  # timm's,
+                                 std=tuple(ckpt.data["std"]), crop_pct=ckpt.data["crop_pct"],  # in float, by hand
+                                 interpolation=ckpt.data["interpolation"])
     test = load_folder(data).test
     rows = []
     with torch.no_grad():

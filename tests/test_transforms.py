@@ -41,12 +41,78 @@ def test_many_images_through_the_full_deit_augmentation():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
     for _ in range(3000):  # about one image in several hundred meets posterize with 0 bits
         out = transform(image)
-    assert out.shape == (3, 16, 16)
+    assert out["pixels"].shape == (3, 16, 16) and out["pixels"].dtype == torch.uint8
 
 
 def test_eval_transform_resizes_then_centre_crops():
     out = eval_transform(32, mean=MEAN, std=STD, crop_pct=0.875)(Image.new("RGB", (64, 48)))
-    assert out.shape == (3, 32, 32)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+
+
+def _finished(transform, sample):
+    """One sample through the device's part (distill.data.device.Finish), as a batch of one."""
+    batch = {k: v[None] for k, v in sample.items()} if isinstance(sample, dict) else sample[None]
+    return transform.finish(batch, "cpu")[0]
+
+
+@pytest.mark.parametrize("reprob", [0.0, 0.25])
+def test_uint8_pixels_finished_on_the_device_are_timms_float_pipeline(reprob):
+    """The loader's uint8 pixels, normalised by Finish, equal timm's ToTensor + Normalize in the worker bit for bit;
+    random erasing erases the very box timm's RandomErasing erased (the same draws of the sample's seeded stream),
+    with other noise: outside the box every value is equal, inside every value is noise."""
+    from timm.data import create_transform
+
+    from distill.data.loaders import seeded_rng
+
+    image = _colourful(40, 24)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    new = train_transform(16, mean=mean, std=std, aa="rand-m9-mstd0.5-inc1", reprob=reprob)
+    old = create_transform(16, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=reprob, re_mode="pixel",
+                           re_count=1, mean=mean, std=std, interpolation="bicubic", color_jitter=0.3)
+    erased = 0
+    for seed in range(200):
+        with seeded_rng(seed):
+            sample = new(image)
+        with seeded_rng(seed):
+            reference = old(image)
+        finished = _finished(new, sample)
+        plain = _finished(new, sample["pixels"] if isinstance(sample, dict) else sample)
+        inside = torch.zeros_like(finished, dtype=torch.bool)
+        if isinstance(sample, dict) and sample["erase"][2] > 0:
+            top, left, height, width, _ = sample["erase"].tolist()
+            inside[:, top:top + height, left:left + width] = True
+            erased += 1
+        assert torch.equal(finished[~inside], reference[~inside]) and torch.equal(plain[~inside], reference[~inside])
+        assert (reference[inside] != plain[inside]).all() and (finished[inside] != plain[inside]).all()
+        assert not torch.equal(finished[inside], reference[inside]) or not inside.any()
+    assert (30 <= erased <= 70) if reprob else erased == 0  # 50 expected at 0.25
+
+
+def test_eval_preprocessing_equals_timms_float_pipeline():
+    from timm.data import create_transform
+
+    image = _colourful(50, 37)
+    reference = create_transform(32, is_training=False, crop_pct=0.875, mean=MEAN, std=(0.2, 0.3, 0.4),
+                                 interpolation="bicubic")(image)
+    new = eval_transform(32, mean=MEAN, std=(0.2, 0.3, 0.4), crop_pct=0.875)
+    assert torch.equal(_finished(new, new(image)), reference)
+
+
+def test_erasing_noise_is_a_function_of_the_sample_alone():
+    """The same samples finished in another batch, in another order, give the same pixels (resume, teacher cache)."""
+    from distill.data.loaders import seeded_rng
+
+    transform = train_transform(16, mean=MEAN, std=STD, aa=None, reprob=1.0)
+    samples = []
+    for seed in range(4):
+        with seeded_rng(seed):
+            samples.append(transform(_colourful(20, 20)))
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("pixels", "erase")}
+    reordered = {k: v.flip(0) for k, v in batch.items()}
+    first, second = transform.finish(batch), transform.finish(reordered).flip(0)
+    assert torch.equal(first, second)
+    assert all(s["erase"][2] > 0 for s in samples)  # every image erased at probability 1
+    assert not torch.equal(first[0], first[1])
 
 
 def _deit_loader(workers: int, folder, epoch: int = 0):
@@ -86,11 +152,14 @@ def test_per_sample_augmentation_never_touches_the_training_generators(folder, m
 
 
 def test_augmentation_is_the_same_with_any_number_of_workers(folder):
+    def finished(workers, epoch):
+        loader = _deit_loader(workers, folder, epoch)
+        return [loader.dataset.finish(images) for images, _ in loader]
+
     for epoch in (0, 1):
-        alone = [images for images, _ in _deit_loader(0, folder, epoch)]
-        helped = [images for images, _ in _deit_loader(2, folder, epoch)]
+        alone, helped = finished(0, epoch), finished(2, epoch)
         assert all(torch.equal(a, b) for a, b in zip(alone, helped)) and len(alone) == len(helped) == 9
-    assert not torch.equal(alone[0], [images for images, _ in _deit_loader(0, folder, 0)][0])  # epochs differ
+    assert not torch.equal(alone[0], finished(0, 0)[0])  # epochs differ
 
 
 # -- DeiT III: 3-Augment and the simple random crop ----------------------------------------------------
@@ -108,7 +177,7 @@ def _seeded(transform, image, seeds):
     outputs = []
     for seed in seeds:
         with seeded_rng(seed):
-            outputs.append(transform(image))
+            outputs.append(_finished(transform, transform(image)))
     return outputs
 
 

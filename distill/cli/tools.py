@@ -244,8 +244,8 @@ def predict(
 
 @app.command()
 def benchmark(
-    models: list[str] = typer.Argument(..., help="timm model names (deit_tiny_patch16_224, regnety_002, ...) or distill "
-                                       "checkpoints."),
+    models: Optional[list[str]] = typer.Argument(None, help="timm model names (deit_tiny_patch16_224, regnety_002, ...) "
+                                                 "or distill checkpoints (none: with --data, the loader alone)."),
     batch_size: int = typer.Option(64, help="Batch size of every measurement."),
     img_size: Optional[int] = typer.Option(None, help=escape("Resolution in pixels (a checkpoint's ViT is resampled to "
                                            "it) [default: 224].")),
@@ -267,23 +267,39 @@ def benchmark(
     onednn_linear: Optional[bool] = typer.Option(None, "--onednn-linear/--no-onednn-linear", show_default=False,
                                                  help="Compute fp32 linear layers on a CPU with oneDNN; by default as the "
                                                  "training stages choose (on an AVX-512 CPU not made by Intel)."),
+    data: Optional[str] = typer.Option(None, help="Also report the input pipeline alone on this data (a dataset name "
+                                       "or an image folder): CPU ms per image by part of DeiT's training preprocessing, "
+                                       "images/s per core, bytes per image to the device, cores a GPU needs."),
+    step_rate: Optional[float] = typer.Option(None, help=escape("With --data: the training step's images/s per GPU to size "
+                                              "the cores for [default: each model's measured step, else 1000].")),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON."),
 ) -> None:
     """Throughput, parameters, GFLOPs and peak memory of models (the paper's Table 3.5), inference and training:
-    the student alone, with a teacher on the fly, with a cached teacher; with data loading and without."""
+    the student alone, with a teacher on the fly, with a cached teacher; with data loading and without. With --data,
+    the input pipeline alone."""
     from distill.tools import benchmark as bench
 
     def action() -> None:
         if mixed_precision not in ("no", "bf16", "fp16"):
             raise DistillError(f"--mixed-precision must be one of no, bf16, fp16, not '{mixed_precision}'.")
+        if not models and data is None:
+            raise DistillError("Name a model to benchmark (a timm name or a checkpoint), or pass --data for the loader alone.")
+        if step_rate is not None and step_rate <= 0:
+            raise DistillError("--step-rate is images per second of one GPU's step, a positive number.")
         size = one_of(img_size, res, "--img-size", "--res")
         settings = bench.BenchSettings(batch_size=batch_size, res=224 if size is None else size, steps=steps, warmup=warmup,
                                        mixed_precision=mixed_precision, teacher=teacher, training=training,
                                        data_dir=data_dir, num_workers=num_workers, compile=compile,
                                        channels_last=channels_last, onednn_linear=onednn_linear)
-        rows = bench.run(models, settings)
-        _console().print(bench.table(rows))
-        bench.save(rows, csv_path, json_path)
+        rows = bench.run(models or [], settings)
+        if rows:
+            _console().print(bench.table(rows))
+        loader = None
+        if data is not None:
+            rates = {row["model"]: row["train_alone_img_s"] for row in rows if "train_alone_img_s" in row}
+            loader = bench.loader_report(data, settings, {"--step-rate": step_rate} if step_rate else rates or None)
+            _console().print(bench.loader_table(loader), soft_wrap=True)
+        bench.save(rows, csv_path, json_path, loader)
 
     run_guarded(action)

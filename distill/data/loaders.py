@@ -21,6 +21,7 @@ import torch
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from distill.data.device import Finish
 from distill.data.sources import ImageSource
 from distill.errors import DistillError
 from distill.speed import lower_worker_priority
@@ -72,6 +73,11 @@ class Transformed(Dataset):
 
     def __len__(self) -> int:
         return len(self.source)
+
+    @property
+    def finish(self) -> Finish:
+        """What the device does to this dataset's batches (distill.data.device)."""
+        return self.transform.finish
 
     def __getitem__(self, key: int | tuple[int, ...]) -> tuple[Any, ...]:
         if isinstance(key, tuple):

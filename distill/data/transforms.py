@@ -1,4 +1,5 @@
-"""Train and test preprocessing, built by timm, with one repair of timm's RandAugment."""
+"""Train and test preprocessing, built by timm, with one repair of timm's RandAugment: the loader's part, ending in
+uint8 pixels, and the device's (distill.data.device.Finish: normalisation and random erasing's noise)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from PIL import Image
 from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD,
                         OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 from timm.data import auto_augment, create_transform
-from timm.data.transforms import str_to_interp_mode
+from timm.data.transforms import MaybePILToTensor, str_to_interp_mode
 from torchvision import transforms
 
+from distill.data.device import EraseBox, Finish
 from distill.data.sources import ImageSource
 
 NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -69,6 +71,14 @@ def repair_rand_augment(transform: Callable) -> Callable:
     return transform
 
 
+class Preprocess(transforms.Compose):
+    """A loader's transforms, which end in uint8 pixels, and `finish`, what the device does to their batches."""
+
+    def __init__(self, steps: list[Callable], finish: Finish):
+        super().__init__(steps)
+        self.finish = finish
+
+
 PAD = 4  # DeiT III's simple random crop pads 4 pixels on every side
 
 
@@ -83,21 +93,26 @@ def simple_random_crop(img_size: int, hflip: float, interpolation: str) -> list[
 
 def train_transform(img_size: int, *, mean: tuple[float, ...], std: tuple[float, ...], aa: str | None = None,
                     reprob: float = 0.0, color_jitter: float = 0.3, scale_min: float = 0.08, hflip: float = 0.5,
-                    interpolation: str = "bicubic", crop: str = "rrc") -> Callable:
+                    interpolation: str = "bicubic", crop: str = "rrc") -> Preprocess:
     """DeiT's training augmentation, built by timm: random-resized crop, flip, then RandAugment (`aa` rand-...)
     or DeiT III's 3-Augment (`aa` 3a: one of grayscale, solarisation, Gaussian blur per image, chosen uniformly,
-    with colour jitter kept on), random erasing ('pixel' mode). `crop` src puts DeiT III's simple random crop
-    in place of the random-resized crop, the rest unchanged."""
-    primary, secondary, final = create_transform(
+    with colour jitter kept on), random erasing ('pixel' mode: its box drawn here, its noise on the device). `crop`
+    src puts DeiT III's simple random crop in place of the random-resized crop, the rest unchanged."""
+    primary, secondary, _ = create_transform(  # the third part (to tensor, normalise, erase) is Finish's and EraseBox's
         img_size, is_training=True, scale=(scale_min, 1.0), hflip=hflip, color_jitter=color_jitter,
         auto_augment=None if aa in (None, "", "none") else aa, interpolation=interpolation,
         re_prob=reprob, re_mode="pixel", re_count=1, mean=mean, std=std, separate=True,
     )
     first = simple_random_crop(img_size, hflip, interpolation) if crop == "src" else list(primary.transforms)
-    return repair_rand_augment(transforms.Compose(first + list(secondary.transforms) + list(final.transforms)))
+    last: list[Callable] = [MaybePILToTensor()] + ([EraseBox(reprob)] if reprob > 0 else [])
+    return repair_rand_augment(Preprocess(first + list(secondary.transforms) + last, Finish(mean, std)))
 
 
 def eval_transform(img_size: int, *, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float = 0.875,
-                   interpolation: str = "bicubic") -> Callable:
-    """Test-time preprocessing: resize to img_size / crop_pct, centre-crop img_size."""
-    return create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+                   interpolation: str = "bicubic") -> Preprocess:
+    """Test-time preprocessing: resize to img_size / crop_pct, centre-crop img_size (timm's), normalised on the device."""
+    timm_steps = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
+                                  mean=mean, std=std).transforms
+    if type(timm_steps[-1]).__name__ != "Normalize" or type(timm_steps[-2]).__name__ != "MaybeToTensor":
+        raise RuntimeError(f"timm's evaluation transform changed shape: {timm_steps}")
+    return Preprocess(timm_steps[:-2] + [MaybePILToTensor()], Finish(mean, std))

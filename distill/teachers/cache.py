@@ -167,7 +167,7 @@ def fill_shards(root: Path, dataset: Any, seeds: np.ndarray, teacher: torch.nn.M
         with torch.no_grad():
             for batch, _ in loader:
                 with accelerator.autocast():
-                    chunks.append(teacher(batch.to(accelerator.device)).float().softmax(dim=1).cpu())
+                    chunks.append(teacher(dataset.finish(batch, accelerator.device)).float().softmax(dim=1).cpu())
         write_shard(root, shard, torch.cat(chunks), top_k)
         written += 1
         if progress is not None:

@@ -105,7 +105,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
     """Everything for one model, in this process."""
     from timm.optim import create_optimizer_v2
 
-    from distill.data import NORMS, Transformed, open_dataset, train_loader, train_transform
+    from distill.data import NORMS, Finish, Transformed, open_dataset, train_loader
     from distill.training.processes import make_accelerator
     from distill.training.step import Prepared, TargetMixup, train_step
     from distill.losses import DistillationLoss, base_criterion
@@ -146,8 +146,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
         if len(splits.classes) > classes:  # a model with fewer classes than the data: as many classes as it has
             splits = open_dataset(None if settings.data_dir else "digits", settings.data_dir,
                                   classes=splits.classes[:classes])
-        transform = train_transform(settings.res, mean=mean, std=std, aa="rand-m9-mstd0.5-inc1", reprob=0.25,
-                                    scale_min=0.08)
+        transform = deit_train_transform(settings.res)
         token = has_dist_token(model)
         set_distilled_training(model, True)
         for variant in VARIANTS:
@@ -158,12 +157,15 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
             criterion = DistillationLoss(base_criterion(0.1, True), teacher if variant == "teacher" else None, kind,
                                          cached=variant == "cached")
             mixup = TargetMixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=classes)
-            parts = Prepared(prepared, optimizer, None, criterion, mixup, None, None, 0, [prepared])
+            parts = Prepared(prepared, optimizer, None, criterion, mixup, None, None, 0, [prepared],
+                             finish=Finish(mean, std))
             labels = torch.randint(0, classes, (settings.batch_size,))
+            pixels = torch.randint(0, 256, (settings.batch_size, 3, settings.res, settings.res), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(0)).to(device)  # as a loader ships them
             cached = [torch.softmax(torch.randn(settings.batch_size, classes), dim=1)] if variant == "cached" else []
 
             def synthetic() -> torch.Tensor:
-                return train_step(acc, parts, (batch.clone(), labels, *cached), channels_last=nhwc_inputs)
+                return train_step(acc, parts, (pixels, labels, *cached), channels_last=nhwc_inputs)
 
             row[f"train_{variant}_img_s"] = round(_rate(synthetic, settings.batch_size, settings.steps, settings.warmup,
                                                         device), 1)
@@ -173,6 +175,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
                                   num_workers=settings.num_workers, view_seeds=_views(len(data)) if target else None,
                                   idle_workers=idle_workers(None, device.type))
             batches = _cycle(loader)
+            parts.finish = data.finish
             row[f"train_{variant}_data_img_s"] = round(_rate(
                 lambda: train_step(acc, parts, next(batches), channels_last=nhwc_inputs),
                 settings.batch_size, settings.steps, settings.warmup, device), 1)
@@ -243,12 +246,68 @@ def table(rows: list[dict[str, Any]]) -> Any:
     return out
 
 
-def save(rows: list[dict[str, Any]], csv_path: Path | None, json_path: Path | None) -> None:
+def deit_train_transform(res: int) -> Any:
+    """DeiT's training preprocessing (RandAugment m9, random erasing 0.25, random-resized crop from 8 %) at `res`."""
+    from distill.data import NORMS, train_transform
+
+    mean, std = NORMS["imagenet"]
+    return train_transform(res, mean=mean, std=std, aa="rand-m9-mstd0.5-inc1", reprob=0.25, scale_min=0.08)
+
+
+def loader_report(data: str, settings: BenchSettings, step_rates: dict[str, float] | None) -> dict[str, Any]:
+    """The input pipeline alone on `data` (a dataset name or an image folder): parts, per core, bytes, a real loader's
+    rate with the benchmark's workers, and the cores one GPU needs at each step rate (1000 images/s if none)."""
+    from distill.data import Transformed, open_dataset
+    from distill.tools.loader_profile import cores_needed, loader_rate, profile_parts
+
+    splits = open_dataset(None, Path(data)) if Path(data).is_dir() else open_dataset(data, None)
+    transform = deit_train_transform(settings.res)
+    images = settings.batch_size * max(settings.steps, 1)
+    report = {"data": data, "res": settings.res, "batch": settings.batch_size,
+              **profile_parts(splits.train, transform, images, settings.batch_size)}
+    report["fp32_bytes_per_image"] = 3 * settings.res ** 2 * 4 + 8  # what workers shipped before: normalised fp32
+    report["workers"] = settings.num_workers
+    report["loader_img_s"] = round(loader_rate(Transformed(splits.train, transform), settings.batch_size,
+                                               settings.num_workers, max(settings.steps, 1)), 1)
+    rates = step_rates or {"1000 images/s": 1000.0}
+    report["cores_per_gpu"] = {name: round(cores_needed(rate, report["images_per_s_per_core"]), 1)
+                               for name, rate in rates.items()}
+    report["step_rates"] = rates
+    return report
+
+
+def loader_table(report: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    out = Table(title=f"the loader alone: DeiT's training preprocessing at {report['res']} px on {report['data']} "
+                      f"({report['images']} images, CPU time of one thread)", title_justify="left")
+    out.add_column("part")
+    out.add_column("ms per image", justify="right")
+    out.add_column("share", justify="right")
+    total = report["loader_ms"]
+    for part, ms in report["parts_ms"].items():
+        device = part.startswith("device")
+        out.add_row(part, f"{ms:.3f}", "" if device else f"{100 * ms / total:.0f} %")
+    out.add_row("[bold]loader, per image[/]", f"[bold]{total:.3f}[/]", "100 %")
+    out.caption = (f"{report['images_per_s_per_core']:.0f} images/s per core; {report['bytes_per_image']:,} bytes per image "
+                   f"to the device ({report['fp32_bytes_per_image']:,} as normalised fp32), "
+                   f"{report['bytes_per_image'] * report['batch'] / 2**20:.1f} MB per batch of {report['batch']}; "
+                   f"a training loader with {report['workers']} worker(s): {report['loader_img_s']:.0f} images/s. "
+                   "Cores of augmentation one GPU needs: "
+                   + "; ".join(f"{report['cores_per_gpu'][name]} at {rate:.0f} images/s ({name})"
+                               for name, rate in report["step_rates"].items()))
+    out.caption_justify = "left"
+    return out
+
+
+def save(rows: list[dict[str, Any]], csv_path: Path | None, json_path: Path | None,
+         loader: dict[str, Any] | None = None) -> None:
     from distill.weights.checkpoint import atomic_write_bytes
 
     if json_path is not None:
-        atomic_write_bytes(Path(json_path), json.dumps(rows, indent=1).encode())
-    if csv_path is not None:
+        payload: Any = rows if loader is None else {"models": rows, "loader": loader}
+        atomic_write_bytes(Path(json_path), json.dumps(payload, indent=1).encode())
+    if csv_path is not None and rows:
         keys = sorted({key for row in rows for key in row})
         import io
 

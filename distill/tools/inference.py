@@ -10,13 +10,13 @@ headline prediction everywhere else.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from distill.weights.checkpoint import Checkpoint, class_difference
-from distill.data import DataSplits, ImageSource, Transformed, eval_loader, eval_transform, open_dataset
+from distill.data import DataSplits, ImageSource, Preprocess, Transformed, eval_loader, eval_transform, open_dataset
 from distill.errors import DistillError
 from distill.training.evaluation import Predict, plain_logits
 from distill.weights.naming import PRECISIONS
@@ -41,7 +41,7 @@ def predictor(ckpt: Checkpoint) -> Predict:
     return fused_outputs(fusion_of(ckpt.meta)) if ckpt.kind == "student" else plain_logits
 
 
-def preprocessing(ckpt: Checkpoint, img_size: int | None = None, crop_pct: float | None = None) -> Callable:
+def preprocessing(ckpt: Checkpoint, img_size: int | None = None, crop_pct: float | None = None) -> Preprocess:
     """The checkpoint's own test-time preprocessing (resize, centre crop, its normalisation), optionally at
     another resolution or crop ratio."""
     data = ckpt.data
@@ -75,7 +75,7 @@ def _autocast(mixed_precision: str, where: torch.device) -> Any:
 
 
 @torch.no_grad()
-def class_probabilities(model: nn.Module, predict: Predict, source: ImageSource, transform: Callable, *,
+def class_probabilities(model: nn.Module, predict: Predict, source: ImageSource, transform: Preprocess, *,
                         batch_size: int = 128, num_workers: int = 0, mixed_precision: str = "no"
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """([images, classes] probabilities of the headline prediction, [images] labels), in the split's order."""
@@ -86,7 +86,7 @@ def class_probabilities(model: nn.Module, predict: Predict, source: ImageSource,
     probs, labels = [], []
     for images, targets in loader:
         with _autocast(mixed_precision, where):
-            scores = predict(model, images.to(where))
+            scores = predict(model, transform.finish(images, where))
         probs.append(next(iter(scores.values())).float().softmax(dim=-1).cpu())
         labels.append(targets)
     return torch.cat(probs), torch.cat(labels)

@@ -56,7 +56,7 @@ class ImageFiles(Dataset):
             with Image.open(self.files[index]) as image:
                 return self.transform(image.convert("RGB")), index, ""
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-            return torch.zeros(3, self.img_size, self.img_size), index, str(error) or type(error).__name__
+            return torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8), index, str(error) or type(error).__name__
 
 
 @torch.no_grad()
@@ -96,7 +96,7 @@ def predict(ckpt: Checkpoint, files: list[Path], *, top_k: int = 5, tta: str | N
             raise DistillError(f"Cannot read image {files[int(indices[first])]}: {errors[first]}. Remove or replace it, "
                                "or pass --skip-corrupt to skip unreadable images.")
         skipped += [str(files[int(indices[i])]) for i in bad]
-        images = images.to(acc.device, non_blocking=True)
+        images = transform.finish(images, acc.device)
         with acc.autocast():
             probabilities = _probabilities(heads, model, images)
             if tta == "flip":  # the mean of the image's and its mirror image's probabilities

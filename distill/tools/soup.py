@@ -108,7 +108,7 @@ def recalibrate_batchnorm(model: nn.Module, source: ImageSource, transform: Any,
     for images, _ in eval_loader(Transformed(source, transform), batch_size=batch_size, num_workers=0):
         if len(images) < 2:  # BatchNorm cannot normalise a batch of one
             continue
-        model(images.to(where))
+        model(transform.finish(images, where))
         seen += len(images)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum

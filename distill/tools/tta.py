@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.transforms import Compose
 from torchvision.transforms import functional as TF
 
 from distill.weights.checkpoint import Checkpoint
-from distill.data import ImageSource
+from distill.data import ImageSource, Preprocess
 from distill.tools.ensemble import combine
 from distill.errors import DistillError
 from distill.tools.inference import class_probabilities, predictor, preprocessing, top1
@@ -32,14 +31,14 @@ MODES = ("flip", "five-crop", "multi-res")
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 
-class Flipped:
-    """A transform followed by a horizontal flip of the image tensor."""
+def flipped(transform: Preprocess) -> Preprocess:
+    """A preprocessing followed by a horizontal flip of the image tensor."""
+    return Preprocess([*transform.transforms, TensorFlip()], transform.finish)
 
-    def __init__(self, transform: Callable):
-        self.transform = transform
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image).flip(-1)
+class TensorFlip:
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.flip(-1)
 
 
 class CornerCrop:
@@ -55,7 +54,7 @@ class CornerCrop:
 @dataclass
 class View:
     name: str
-    transform: Callable
+    transform: Preprocess
     img_size: int
 
 
@@ -73,10 +72,10 @@ def views(mode: str, ckpt: Checkpoint, img_size: int, crop_pct: float | None, mo
         raise DistillError(f"--tta must be one of {', '.join(MODES)}, not '{mode}'.")
     centre = preprocessing(ckpt, img_size, crop_pct)
     if mode == "flip":
-        return [View("centre", centre, img_size), View("flipped", Flipped(centre), img_size)]
+        return [View("centre", centre, img_size), View("flipped", flipped(centre), img_size)]
     if mode == "five-crop":
-        resize_step, _, *to_tensor = centre.transforms  # timm's eval transform: resize, centre crop, tensor, normalise
-        corners = [View(name, Compose([resize_step, CornerCrop(img_size, k), *to_tensor]), img_size)
+        resize_step, _, *to_tensor = centre.transforms  # the eval transform: resize, centre crop, uint8 tensor
+        corners = [View(name, Preprocess([resize_step, CornerCrop(img_size, k), *to_tensor], centre.finish), img_size)
                    for k, name in enumerate(CORNERS)]
         return corners + [View("centre", centre, img_size)]
     patch = patch_size_of(model) if hasattr(model, "patch_embed") else None

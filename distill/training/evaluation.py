@@ -49,8 +49,10 @@ def evaluate(model: nn.Module, loader: Any, acc: Accelerator, predict: Predict =
     net.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     headline, img_size = None, None
+    finish = getattr(getattr(loader, "dataset", None), "finish", None)  # the device's part of its preprocessing
     for images, labels in loader:
-        images, labels = images.to(acc.device), labels.to(acc.device)
+        images = finish(images, acc.device) if finish is not None else images.to(acc.device)  # else: model-ready
+        labels = labels.to(acc.device)
         with acc.autocast():
             scores = predict(net, images)
             if reference is not None:

@@ -14,6 +14,8 @@ from timm.data.mixup import mixup_target
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from distill.data.device import Finish
+
 class TargetMixup(Mixup):
     """timm's Mixup/CutMix ('batch' mode, DeiT's), also mixing dense extra targets (a cached teacher's) with the
     very lambda and box of the images: each becomes lam * t + (1 - lam) * t.flip(0), as timm mixes the labels.
@@ -82,14 +84,15 @@ class Prepared:
     batches: int  # micro-batches per epoch: a whole number of optimizer steps
     trained: list[nn.Module]  # the model and any module the criterion trains beside it
     channels_last: bool = False  # the model is convolutional and in channels-last format: so are its inputs
+    finish: Finish | None = None  # the device's part of preprocessing; the loader's dataset's when None
 
 
 def train_step(acc: Accelerator, parts: Prepared, batch: Any, clip_grad: float | None = None,
                channels_last: bool = False) -> torch.Tensor:
-    """One micro-batch: to the device, Mixup/CutMix, forward, loss, backward, and (at an update) the optimizer
+    """One micro-batch: to the device, normalised and erased there (distill.data.device), Mixup/CutMix, forward, loss, backward, and (at an update) the optimizer
     step. Returns the loss, left on the device. `distill benchmark` times this very function."""
     images, targets, *extra = batch  # extra: a cached teacher's targets
-    images = images.to(acc.device, non_blocking=True)
+    images = (parts.finish or parts.loader.dataset.finish)(images, acc.device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = targets.to(acc.device, non_blocking=True)
