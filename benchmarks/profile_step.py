@@ -36,7 +36,6 @@ import accelerate
 import timm.data
 import timm.models.regnet
 import timm.models.vision_transformer
-import torch
 
 from distill.training import engine
 from distill import stages

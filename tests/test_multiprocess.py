@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import TINY, make_image_folder
+from conftest import TINY, invoke, make_image_folder
 from distill.weights.checkpoint import read_checkpoint
 
 
@@ -60,3 +60,26 @@ def test_two_processes_train_a_feature_projection_beside_the_student(tmp_path):
     assert ckpt.meta["processes"] == 2 and ckpt.meta["distillation"]["kind"] == "hard+feature"
     assert not any(key.startswith("projection") for key in ckpt.state_dict())
     assert set(load_file(str(run / "state" / "model_1.safetensors"))) == {"projection.weight", "projection.bias"}
+
+
+def test_two_processes_write_a_teacher_cache_one_process_reads_alike(tmp_path):
+    """Each process writes its own shards (every second one); the cache equals the one a single process writes, byte
+    for byte, and reads the same."""
+    if shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")):
+        pytest.skip("torchrun is not installed")
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=2)
+    runs = tmp_path / "runs"
+    assert invoke("teach", "--data-dir", data, "--workdir", runs, *TINY).exit_code == 0
+    cache = ["--views", "3", "--shard-size", "8", "--batch-size", "8", "--num-workers", "0", "--aa", "rand-m9-mstd0.5-inc1",
+             "--reprob", "0.25"]
+    assert invoke("cache-teacher", "--workdir", runs, "--name", "alone", *cache).exit_code == 0
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc_per_node", "2", "-m", "distill", "cache-teacher", "--workdir", str(runs),
+               "--name", "shared", *cache]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    alone = sorted(p.name for p in (runs / "alone").glob("shard-*.safetensors"))
+    assert len(alone) == 14 and alone == sorted(p.name for p in (runs / "shared").glob("shard-*.safetensors"))
+    for name in alone:  # 3 views x 36 images in shards of 8: 14 shards, the last one of 4 rows
+        assert (runs / "alone" / name).read_bytes() == (runs / "shared" / name).read_bytes(), name

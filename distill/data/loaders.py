@@ -93,9 +93,9 @@ class Transformed(Dataset):
 
 class SeededSampler(Sampler):
     """Wraps a distributed sampler and pairs each index with a seed from its global position, or, with
-    `view_seeds` [views, images] (a teacher cache's), with the seed of view epoch % views of that image."""
+    `view_seeds` (a teacher cache's: view_seeds[v][i], len() views), with the seed of view epoch % views of that image."""
 
-    def __init__(self, inner: Sampler, run_seed: int, rank: int, world: int, view_seeds: np.ndarray | None = None):
+    def __init__(self, inner: Sampler, run_seed: int, rank: int, world: int, view_seeds: Any = None):
         self.inner, self.run_seed, self.rank, self.world = inner, run_seed, rank, world
         self.view_seeds = view_seeds
         self.epoch = 0
@@ -107,8 +107,9 @@ class SeededSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, ...]]:
         if self.view_seeds is not None:
             view = self.epoch % len(self.view_seeds)
+            seeds = self.view_seeds[view]
             for index in self.inner:
-                yield index, int(self.view_seeds[view, index]), view
+                yield index, int(seeds[index]), view
             return
         seeds = sample_seeds(self.run_seed, self.epoch, len(self.inner) * self.world)
         for position, index in enumerate(self.inner):
@@ -130,7 +131,7 @@ class EpochOffsetRepeatSampler(RepeatAugSampler):
 
 
 def train_loader(dataset: Transformed, *, batch_size: int, seed: int, rank: int, world: int, num_workers: int,
-                 repeated_aug: int = 1, pin_memory: bool = False, view_seeds: np.ndarray | None = None,
+                 repeated_aug: int = 1, pin_memory: bool = False, view_seeds: Any = None,
                  idle_workers: bool = False) -> DataLoader:
     """Shuffled, sharded over processes, drop_last (Mixup needs even, full batches). `idle_workers`: the workers
     run at idle CPU priority (distill.speed.lower_worker_priority).

@@ -19,8 +19,7 @@ from distill.speed import channels_last, choose_kernels, choose_threads, to_chan
 from distill.stages.common import (Expecting, StagePlan, data_record, default_parent, inherit_data, load_data, planned,
                                    planned_classes, read_teacher, resolve_for_run, resolve_norm, share_of, source_line,
                                    training_transform)
-from distill.teachers.cache import (fill_shards, read_manifest, shard_count, targets_digest, view_seeds, write_manifest,
-                                    write_seeds)
+from distill.teachers.cache import fill_shards, read_manifest, shard_count, targets_digest, view_seeds, write_manifest
 from distill.teachers.frozen import check_classes, frozen_teacher
 from distill.training.processes import make_accelerator
 from distill.training.runfolder import FolderLock, as_recorded, normalise
@@ -98,7 +97,6 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
                       + "".join(f"\n  {note}" for note in plan.notes), soft_wrap=True)
         root.mkdir(parents=True, exist_ok=True)
         if existing is None:
-            write_seeds(root, seeds)
             write_manifest(root, manifest)
     acc.wait_for_everyone()
     frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, compile=cfg.compile).to(acc.device)
