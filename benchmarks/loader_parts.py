@@ -33,7 +33,7 @@ from timm.data.dataset import ImageDataset
 from torchvision import transforms
 
 from distill.data import NORMS, Transformed, train_loader
-from distill.data.images import FolderImages
+from distill.data.sources import load_folder
 from distill.data.transforms import repair_rand_augment, train_transform
 from distill.tools.loader_profile import profile_parts
 
@@ -41,13 +41,13 @@ RECIPE = dict(aa="rand-m9-mstd0.5-inc1", reprob=0.25, scale_min=0.08)
 
 
 def make_folder(flowers: Path, out: Path, size: tuple[int, int] = (500, 375)) -> Path:
-    if (out / "train").is_dir():
+    if (out / "test").is_dir():
         return out
     with tempfile.TemporaryDirectory() as scratch:
         with tarfile.open(flowers) as archive:
             archive.extractall(scratch, filter="data")
-        for path in sorted(Path(scratch).glob("train/*/*.jpg")):
-            target = out / "train" / path.parent.name / path.name
+        for path in sorted(Path(scratch).glob("*/*/*.jpg")):  # train/ and test/
+            target = out / path.parent.parent.name / path.parent.name / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.open(path).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(target, quality=90)
     return out
@@ -76,7 +76,7 @@ def timm_loader(folder: Path, res: int, batch: int, workers: int):
 def distill_loader(folder: Path, res: int, batch: int, workers: int):
     mean, std = NORMS["imagenet"]
     transform = train_transform(res, mean=mean, std=std, **RECIPE)
-    source = FolderImages(folder / "train")
+    source = load_folder(folder).train
     return train_loader(Transformed(source, transform), batch_size=batch, seed=0, rank=0, world=1, num_workers=workers)
 
 
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "loader_parts.json")
     args = parser.parse_args()
     folder = make_folder(args.flowers, args.folder)
-    source = FolderImages(folder / "train")
+    source = load_folder(folder).train
     mean, std = NORMS["imagenet"]
     result = {"res": args.res, "images": args.images, "folder": "flowers12 train at 500 x 375, JPEG q90"}
     result["before"] = profile_parts(source, before_transform(args.res), args.images, 64)

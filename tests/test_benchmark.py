@@ -65,3 +65,10 @@ def test_benchmark_data_reports_the_loader_alone(folder, tmp_path):
 def test_benchmark_needs_a_model_or_data():
     result = invoke("benchmark")
     assert result.exit_code != 0 and "or pass --data for the loader alone" in result.output
+
+
+def test_benchmark_data_refusals(tmp_path):
+    assert "pass --data too" in invoke("benchmark", "regnety_002", "--step-rate", "100").output
+    missing = invoke("benchmark", "--data", str(tmp_path / "nowhere"))
+    assert missing.exit_code != 0 and "no such folder" in missing.output
+    assert "--json writes the loader's report" in invoke("benchmark", "--data", "digits", "--csv", tmp_path / "x.csv").output

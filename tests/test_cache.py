@@ -86,6 +86,21 @@ def test_a_student_trains_from_the_cache_with_no_teacher_forward(cached, monkeyp
     assert student.meta["teacher_cache"]["path"] == str((runs / "teacher-cache").resolve())
     assert student.meta["config"]["aa"] == "rand-m9-mstd0.5-inc1"
     assert "teacher cache:" in result.output and "the teacher does not run" in result.output
+    assert json.loads((runs / "teacher-cache" / "cache.json").read_text())["erase_noise"] == "cpu"
+    assert "random erasing's boxes are filled" not in result.output  # made and read on a CPU: the same noise
+
+
+def test_a_cache_whose_erasing_noise_was_drawn_elsewhere_says_so(cached, tmp_path):
+    import shutil
+
+    runs, _ = cached
+    elsewhere = tmp_path / "cache"
+    shutil.copytree(runs / "teacher-cache", elsewhere)
+    manifest = json.loads((elsewhere / "cache.json").read_text())
+    (elsewhere / "cache.json").write_text(json.dumps({**manifest, "erase_noise": "cuda"}))
+    result = invoke("student", "--workdir", runs, "--teacher-cache", elsewhere, *TINY, *TINY_VIT, "--name", "elsewhere")
+    assert result.exit_code == 0, result.output
+    assert "filled with noise drawn on this cpu, the cache's were drawn on a cuda" in " ".join(result.output.split())
 
 
 def test_a_cache_that_does_not_match_is_refused(cached, tmp_path):

@@ -131,3 +131,11 @@ def test_schedule_never_rises_above_the_scaled_peak(folder):
     peak = read_checkpoint(run).meta["lr_effective"]
     rates = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rates) == 3 and all(rate <= peak * (1 + 1e-9) for rate in rates)
+
+
+def test_images_per_second_counts_images_with_random_erasing_on(folder):
+    """With erasing on a batch's images are a dict (pixels and boxes): the epoch's rate still counts its images."""
+    result = invoke("teach", "--data-dir", folder, *TINY, "--epochs", "1", "--reprob", "1.0")
+    assert result.exit_code == 0, result.output
+    (line,) = [json.loads(line) for line in (folder.parent / "runs" / "teach" / "metrics.jsonl").read_text().splitlines()]
+    assert line["img_per_s"] * line["epoch_time_s"] == pytest.approx(32, rel=0.05)  # 36 images: 4 batches of 8

@@ -285,6 +285,10 @@ def benchmark(
             raise DistillError(f"--mixed-precision must be one of no, bf16, fp16, not '{mixed_precision}'.")
         if not models and data is None:
             raise DistillError("Name a model to benchmark (a timm name or a checkpoint), or pass --data for the loader alone.")
+        if (step_rate is not None) and data is None:
+            raise DistillError("--step-rate sizes the cores for the loader of --data; pass --data too.")
+        if csv_path is not None and not models:
+            raise DistillError("--csv writes the models' table; with --data alone, --json writes the loader's report.")
         if step_rate is not None and step_rate <= 0:
             raise DistillError("--step-rate is images per second of one GPU's step, a positive number.")
         size = one_of(img_size, res, "--img-size", "--res")

@@ -3,18 +3,23 @@ erasing's noise filled in.
 
 Loader workers ship uint8 images, a quarter of the bytes of normalised fp32 to pin, copy and send to a GPU, and do
 none of the per-pixel float arithmetic, which the device does for a whole batch at once (timm's prefetcher, the
-same idea). The maths is torchvision's: x / 255, minus the mean, divided by the std, in fp32, so a batch finished
-here equals the one ToTensor and Normalize gave in the worker, bit for bit.
+same idea). The values are torchvision's, on any device: a table of the 256 values per channel, computed once on the
+CPU by ToTensor's and Normalize's own operations (x / 255, minus the mean, divided by the std, in fp32), looked up
+on the device (a GPU's division by a constant multiplies by its reciprocal, which differs in the last bit for half of
+the byte values). A batch finished here equals the one the worker computed before, bit for bit.
 
 Random erasing stays a per-sample decision taken in the worker: the worker draws the box with timm's own
 RandomErasing (the same python `random` draws, in the same place of the sample's seeded stream, as when it erased
 there) and a seed for its noise; the device fills the box with normal noise from that seed. A sample's erasing is
-thus a pure function of its augmentation seed, wherever and whenever it is finished: a resumed run and a teacher
-cache's replay see the very pixels an uninterrupted run saw.
+thus a pure function of its augmentation seed and of the kind of device that fills it (a CPU's generator and CUDA's
+draw different normal numbers from one seed): a resumed run and a teacher cache's replay on the same kind of device
+see the very pixels an uninterrupted run saw.
 """
+
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Any, Sequence
 
@@ -39,11 +44,15 @@ class _Box:
 class EraseBox:
     """The worker's half of random erasing ('pixel' mode, one box, DeiT's): the box timm's RandomErasing draws for a
     C x H x W image, and a seed for its noise, carried beside the uint8 pixels as (top, left, height, width, seed);
-    height 0 when the image is not erased."""
+    height 0 when the image is not erased. Built from the RandomErasing timm's create_transform made, with its
+    settings; only its box is used."""
 
-    def __init__(self, probability: float):
-        self.probability = probability
-        self.timm = RandomErasing(probability, mode="const", device="cpu")  # the box's draws do not depend on the mode
+    def __init__(self, erasing: RandomErasing):
+        if erasing.min_count != 1 or erasing.max_count != 1 or erasing.num_splits > 1:
+            raise ValueError("EraseBox carries one box per image; timm's erasing asks for several")
+        self.probability = erasing.probability
+        self.timm = copy.copy(erasing)
+        self.timm.mode, self.timm.per_pixel, self.timm.rand_color, self.timm.device = "const", False, False, "cpu"
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         recorder = _Box()
@@ -62,7 +71,10 @@ class Finish:
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        values = torch.arange(256, dtype=torch.uint8).float().div(255)[None].repeat(len(self.mean), 1)  # ToTensor's
+        values.sub_(torch.tensor(self.mean)[:, None]).div_(torch.tensor(self.std)[:, None])  # Normalize's
+        self.table = values  # [channels, 256]: the normalised value of every byte, per channel
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, batch: Pixels, device: torch.device | str | None = None, non_blocking: bool = True) -> torch.Tensor:
@@ -72,18 +84,18 @@ class Finish:
         if batch.dtype != torch.uint8:
             raise TypeError(f"Finish takes uint8 pixels, not {batch.dtype}")
         where = torch.device(device) if device is not None else batch.device
-        images = batch.to(where, non_blocking=non_blocking).float().div_(255)
-        mean, std = self._on(where)
-        images.sub_(mean).div_(std)
+        table, offsets = self._on(where)
+        images = table[batch.to(where, non_blocking=non_blocking).int() + offsets]  # one gather: byte -> value
         if erase is not None:
             self._erase(images, erase)
         return images
 
     def _on(self, where: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if where not in self._constants:
-            self._constants[where] = tuple(torch.tensor(v, dtype=torch.float32, device=where).view(1, -1, 1, 1)
-                                           for v in (self.mean, self.std))  # type: ignore[assignment]
-        return self._constants[where]
+        if where not in self._tables:
+            channels = len(self.mean)
+            offsets = (torch.arange(channels, dtype=torch.int32) * 256).view(1, channels, 1, 1)
+            self._tables[where] = (self.table.flatten().to(where), offsets.to(where))
+        return self._tables[where]
 
     def _erase(self, images: torch.Tensor, erase: torch.Tensor) -> None:
         """Each erased image's box filled with normal noise from its own seed (a loop over the erased images, as

@@ -10,6 +10,7 @@ from PIL import Image
 from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD,
                         OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 from timm.data import auto_augment, create_transform
+from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybePILToTensor, str_to_interp_mode
 from torchvision import transforms
 
@@ -98,13 +99,13 @@ def train_transform(img_size: int, *, mean: tuple[float, ...], std: tuple[float,
     or DeiT III's 3-Augment (`aa` 3a: one of grayscale, solarisation, Gaussian blur per image, chosen uniformly,
     with colour jitter kept on), random erasing ('pixel' mode: its box drawn here, its noise on the device). `crop`
     src puts DeiT III's simple random crop in place of the random-resized crop, the rest unchanged."""
-    primary, secondary, _ = create_transform(  # the third part (to tensor, normalise, erase) is Finish's and EraseBox's
+    primary, secondary, final = create_transform(  # the third part (to tensor, normalise, erase): Finish's and EraseBox's
         img_size, is_training=True, scale=(scale_min, 1.0), hflip=hflip, color_jitter=color_jitter,
         auto_augment=None if aa in (None, "", "none") else aa, interpolation=interpolation,
         re_prob=reprob, re_mode="pixel", re_count=1, mean=mean, std=std, separate=True,
     )
     first = simple_random_crop(img_size, hflip, interpolation) if crop == "src" else list(primary.transforms)
-    last: list[Callable] = [MaybePILToTensor()] + ([EraseBox(reprob)] if reprob > 0 else [])
+    last: list[Callable] = [MaybePILToTensor()] + [EraseBox(t) for t in final.transforms if isinstance(t, RandomErasing)]
     return repair_rand_augment(Preprocess(first + list(secondary.transforms) + last, Finish(mean, std)))
 
 

@@ -86,7 +86,7 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
     seeds = view_seeds(cfg.seed, cfg.views, len(data.train))
     manifest = {"identity": identity, "complete": False, "views": cfg.views, "images": len(data.train),
                 "num_classes": len(data.classes), "classes": data.classes, "top_k": cfg.top_k, "seed": cfg.seed,
-                "shard_size": cfg.shard_size,
+                "shard_size": cfg.shard_size, "erase_noise": acc.device.type,  # the generator random erasing's boxes drew from
                 "teacher": teacher.lineage("teacher"), "config": to_dict(cfg, result_only=True),
                 "data": data_record(cfg, data.classes, mean, std, data.info),
                 "targets_sha256": targets_digest(data.train.targets)}

@@ -260,7 +260,13 @@ def loader_report(data: str, settings: BenchSettings, step_rates: dict[str, floa
     from distill.data import Transformed, open_dataset
     from distill.tools.loader_profile import cores_needed, loader_rate, profile_parts
 
-    splits = open_dataset(None, Path(data)) if Path(data).is_dir() else open_dataset(data, None)
+    folder = Path(data).expanduser()
+    if folder.is_dir():
+        splits = open_dataset(None, folder)
+    elif not data or data.startswith((".", "/", "~")) or "\\" in data:
+        raise DistillError(f"--data {data}: no such folder (a dataset name or an image folder).")
+    else:
+        splits = open_dataset(data, None)
     transform = deit_train_transform(settings.res)
     images = settings.batch_size * max(settings.steps, 1)
     report = {"data": data, "res": settings.res, "batch": settings.batch_size,

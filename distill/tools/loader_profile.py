@@ -49,9 +49,9 @@ def profile_parts(source: Any, transform: Any, images: int, batch_size: int, see
             index = order[position % len(order)]
             clock = time.process_time_ns()
             sample = source.load(index)
-            now = time.process_time_ns()
-            spent["decode"] += now - clock
-            with seeded_rng(int(seeds[position])):
+            spent["decode"] += time.process_time_ns() - clock
+            with seeded_rng(int(seeds[position])):  # its save and restore are the training process's, not a worker's
+                now = time.process_time_ns()
                 for step in transform.transforms:
                     clock = now
                     sample = step(sample)
@@ -89,20 +89,26 @@ def _nbytes(value: Any) -> int:
 
 
 def loader_rate(dataset: Any, batch_size: int, num_workers: int, batches: int) -> float:
-    """Images per second of a real training loader (its workers, seeds and collation), after its first batch."""
+    """Images per second of a real training loader (its workers, seeds and collation) over `batches` batches, once the
+    batches its workers prefetched while starting are taken (epochs repeat when the split is short)."""
     from distill.data import train_loader
 
     loader = train_loader(dataset, batch_size=batch_size, seed=0, rank=0, world=1, num_workers=num_workers)
-    iterator = iter(loader)
-    next(iterator)  # the workers' start is not the rate
-    started, seen = time.perf_counter(), 0
+
+    def endless() -> Any:
+        epoch = 0
+        while True:
+            loader.sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    stream = endless()
+    for _ in range(1 + 2 * num_workers):  # the start, and what DataLoader prefetches (2 batches a worker)
+        next(stream)
+    started = time.perf_counter()
     for _ in range(batches):
-        try:
-            images, _ = next(iterator)
-        except StopIteration:
-            break
-        seen += len(images["pixels"] if isinstance(images, dict) else images)
-    return seen / (time.perf_counter() - started)
+        next(stream)
+    return batches * batch_size / (time.perf_counter() - started)
 
 
 def cores_needed(step_rate: float, per_core: float) -> float:

@@ -338,7 +338,7 @@ class Run:
                     break
                 loss = train_step(acc, parts, batch, cfg.clip_grad, parts.channels_last)
                 watch.add(loss, progress["step"] + 1)
-                seen += len(batch[0])
+                seen += len(batch[1])  # the labels: batch[0] is a dict of pixels and erasing boxes with erasing on
                 if not acc.sync_gradients:
                     bar.update(task, advance=1)
                     continue

@@ -51,7 +51,12 @@ def evaluate(model: nn.Module, loader: Any, acc: Accelerator, predict: Predict =
     headline, img_size = None, None
     finish = getattr(getattr(loader, "dataset", None), "finish", None)  # the device's part of its preprocessing
     for images, labels in loader:
-        images = finish(images, acc.device) if finish is not None else images.to(acc.device)  # else: model-ready
+        if finish is not None:
+            images = finish(images, acc.device)
+        elif isinstance(images, torch.Tensor) and images.is_floating_point():  # a loader of model-ready batches
+            images = images.to(acc.device)
+        else:
+            raise TypeError("evaluate() needs a loader whose dataset has a finish (distill.data.device) for uint8 batches")
         labels = labels.to(acc.device)
         with acc.autocast():
             scores = predict(net, images)
