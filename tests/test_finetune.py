@@ -120,3 +120,18 @@ def test_finetune_refuses_a_resolution_off_the_grid(trained):
 def test_finetune_needs_a_resolution(trained):
     result = invoke("finetune", "--workdir", trained)
     assert result.exit_code == 2 and "--img-size" in result.output
+
+
+def test_a_full_fixres_teacher_trains_every_layer(trained):
+    """--teacher-bn full: FixRes's full fine-tuning, every layer of the teacher learns at the new resolution."""
+    runs = trained
+    result = invoke("finetune", "--workdir", runs, "--img-size", "24", "--epochs", "1", "--teacher-epochs", "1",
+                    "--batch-size", "8", "--num-workers", "0", "--warmup-epochs", "0", "--teacher-bn", "full",
+                    "--name", "finetune-full")
+    assert result.exit_code == 0, result.output
+    original = read_checkpoint(runs / "teach")
+    fixres = read_checkpoint(runs / f"teach-fixres-24-full-{original.sha256[:8]}")
+    assert fixres.meta["fixres"]["bn"] == "full"
+    assert fixres.meta["fixres"]["trainable"] == len(list(timm.create_model("regnety_002").parameters()))
+    old, new = original.state_dict(), fixres.state_dict()
+    assert any(k.endswith("conv.weight") and not torch.equal(old[k], new[k]) for k in old)  # convolutions learned too

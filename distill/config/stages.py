@@ -65,8 +65,8 @@ class FinetuneConfig(DistillFields, StageConfig):
                                       "0.9, wd 1e-4) [default: auto, FixRes's 4e-3 at its global batch of 256, held below "
                                       "it].", "Distillation")
     teacher_bn: str = option("last", "BatchNorm layers the FixRes adaptation re-estimates and trains beside the classifier: "
-                             "last (the one before the global pooling, as FixRes does) or all.", "Distillation",
-                             choices=("last", "all"))
+                             "last (the one before the global pooling, as FixRes does), all, or full (every layer "
+                             "trains: FixRes's full fine-tuning).", "Distillation", choices=("last", "all", "full"))
     distillation: str | None = option(None, "Distillation: none, soft, hard, feature, soft+feature or hard+feature [default: the student's; "
                                       "feature distillation learns a new projection].", "Distillation", choices=DISTILLATION_KINDS)
     alpha: float | None = option(None, "Weight of each teacher term [default: the student's].", "Distillation")
@@ -134,8 +134,8 @@ class TransferConfig(DistillFields, StageConfig):
 class FixResConfig(TeachConfig):
     """The FixRes adaptation of a teacher to a new resolution (made by `distill finetune`, no command of its own)."""
 
-    bn: str = option("last", "BatchNorm layers re-estimated and trained beside the classifier: last or all.", "Model",
-                     choices=("last", "all"))
+    bn: str = option("last", "BatchNorm layers re-estimated and trained beside the classifier: last, all, or full (every "
+                     "layer trains).", "Model", choices=("last", "all", "full"))
 
     stage = "teach-fixres"
     reference_lr = ReferenceRate(4e-3, 256, "FixRes's SGD 8e-3 per 512, at its global batch of 256")

@@ -46,7 +46,7 @@ def fixres_config(teacher: Checkpoint, cfg: FinetuneConfig, global_batch: int | 
     preprocessing (SGD, momentum 0.9, weight decay 1e-4). Saved as its own reusable run, named by the
     resolution and the teacher's sha256. `global_batch` is the one the user gave the fine-tune (not the one resolved for
     this number of processes), so a later fine-tune on another number of GPUs reuses the adapted teacher."""
-    tag = "" if cfg.teacher_bn == "last" else f"{cfg.teacher_bn}bn-"
+    tag = {"last": "", "all": "allbn-", "full": "full-"}[cfg.teacher_bn]
     sha = teacher.sha256[:8] if not isinstance(teacher, Expected) else "pending"
     return FixResConfig(
         workdir=cfg.workdir, name=f"teach-fixres-{cfg.res}-{tag}{sha}", seed=cfg.seed,

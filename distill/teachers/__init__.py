@@ -113,9 +113,14 @@ def freeze_for_fixres(model: nn.Module, bn: str = "last", img_size: int = 224) -
 
     bn="last": the BatchNorm that runs last before the global pooling (FixRes, section 4: "the classifier and
     the batch normalization layer preceding the global average pooling"), its statistics re-estimated at the new
-    resolution; every other BatchNorm keeps its statistics (eval mode). bn="all": every BatchNorm layer.
+    resolution; every other BatchNorm keeps its statistics (eval mode). bn="all": every BatchNorm layer. bn="full":
+    every layer (FixRes's fine-tuning of the whole network at the test resolution, its section 5's alternative).
     Returns the names of the parameters left trainable.
     """
+    if bn == "full":
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return [name for name, _ in model.named_parameters()]
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     norms = norms_in_forward_order(model, img_size)
