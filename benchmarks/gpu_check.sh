@@ -16,12 +16,14 @@
 #      `accelerate launch --mixed_precision bf16` reaches distill; peak memory of DeiT-B/16@384 batch 64 with a
 #      RegNetY-16GF teacher @384 (the fine-tune stage's shape)
 #   2. distill benchmark deit_small/deit_tiny (distilled, token) with a regnety_160 teacher, 224 px, bf16:
-#      synthetic-batch step rates and the +data rates (CIFAR-10 JPEGs resized to 224 when present, else digits)
+#      synthetic-batch step rates and the +data rates (CIFAR-10 JPEGs resized to 224 when present, else digits);
+#      with CIFAR-10, --data: the loader alone (CPU ms per image by part, cores one GPU needs at each measured step)
 #   3. distill pipeline quickstart (digits) end to end on CUDA in bf16 (epochs cut to 2), then again: all reused
 #   4. student step throughput: RegNetY-16GF teacher (1 short epoch) then DeiT-S distilled student at 224 px,
 #      bf16, batch 128, 100 steps on real JPEGs (CIFAR-10 subset) with NUM_WORKERS loader workers: img/s of the
 #      real loop (loader included) against the synthetic rate of step 2
-#   5. pytest, the device-agnostic subset that runs its stages on CUDA here: test_losses, test_student, test_teach
+#   5. pytest, the device-agnostic subset that runs its stages on CUDA here: test_losses, test_transforms (uint8
+#      batches finished on the GPU equal torchvision on the CPU, bit for bit), test_student, test_teach
 #      (minus the CPU-only bf16 test), test_finetune, test_cache, test_transfer; then the two bit-exact resume
 #      tests of test_reliability (do kill-and-resume runs end bit-identical on CUDA?). Left out on purpose:
 #      test_speed (asserts CPU defaults), test_multiprocess (two processes need two GPUs with NCCL),
@@ -287,7 +289,7 @@ step probe 150 $PY "$WORK/probe.py" "$OUT_DIR/probe.json"
 
 # ---- 2. distill benchmark -----------------------------------------------------------------------------------------
 BENCH_DATA=()
-[[ -n "$CIFAR" ]] && BENCH_DATA=(--data-dir "$CIFAR")
+[[ -n "$CIFAR" ]] && BENCH_DATA=(--data-dir "$CIFAR" --data "$CIFAR")  # --data: the loader alone, by part
 step benchmark 130 $PY -m distill benchmark deit_small_distilled_patch16_224 deit_tiny_distilled_patch16_224 \
   --teacher regnety_160 --img-size 224 --mixed-precision bf16 --batch-size 128 --steps 10 --warmup 3 \
   --num-workers "$NW" ${BENCH_DATA[@]+"${BENCH_DATA[@]}"} --json "$OUT_DIR/bench.json"
@@ -314,7 +316,7 @@ fi
 
 # ---- 5. tests --------------------------------------------------------------------------------------------------------
 if $PY -c 'import pytest' 2> /dev/null; then
-  step pytest-stages 150 $PY -m pytest -q -p no:cacheprovider tests/test_losses.py tests/test_student.py \
+  step pytest-stages 150 $PY -m pytest -q -p no:cacheprovider tests/test_losses.py tests/test_transforms.py tests/test_student.py \
     tests/test_teach.py tests/test_finetune.py tests/test_cache.py tests/test_transfer.py -k "not bf16_autocast_runs_on_cpu"
   step pytest-resume-exact 90 $PY -m pytest -q -p no:cacheprovider tests/test_reliability.py \
     -k "resume_after_sigkill or resumes_its_projection_exactly"
@@ -344,7 +346,12 @@ for key in ("launcher_asks_bf16_distill_runs", "tf32_after_make_accelerator", "c
     if key in probe:
         add(f"  probe {key}", probe[key])
 if (out / "bench.json").exists():
-    for r in json.loads((out / "bench.json").read_text()):
+    bench = json.loads((out / "bench.json").read_text())
+    loader = bench.get("loader") if isinstance(bench, dict) else None
+    if loader:
+        add("  bench loader alone", f"{loader['loader_ms']} ms CPU/img, {loader['images_per_s_per_core']} img/s per core, "
+            f"{loader['loader_img_s']} img/s with {loader['workers']} workers; cores per GPU {loader['cores_per_gpu']}")
+    for r in (bench["models"] if isinstance(bench, dict) else bench):
         add(f"  bench {r['model']}", "img/s infer {infer_img_s}, train alone {train_alone_img_s} (+data {train_alone_data_img_s}), "
             "teacher {train_teacher_img_s} (+data {train_teacher_data_img_s}), cached {train_cached_img_s} "
             "(+data {train_cached_data_img_s}); peak {peak_memory_mb} MB".format(**{k: r.get(k, "-") for k in (

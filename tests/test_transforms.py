@@ -49,14 +49,18 @@ def test_eval_transform_resizes_then_centre_crops():
     assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
 
 
-def _finished(transform, sample):
+def _finished(transform, sample, device="cpu"):
     """One sample through the device's part (distill.data.device.Finish), as a batch of one."""
     batch = {k: v[None] for k, v in sample.items()} if isinstance(sample, dict) else sample[None]
-    return transform.finish(batch, "cpu")[0]
+    return transform.finish(batch, device)[0].cpu()
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reprob", [0.0, 0.25])
-def test_uint8_pixels_finished_on_the_device_are_timms_float_pipeline(reprob):
+def test_uint8_pixels_finished_on_the_device_are_timms_float_pipeline(reprob, device):
     """The loader's uint8 pixels, normalised by Finish, equal timm's ToTensor + Normalize in the worker bit for bit;
     random erasing erases the very box timm's RandomErasing erased (the same draws of the sample's seeded stream),
     with other noise: outside the box every value is equal, inside every value is noise."""
@@ -75,8 +79,8 @@ def test_uint8_pixels_finished_on_the_device_are_timms_float_pipeline(reprob):
             sample = new(image)
         with seeded_rng(seed):
             reference = old(image)
-        finished = _finished(new, sample)
-        plain = _finished(new, sample["pixels"] if isinstance(sample, dict) else sample)
+        finished = _finished(new, sample, device)
+        plain = _finished(new, sample["pixels"] if isinstance(sample, dict) else sample, device)
         inside = torch.zeros_like(finished, dtype=torch.bool)
         if isinstance(sample, dict) and sample["erase"][2] > 0:
             top, left, height, width, _ = sample["erase"].tolist()
@@ -88,14 +92,15 @@ def test_uint8_pixels_finished_on_the_device_are_timms_float_pipeline(reprob):
     assert (30 <= erased <= 70) if reprob else erased == 0  # 50 expected at 0.25
 
 
-def test_eval_preprocessing_equals_timms_float_pipeline():
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_preprocessing_equals_timms_float_pipeline(device):
     from timm.data import create_transform
 
     image = _colourful(50, 37)
     reference = create_transform(32, is_training=False, crop_pct=0.875, mean=MEAN, std=(0.2, 0.3, 0.4),
                                  interpolation="bicubic")(image)
     new = eval_transform(32, mean=MEAN, std=(0.2, 0.3, 0.4), crop_pct=0.875)
-    assert torch.equal(_finished(new, new(image)), reference)
+    assert torch.equal(_finished(new, new(image), device), reference)
 
 
 def test_erasing_noise_is_a_function_of_the_sample_alone():

@@ -3,10 +3,10 @@ erasing's noise filled in.
 
 Loader workers ship uint8 images, a quarter of the bytes of normalised fp32 to pin, copy and send to a GPU, and do
 none of the per-pixel float arithmetic, which the device does for a whole batch at once (timm's prefetcher, the
-same idea). The values are torchvision's, on any device: a table of the 256 values per channel, computed once on the
-CPU by ToTensor's and Normalize's own operations (x / 255, minus the mean, divided by the std, in fp32), looked up
-on the device (a GPU's division by a constant multiplies by its reciprocal, which differs in the last bit for half of
-the byte values). A batch finished here equals the one the worker computed before, bit for bit.
+same idea). The values are torchvision's, on any device: ToTensor's and Normalize's operations (x / 255, minus the
+mean, divided by the std, in fp32), every divisor a tensor on the device, never a Python number (CUDA divides by a
+Python number through its reciprocal, which differs in the last bit for half of the byte values; a tensor divisor is
+IEEE division there as on a CPU). A batch finished here equals the one the worker computed before, bit for bit.
 
 Random erasing stays a per-sample decision taken in the worker: the worker draws the box with timm's own
 RandomErasing (the same python `random` draws, in the same place of the sample's seeded stream, as when it erased
@@ -71,10 +71,7 @@ class Finish:
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        values = torch.arange(256, dtype=torch.uint8).float().div(255)[None].repeat(len(self.mean), 1)  # ToTensor's
-        values.sub_(torch.tensor(self.mean)[:, None]).div_(torch.tensor(self.std)[:, None])  # Normalize's
-        self.table = values  # [channels, 256]: the normalised value of every byte, per channel
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, batch: Pixels, device: torch.device | str | None = None, non_blocking: bool = True) -> torch.Tensor:
@@ -84,18 +81,19 @@ class Finish:
         if batch.dtype != torch.uint8:
             raise TypeError(f"Finish takes uint8 pixels, not {batch.dtype}")
         where = torch.device(device) if device is not None else batch.device
-        table, offsets = self._on(where)
-        images = table[batch.to(where, non_blocking=non_blocking).int() + offsets]  # one gather: byte -> value
+        scale, mean, std = self._on(where)
+        images = batch.to(where, non_blocking=non_blocking).float().div_(scale).sub_(mean).div_(std)
         if erase is not None:
             self._erase(images, erase)
         return images
 
-    def _on(self, where: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if where not in self._tables:
+    def _on(self, where: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """255, the mean and the std as [1, C, 1, 1] tensors on the device (tensors: see the module's docstring)."""
+        if where not in self._constants:
             channels = len(self.mean)
-            offsets = (torch.arange(channels, dtype=torch.int32) * 256).view(1, channels, 1, 1)
-            self._tables[where] = (self.table.flatten().to(where), offsets.to(where))
-        return self._tables[where]
+            self._constants[where] = tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).expand(1, channels, 1, 1)
+                                           .contiguous().to(where) for v in ((255.0,), self.mean, self.std))  # type: ignore[assignment]
+        return self._constants[where]
 
     def _erase(self, images: torch.Tensor, erase: torch.Tensor) -> None:
         """Each erased image's box filled with normal noise from its own seed (a loop over the erased images, as
