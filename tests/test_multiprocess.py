@@ -70,7 +70,7 @@ def test_two_processes_write_a_teacher_cache_one_process_reads_alike(tmp_path):
     data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=2)
     runs = tmp_path / "runs"
     assert invoke("teach", "--data-dir", data, "--workdir", runs, *TINY).exit_code == 0
-    cache = ["--views", "3", "--shard-size", "8", "--batch-size", "8", "--num-workers", "0", "--aa", "rand-m9-mstd0.5-inc1",
+    cache = ["--views", "3", "--shard-size", "8", "--batch-size", "5", "--num-workers", "0", "--aa", "rand-m9-mstd0.5-inc1",
              "--reprob", "0.25"]
     assert invoke("cache-teacher", "--workdir", runs, "--name", "alone", *cache).exit_code == 0
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")

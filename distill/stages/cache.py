@@ -19,7 +19,8 @@ from distill.speed import channels_last, choose_kernels, choose_threads, to_chan
 from distill.stages.common import (Expecting, StagePlan, data_record, default_parent, inherit_data, load_data, planned,
                                    planned_classes, read_teacher, resolve_for_run, resolve_norm, share_of, source_line,
                                    training_transform)
-from distill.teachers.cache import fill_shards, read_manifest, shard_count, targets_digest, view_seeds, write_manifest
+from distill.teachers.cache import (fill_shards, read_manifest, shard_count, shard_path, targets_digest, view_seeds,
+                                    write_manifest)
 from distill.teachers.frozen import check_classes, frozen_teacher
 from distill.training.processes import make_accelerator
 from distill.training.runfolder import FolderLock, as_recorded, normalise
@@ -110,6 +111,11 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
         written = fill_shards(root, dataset, seeds, frozen, acc, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                               top_k=cfg.top_k, shard_size=cfg.shard_size, progress=lambda shard: bar.advance(task))
     acc.wait_for_everyone()
+    missing = [shard for shard in range(total) if not shard_path(root, shard).exists()]  # every process looks alike
+    if missing:  # complete only when every process's shards are there
+        raise DistillError(f"The teacher cache {root} lacks {len(missing)} of its {total} shards (e.g. "
+                           f"{shard_path(root, missing[0]).name}) after every process finished; run the same command "
+                           "again to write them.")
     if acc.is_main_process:
         write_manifest(root, {**manifest, "complete": True})
         console.print(f"teacher cache: {root}, {total} shards ({written} written now), "

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 
 from distill.config import StageConfig, StudentConfig
 from distill.errors import DistillError
@@ -155,7 +154,7 @@ def execute_student(plan: StagePlan) -> Checkpoint:
                                "labels changed); make the cache again.")
         train_set.view_target = functools.partial(cache.target, kind=cfg.distillation)
         view_seeds_ = cache.seeds()
-        filled_on, here = cache.manifest.get("erase_noise"), "cuda" if torch.cuda.is_available() else "cpu"
+        filled_on, here = cache.manifest.get("erase_noise"), run.accelerator.device.type
         if cfg.reprob and filled_on != here:
             plan.notes.append(f"random erasing's boxes are filled with noise drawn on this {here}, the cache's were "
                               + (f"drawn on a {filled_on}" if filled_on else "drawn in the loader workers (a cache made "

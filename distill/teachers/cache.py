@@ -54,7 +54,7 @@ class ViewSeeds:
 
     def __init__(self, cache_seed: int, views: int, images: int):
         self.cache_seed, self.views, self.images = cache_seed, views, images
-        self._view, self._row = -1, np.empty(0, dtype=np.uint32)
+        self._kept: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.uint32))  # (view, its row), replaced as one
 
     def __len__(self) -> int:
         return self.views
@@ -66,11 +66,11 @@ class ViewSeeds:
     def __getitem__(self, view: int) -> np.ndarray:
         if not 0 <= view < self.views:
             raise IndexError(f"view {view} of {self.views}")
-        if view != self._view:
-            self._row = np.random.SeedSequence([self.cache_seed, view, 1 << 30]).generate_state(self.images,
-                                                                                               dtype=np.uint32)
-            self._view = view
-        return self._row
+        kept_view, row = self._kept
+        if view != kept_view:
+            row = np.random.SeedSequence([self.cache_seed, view, 1 << 30]).generate_state(self.images, dtype=np.uint32)
+            self._kept = (view, row)
+        return row
 
     def __getstate__(self) -> dict[str, Any]:  # into loader workers without the row
         return {"cache_seed": self.cache_seed, "views": self.views, "images": self.images}
@@ -183,7 +183,7 @@ class TeacherCache:
 
 
 MAX_MAPPED = 512  # shards mapped at once by one reading process (one file descriptor each)
-DTYPES = {"F16": np.float16, "I32": np.int32}
+DTYPES = {"F16": np.dtype("<f2"), "I32": np.dtype("<i4")}  # safetensors stores little-endian
 
 
 def map_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -199,8 +199,7 @@ def map_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
             entry = header[name]
             start, end = entry["data_offsets"]
             dtype = DTYPES[entry["dtype"]]
-            array = np.frombuffer(mapped, dtype=dtype, count=(end - start) // np.dtype(dtype).itemsize,
-                                  offset=8 + length + start)
+            array = np.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + length + start)
             arrays.append(array.reshape(entry["shape"]))
         return arrays[0], arrays[1]
     except (OSError, ValueError, KeyError, struct.error) as error:
@@ -226,31 +225,32 @@ def fill_shards(root: Path, dataset: Any, seeds: ViewSeeds, teacher: torch.nn.Mo
     if not pending:
         return 0
     positions = _Positions(dataset, seeds, pending, shard_size)
-    loader = DataLoader(positions, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator(),
+    # batches cut at shard boundaries: a shard's batches are the same whichever shards are pending (a resume, another
+    # number of processes), so its bytes are too (a kernel may sum another batch size in another order)
+    batches = _ShardBatches(positions, batch_size)
+    loader = DataLoader(positions, batch_sampler=batches, num_workers=num_workers, generator=torch.Generator(),
                         pin_memory=accelerator.device.type == "cuda", persistent_workers=False,
                         worker_init_fn=functools.partial(start_worker, idle=idle_workers(None, accelerator.device.type),
                                                          parent=os.getpid()))
-    queue = iter(pending)
-    shard = next(queue)
-    need, values, classes = positions.size(shard), [], []
+    shards = iter(pending)
+    shard, values, classes, rows = next(shards), [], [], 0
     with torch.no_grad():
         for batch in loader:
+            if shard < 0:
+                raise RuntimeError("the teacher cache's loader gave more rows than its shards hold")
             with accelerator.autocast():
                 logits = teacher(dataset.finish(batch, accelerator.device))
             top = logits.float().softmax(dim=1).topk(min(top_k, logits.shape[1]), dim=1)
-            batch_values, batch_classes = top.values.cpu(), top.indices.cpu()
-            while len(batch_values):  # a batch may end one shard and start the next
-                take = min(need - sum(len(v) for v in values), len(batch_values))
-                values.append(batch_values[:take])
-                classes.append(batch_classes[:take])
-                batch_values, batch_classes = batch_values[take:], batch_classes[take:]
-                if sum(len(v) for v in values) == need:
-                    write_shard(root, shard, torch.cat(values), torch.cat(classes))
-                    if progress is not None:
-                        progress(shard)
-                    values, classes = [], []
-                    shard = next(queue, -1)
-                    need = positions.size(shard) if shard >= 0 else 0
+            values.append(top.values.cpu())
+            classes.append(top.indices.cpu())
+            rows += len(values[-1])
+            if rows == positions.size(shard):
+                write_shard(root, shard, torch.cat(values), torch.cat(classes))
+                if progress is not None:
+                    progress(shard)
+                shard, values, classes, rows = next(shards, -1), [], [], 0
+    if shard >= 0:
+        raise RuntimeError(f"the teacher cache's loader stopped before shard {shard} was complete")
     return len(pending)
 
 
@@ -273,7 +273,23 @@ class _Positions(torch.utils.data.Dataset):
         return self.starts[-1]
 
     def __getitem__(self, k: int) -> Any:
-        which = bisect.bisect_right(self.starts, k) - 1
+        which = bisect.bisect_right(self.starts, k) - 1  # the pending shard position k falls in
         position = self.shards[which] * self.shard_size + (k - self.starts[which])
         view, index = divmod(position, self.images)
         return self.dataset[(index, int(self.seeds[view][index]))][0]
+
+
+class _ShardBatches(torch.utils.data.Sampler):
+    """Batches of `_Positions` indices, in order, never across a shard: each shard's rows in batches of `batch_size`,
+    its last batch shorter."""
+
+    def __init__(self, positions: _Positions, batch_size: int):
+        self.starts, self.batch_size = positions.starts, batch_size
+
+    def __iter__(self) -> Any:
+        for start, end in zip(self.starts, self.starts[1:]):
+            for first in range(start, end, self.batch_size):
+                yield list(range(first, min(first + self.batch_size, end)))
+
+    def __len__(self) -> int:
+        return sum(-(-(end - start) // self.batch_size) for start, end in zip(self.starts, self.starts[1:]))

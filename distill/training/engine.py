@@ -68,7 +68,7 @@ class Job:
     class_names: list[str] = field(default_factory=list)
     extra_metrics: dict[str, Any] = field(default_factory=dict)  # e.g. accuracy before fine-tuning
     notes: list[str] = field(default_factory=list)  # the values `auto` chose, printed on the run's first line
-    view_seeds: Any = None  # a teacher cache's [views, images] seeds: epoch e trains on view e % views of each image
+    view_seeds: Any = None  # a teacher cache's seeds, view_seeds[v][i]: epoch e trains on view e % views of each image
     retransform: Callable[[int], None] | None = None  # sets both datasets' preprocessing to a resolution (--img-size-schedule)
 
 
