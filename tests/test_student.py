@@ -135,13 +135,50 @@ def test_a_deit3_student_with_the_token_keeps_timm_keys_plus_the_token(taught):
 @pytest.mark.parametrize("model", ["vit_small", "vit_small_patch16_224"])
 def test_a_vit_without_a_token_in_timm_trains_plain_and_is_refused_with_the_token(taught, model):
     root, _ = taught
-    refused = invoke("student", "--workdir", root / "runs", "--name", "vit-token", *TINY, *TINY_VIT, "--model", model)
+    refused = invoke("student", "--workdir", root / "runs", "--name", "vit-token", *TINY, *TINY_VIT, "--model", model,
+                     "--token")
     assert refused.exit_code == 2 and "has no distillation token" in refused.output and "--no-token" in refused.output
     assert not (root / "runs" / "vit-token").exists()
-    plain = invoke("student", "--workdir", root / "runs", "--name", f"vit-{model}", *TINY, *TINY_VIT, "--model", model,
-                   "--no-token")
-    assert plain.exit_code == 0, plain.output
-    assert read_checkpoint(root / "runs" / f"vit-{model}").model_name == "vit_small_patch16_224"
+    plain = invoke("student", "--workdir", root / "runs", "--name", f"vit-{model}", *TINY, *TINY_VIT, "--model", model)
+    assert plain.exit_code == 0, plain.output  # --token unset: none for a model timm has none for
+    made = read_checkpoint(root / "runs" / f"vit-{model}")
+    assert made.model_name == "vit_small_patch16_224" and made.meta["distillation"]["token"] is False
+
+
+def test_a_convnet_student_distils_exports_and_predicts(taught, tmp_path):
+    """Any timm classifier as the student: a ResNet built as timm defines it, hard and soft distillation without a
+    token, its timm export reloading with identical logits, predict agreeing with the model; token, sizing flags and a
+    FixRes fine-tune refused with a sentence."""
+    root, data = taught
+    runs = root / "runs"
+    for kind in ("hard", "soft"):
+        made = invoke("student", "--workdir", runs, "--name", f"resnet-{kind}", *TINY, "--model", "resnet10t",
+                      "--distillation", kind)
+        assert made.exit_code == 0, made.output
+        student = read_checkpoint(runs / f"resnet-{kind}")
+        assert (student.model_name, student.model_args) == ("resnet10t", {"num_classes": 3})
+        assert student.meta["distillation"]["kind"] == kind and student.meta["distillation"]["token"] is False
+    exported = invoke("export", runs / "resnet-hard", "--out", tmp_path / "exported")
+    assert exported.exit_code == 0 and "logits identical" in exported.output, exported.output
+    model = timm.create_model("local-dir:" + str(tmp_path / "exported"), pretrained=True).eval()
+    image = sorted((data / "test" / "star").iterdir())[0]
+    predicted = invoke("predict", runs / "resnet-hard", image, "--format", "json")
+    assert predicted.exit_code == 0, predicted.output
+    from distill.tools.inference import preprocessing
+
+    ckpt = read_checkpoint(runs / "resnet-hard")
+    from PIL import Image
+
+    pixels = preprocessing(ckpt)(Image.open(image).convert("RGB"))[None]
+    with torch.no_grad():
+        logits = model(preprocessing(ckpt).finish(pixels))
+    top = ckpt.classes[int(logits.argmax())]
+    assert f'"class": "{top}"' in predicted.output.split("predictions")[1].split("}")[0]
+    for extra, said in ((["--token"], "has no distillation token"), (["--depth", "2"], "--depth sizes a ViT")):
+        refused = invoke("student", "--workdir", runs, "--name", "resnet-refused", *TINY, "--model", "resnet10t", *extra)
+        assert refused.exit_code == 2 and said in refused.output, refused.output
+    tuned = invoke("finetune", "--workdir", runs, "--checkpoint", runs / "resnet-hard", "--img-size", "24")
+    assert tuned.exit_code == 2 and "is a resnet10t: finetune resamples a ViT's position embeddings" in tuned.output
 
 
 def test_an_unknown_model_is_the_same_sentence_with_near_names_everywhere(taught):

@@ -29,15 +29,16 @@ class StudentConfig(ArchFields, DistillFields, StageConfig):
     """`distill student`: a DeiT distilled from a teacher."""
 
     model: str = option("deit_tiny", "Student: a size (deit_tiny, deit_small, deit_base; deit3_small, deit3_base: DeiT III, "
-                        "LayerScale; vit_small, ...) or any timm ViT name.", "Model")
+                        "LayerScale; vit_small, ...), any timm ViT name, or any other timm classifier (resnet50, "
+                        "mobilenetv3_large_100, convnext_atto, ...: built as timm defines it, no token).", "Model")
     teacher: Path | None = option(None, "Teacher checkpoint [default: runs/teach in --workdir].", "Distillation",
                                   result=False)
     teacher_cache: Path | None = option(None, "Train from a teacher cache (`distill cache-teacher`) instead of running the "
                                         "teacher: no teacher forward at all; the augmentation is the cache's.", "Distillation",
                                         result=False)  # the cache's own identity, not its path, identifies the run
-    token: bool = option(True, "Add the distillation token and its head (--no-token: the plain model). timm has it for its "
-                         "DeiT models (deit_*, and deit3_* with their own position-embedding layout kept); other ViTs "
-                         "(vit_*) have none and are refused with --token.", "Distillation", flag="--token/--no-token")
+    token: bool | None = option(None, "Add the distillation token and its head (--no-token: the plain model) [default: "
+                                "on for the models timm has it for, its DeiT models deit_* and deit3_*; off for any "
+                                "other, which --token refuses].", "Distillation", flag="--token/--no-token")
     init: Path | None = option(None, "Start from a pretrained DeiT: a checkpoint, timm/NAME.TAG, hf-hub:, local-dir: or a "
                                "weights file (its architecture in --model). The student takes its size; a missing "
                                "distillation token and head start as copies of the class token and head; the heads are "

@@ -77,7 +77,7 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
     else:
         parent = default_parent(cfg.workdir, "student", "student", "--checkpoint", "train one with `distill student`",
                                 "student", expecting)
-    if parent.kind == "pretrained" and "patch_size" not in parent.model_args:
+    if "patch_size" not in parent.model_args:  # a convnet student, or imported convnet weights
         raise DistillError(f"{parent.path} is a {parent.model_name}: finetune resamples a ViT's position embeddings; "
                            "a convnet changes resolution without it (distill evaluate --img-size, or distill transfer).")
     cfg = inherit_data(dataclasses.replace(cfg, img_size=cfg.res), parent)

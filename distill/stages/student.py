@@ -16,7 +16,7 @@ from distill.stages.common import (Expecting, StagePlan, count_params, criterion
                                    default_parent, distillation_record, inherit_data, load_with_norm, open_checkpoint,
                                    open_run, planned, planned_classes, read_teacher, resolution_setter, resolve_for_run,
                                    taught)
-from distill.students import (build_student, fit_deit_weights, fused_outputs, set_distilled_training, student_args,
+from distill.students import (build_student, default_token, fit_deit_weights, fused_outputs, set_distilled_training, student_args,
                               student_model)
 from distill.teachers.cache import TeacherCache, targets_digest
 from distill.teachers.frozen import check_classes, frozen_teacher, teacher_resolution
@@ -40,6 +40,7 @@ def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
         sizing = {k: init.model_args.get(k) for k in ("patch_size", "embed_dim", "depth", "num_heads")}
         cfg = dataclasses.replace(cfg, model=init.model_name, **sizing)
     cfg = inherit_data(cfg, teacher or init)
+    cfg = dataclasses.replace(cfg, token=default_token(cfg.model) if cfg.token is None else cfg.token)
     name, token_args = student_model(cfg.model, cfg.token)
     cfg = dataclasses.replace(cfg, fusion=(cfg.fusion or "logits") if cfg.token else None)
     cfg, notes = resolve_for_run(cfg)
@@ -47,7 +48,7 @@ def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
     if teacher is not None:
         check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
         classes = classes or teacher.classes or None
-    args = {**student_args(cfg, len(classes) if classes else None), **token_args}
+    args = {**student_args(cfg, len(classes) if classes else None, name), **token_args}
     distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss, cfg.fusion)
     distillation["teacher_res"] = teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None
     return planned(StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes,
@@ -115,11 +116,12 @@ def plan_cached_student(cfg: StudentConfig, expecting: Expecting) -> StagePlan:
     if "feature" in cfg.distillation:
         raise DistillError(f"A teacher cache holds the teacher's probabilities, not its features: --distillation "
                            f"{cfg.distillation} needs the teacher itself (--teacher, without --teacher-cache).")
+    cfg = dataclasses.replace(cfg, token=default_token(cfg.model) if cfg.token is None else cfg.token)
     name, token_args = student_model(cfg.model, cfg.token)
     cfg = dataclasses.replace(cfg, fusion=(cfg.fusion or "logits") if cfg.token else None)
     cfg, notes = resolve_for_run(cfg)
     classes = cache.manifest["classes"]
-    args = {**student_args(cfg, len(classes)), **token_args}
+    args = {**student_args(cfg, len(classes), name), **token_args}
     distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss, cfg.fusion)
     settings = {"distillation": distillation, "cache": {"path": str(cache.root.resolve()),
                                                          "identity": cache.manifest["identity"], "teacher": record}}

@@ -1,5 +1,6 @@
-"""Students: timm ViTs (DeiT, DeiT III with LayerScale, ViT), with or without the distillation token; resolution
-changes, head outputs, and the pre-logits features that feature distillation regresses."""
+"""Students: timm ViTs (DeiT, DeiT III with LayerScale, ViT), with or without the distillation token, sized by the
+flags; and any other timm classifier (convnets, hybrids) as timm builds it, without a token. Resolution changes, head
+outputs, and the pre-logits features that feature distillation regresses."""
 
 from __future__ import annotations
 
@@ -14,6 +15,24 @@ from torch import nn
 
 from distill.errors import DistillError
 from distill.weights.models import builds_token, create, expand_short_name
+
+
+SIZED = ("deit", "vision_transformer")  # timm modules whose models take the ViT sizing flags (patch, width, depth, heads)
+SIZING_FLAGS = ("patch_size", "embed_dim", "depth", "num_heads", "layer_scale")
+
+
+def sized_vit(name: str) -> bool:
+    """Whether a timm model is a plain ViT that the sizing flags build (timm's deit and vision_transformer modules)."""
+    from timm.models import is_model_in_modules
+
+    return is_model_in_modules(name, list(SIZED))
+
+
+def default_token(model: str) -> bool:
+    """--token left unset: the token for the models timm builds one for (deit_*, deit3_*), none for any other."""
+    base = re.sub(r"_distilled", "", model)
+    name = expand_short_name(base if timm.is_model(base) else model)
+    return timm.is_model(name) and builds_token(name)
 
 
 def student_model(model: str, token: bool) -> tuple[str, dict[str, Any]]:
@@ -34,7 +53,7 @@ def student_model(model: str, token: bool) -> tuple[str, dict[str, Any]]:
         return registered, {}
     if not builds_token(name):
         raise DistillError(f"timm's {name} has no distillation token (only its DeiT models, deit_* and deit3_*, have one); "
-                           "pass --no-token, or choose a deit_* or deit3_* model.")
+                           "pass --no-token (or leave --token unset), or choose a deit_* or deit3_* model.")
     return name, {"distilled": True}
 
 
@@ -59,9 +78,16 @@ def off_grid(img_size: int, patch: int, chosen: bool = False) -> str:
             f"{max(patch, img_size // patch * patch)} or {(img_size // patch + 1) * patch}.")
 
 
-def student_args(cfg: Any, num_classes: int | None) -> dict[str, Any]:
+def student_args(cfg: Any, num_classes: int | None, name: str | None = None) -> dict[str, Any]:
     """The timm constructor arguments of a ViT sized by a config (img_size, patch_size, embed_dim, depth,
-    num_heads, layer_scale), checked before anything is built."""
+    num_heads, layer_scale), checked before anything is built; for any other timm classifier (`name` not a sized
+    ViT), its classes alone, the sizing flags refused."""
+    if name is not None and timm.is_model(name) and not sized_vit(name):
+        given = [key for key in SIZING_FLAGS if getattr(cfg, key, None) is not None]
+        if given:
+            raise DistillError(f"--{given[0].replace('_', '-')} sizes a ViT; {name} is built as timm defines it (choose "
+                               "another timm model for another size).")
+        return {"num_classes": num_classes}
     patch_size = cfg.patch_size or default_patch_size(cfg.img_size)
     if cfg.img_size % patch_size:
         raise DistillError(off_grid(cfg.img_size, patch_size, chosen=not cfg.patch_size))
@@ -85,15 +111,14 @@ def build_student(name: str, num_classes: int, img_size: int, *, patch_size: int
     """A randomly initialised ViT and the constructor arguments that rebuild it (`extra`: the token's)."""
     sizing = SimpleNamespace(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                              layer_scale=layer_scale)
-    args = {**student_args(sizing, num_classes), **(extra or {})}
+    args = {**student_args(sizing, num_classes, name), **(extra or {})}
     try:
         model = create(name, drop_path_rate=drop_path, **args)
     except AssertionError as error:  # timm asserts, e.g., that the width divides into the heads
         detail = str(error) or "the embedding width must be divisible by the number of heads"
         raise DistillError(f"Cannot build {name} with {args}: {detail}.") from None
-    except TypeError as error:  # a model that is no ViT takes no patch size or width
-        raise DistillError(f"Cannot build {name} as a student with {args}: {error}; students are timm ViTs "
-                           "(deit_*, deit3_*, vit_*).") from None
+    except TypeError as error:  # a model that takes none of these arguments
+        raise DistillError(f"Cannot build {name} as a student with {args}: {error}.") from None
     return model, args
 
 
