@@ -179,6 +179,14 @@ def test_a_convnet_student_distils_exports_and_predicts(taught, tmp_path):
         assert refused.exit_code == 2 and said in refused.output, refused.output
     tuned = invoke("finetune", "--workdir", runs, "--checkpoint", runs / "resnet-hard", "--img-size", "24")
     assert tuned.exit_code == 2 and "is a resnet10t: finetune resamples a ViT's position embeddings" in tuned.output
+    evaluated = invoke("evaluate", runs / "resnet-hard", "--num-workers", "0")
+    assert evaluated.exit_code == 0 and f"{ckpt.meta['metrics']['top1']:.2f}" in evaluated.output, evaluated.output
+    moved = invoke("transfer", "--workdir", runs, "--checkpoint", runs / "resnet-hard", "--data-dir", data, *TINY,
+                   "--classes", "circle,star", "--name", "resnet-transfer")
+    assert moved.exit_code == 0, moved.output
+    transferred = read_checkpoint(runs / "resnet-transfer")
+    assert (transferred.model_name, transferred.model_args) == ("resnet10t", {"num_classes": 2})
+    assert transferred.meta["parent"]["sha256"] == ckpt.sha256
 
 
 def test_an_unknown_model_is_the_same_sentence_with_near_names_everywhere(taught):
