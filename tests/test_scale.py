@@ -37,6 +37,15 @@ if os.environ.get("SLOW_CHECK") and rank in os.environ.get("SLOW_RANKS", rank).s
             tally.write("x")
         return quick(handle)
     images.image_problem = slow
+if os.environ.get("SLOW_STATE"):  # reading each file of a saved state in full takes SLOW_STATE seconds
+    import distill.training.runfolder as runfolder
+    whole = runfolder.state_damage
+    def slow_state(state, names):
+        time.sleep(float(os.environ["SLOW_STATE"]) * len(names))
+        with open(f"state-checked-{rank}", "a") as tally:  # how many files this rank read
+            tally.write("x" * len(names))
+        return whole(state, names)
+    runfolder.state_damage = slow_state
 if os.environ.get("BN_RECORD"):  # each rank writes the BatchNorm statistics it evaluates with
     import distill.training.engine as engine
     measure = engine.evaluate
@@ -284,3 +293,28 @@ def test_loader_workers_follow_the_cores_and_the_processes_of_the_machine(monkey
     cores = len(os.sched_getaffinity(0))
     expected = min(32, max(2, cores // 2))
     assert f"{expected} loader workers per process (auto: {cores} cores for 1 process(es), no GPU" in result.output
+
+
+@needs_torchrun
+def test_a_resume_reads_its_saved_state_on_every_rank_within_a_short_process_group_timeout(tmp_path):
+    """Two processes with DeiT's augmentation (uint8 batches with erasing boxes, through loader workers) are killed
+    once a state is saved, then resumed with a 5-second process-group timeout while reading each saved file in full
+    takes 2.5 s: each rank reads its share of the files at once, so no rank waits in a collective for the whole
+    state's reading (12 s and more on one rank); the epoch's rate counts the images of both ranks."""
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=32, test=4)  # 96 images: 12 steps of 8
+    args = ["teach", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"), "--img-size", "16", "--epochs", "1",
+            "--global-batch", "8", "--batch-size", "4", "--num-workers", "2", "--warmup-epochs", "0", "--save-every", "1",
+            "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0"]
+    launcher = tmp_path / "launch_distill.py"
+    launcher.write_text(LAUNCHER)
+    run = tmp_path / "runs" / "teach"
+    kill_once_saved([TORCHRUN, "--nproc_per_node", "2", launcher, *args], run / "state" / "progress.json", 4,
+                    cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, marker=str(launcher))
+    files = [p for p in (run / "state").iterdir() if p.is_file()]
+    result = torchrun(tmp_path, *args, "--dist-timeout", "5", env={"SLOW_STATE": "2.5"}, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Resuming" in result.stdout
+    read = [len((tmp_path / f"state-checked-{rank}").read_text()) for rank in (0, 1)]
+    assert sum(read) == len(files) >= 5 and abs(read[0] - read[1]) <= 1  # each file once, shared evenly
+    (line,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert line["step"] == 12 and read_checkpoint(run).meta["processes"] == 2

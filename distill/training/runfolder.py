@@ -128,15 +128,19 @@ def folder_status(run_dir: Path, identity: dict[str, Any]) -> FolderStatus:
     return FolderStatus("empty")
 
 
-def state_damage(state: Path) -> str | None:
-    """What is wrong with a saved state's files (truncated, or their bytes changed), without loading them: a
-    safetensors file must be as long as its header says, and every file torch.save wrote (a zip archive) must pass
-    its CRC checks. None when every file is whole."""
+def state_files(state: Path) -> list[str] | str:
+    """The names of a saved state's files, or what makes the folder unreadable."""
     try:
-        files = sorted(p for p in state.iterdir() if p.is_file())
+        return sorted(p.name for p in state.iterdir() if p.is_file())
     except OSError as error:
         return f"cannot read {state.name}: {error.strerror or error}"
-    for path in files:
+
+
+def state_damage(state: Path, names: list[str]) -> str | None:
+    """What is wrong with these files of a saved state (truncated, or their bytes changed), without loading them: a
+    safetensors file must be as long as its header says, and every file torch.save wrote (a zip archive) must pass
+    its CRC checks. None when every file is whole."""
+    for path in (state / name for name in names):
         try:
             if path.suffix == ".safetensors":
                 with open(path, "rb") as handle:
@@ -282,15 +286,22 @@ class RunFolder:
         """The finished checkpoint when this exact run is done; otherwise make the folder ready to resume or
         start, refusing to replace a different run unless --overwrite."""
         self._check_shared()
-        status = None
+        status, state, names = None, None, []
         if self.accelerator.is_main_process:
             holder = self.lock.acquire()
             status = FolderStatus("busy", holder) if holder else folder_status(self.dir, self.identity)
             saved = saved_progress(self.dir) if status.state == "interrupted" else None
-            damage = state_damage(saved[0]) if saved else None  # every file read in full: here only, on process 0
+            state, names = (saved[0], state_files(saved[0])) if saved else (None, [])
+            if isinstance(names, str):
+                status, names = FolderStatus("damaged", names, progress=status.progress), []
+        # one verdict: processes that read the folder at other moments agree
+        status, state, names = self._from_main((status, state, names))
+        if names:  # every file is read in full: each process reads its share at once, so none waits for the others'
+            rank, world = self.accelerator.process_index, self.accelerator.num_processes
+            found = self._from_all(state_damage(state, names[rank::world]))
+            damage = next((what for what in found if what), None)
             if damage:
                 status = FolderStatus("damaged", damage, progress=status.progress)
-        status = self._from_main(status)  # one verdict: processes that read the folder at other moments agree
         if status.state == "busy":
             raise DistillError(f"Another distill command ({status.detail}) is writing to {self.dir}; wait for it to "
                                "finish, or pass --name (or --workdir) to write elsewhere.")
@@ -336,6 +347,14 @@ class RunFolder:
         from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list([value], from_process=0)[0]
+
+    def _from_all(self, value: Any) -> list[Any]:
+        """Every process's value, on every process (a collective: every process calls it)."""
+        if self.accelerator.num_processes == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
 
     def _check_shared(self) -> None:
         """Every process sees the work folder process 0 sees: it leaves a file there and each process looks for it.
