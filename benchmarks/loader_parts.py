@@ -23,7 +23,6 @@ import argparse
 import json
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from torchvision import transforms
 from distill.data import NORMS, Transformed, train_loader
 from distill.data.sources import load_folder
 from distill.data.transforms import repair_rand_augment, train_transform
-from distill.tools.loader_profile import profile_parts
+from distill.tools.loader_profile import loader_rate, profile_parts
 
 RECIPE = dict(aa="rand-m9-mstd0.5-inc1", reprob=0.25, scale_min=0.08)
 
@@ -80,20 +79,6 @@ def distill_loader(folder: Path, res: int, batch: int, workers: int):
     return train_loader(Transformed(source, transform), batch_size=batch, seed=0, rank=0, world=1, num_workers=workers)
 
 
-def rate(loader, batches: int) -> float:
-    iterator = iter(loader)
-    next(iterator)
-    started, seen = time.perf_counter(), 0
-    for _ in range(batches):
-        try:
-            images, _ = next(iterator)
-        except StopIteration:
-            iterator = iter(loader)
-            images, _ = next(iterator)
-        seen += len(images["pixels"] if isinstance(images, dict) else images)
-    return seen / (time.perf_counter() - started)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--flowers", type=Path, default=Path(__file__).resolve().parents[1] / "../shared/data/flowers12.tar.gz")
@@ -121,7 +106,7 @@ def main() -> None:
     ours_dl = distill_loader(folder, args.res, 64, args.workers)
     for round_ in range(args.rounds):
         first, second = (("timm", timm_dl), ("distill", ours_dl)) if round_ % 2 == 0 else (("distill", ours_dl), ("timm", timm_dl))
-        measured = {name: rate(loader, args.batches) for name, loader in (first, second)}
+        measured = {name: loader_rate(loader, args.batches) for name, loader in (first, second)}
         pairs.append({k: round(v, 1) for k, v in measured.items()})
         print(f"round {round_ + 1}: timm {measured['timm']:.1f} img/s, distill {measured['distill']:.1f} img/s, "
               f"ratio {measured['distill'] / measured['timm']:.3f}", flush=True)

@@ -106,6 +106,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
     from timm.optim import create_optimizer_v2
 
     from distill.data import NORMS, Finish, Transformed, open_dataset, train_loader
+    from distill.tools.loader_profile import endless
     from distill.training.processes import make_accelerator
     from distill.training.step import Prepared, TargetMixup, train_step
     from distill.losses import DistillationLoss, base_criterion
@@ -174,7 +175,7 @@ def measure(source: str, settings: BenchSettings) -> dict[str, Any]:
             loader = train_loader(data, batch_size=settings.batch_size, seed=0, rank=0, world=1,
                                   num_workers=settings.num_workers, view_seeds=_views(len(data)) if target else None,
                                   idle_workers=idle_workers(None, device.type))
-            batches = _cycle(loader)
+            batches = endless(loader)
             parts.finish = data.finish
             row[f"train_{variant}_data_img_s"] = round(_rate(
                 lambda: train_step(acc, parts, next(batches), channels_last=nhwc_inputs),
@@ -191,14 +192,6 @@ def _views(images: int) -> Any:
     import numpy as np
 
     return np.arange(images, dtype=np.uint32)[None]
-
-
-def _cycle(loader: Any) -> Any:
-    epoch = 0
-    while True:
-        loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def _child(source: str, settings: BenchSettings, queue: Any) -> None:
@@ -257,7 +250,7 @@ def deit_train_transform(res: int) -> Any:
 def loader_report(data: str, settings: BenchSettings, step_rates: dict[str, float] | None) -> dict[str, Any]:
     """The input pipeline alone on `data` (a dataset name or an image folder): parts, per core, bytes, a real loader's
     rate with the benchmark's workers, and the cores one GPU needs at each step rate (1000 images/s if none)."""
-    from distill.data import Transformed, open_dataset
+    from distill.data import Transformed, open_dataset, train_loader
     from distill.tools.loader_profile import cores_needed, loader_rate, profile_parts
 
     folder = Path(data).expanduser()
@@ -273,8 +266,9 @@ def loader_report(data: str, settings: BenchSettings, step_rates: dict[str, floa
               **profile_parts(splits.train, transform, images, settings.batch_size)}
     report["fp32_bytes_per_image"] = 3 * settings.res ** 2 * 4 + 8  # what workers shipped before: normalised fp32
     report["workers"] = settings.num_workers
-    report["loader_img_s"] = round(loader_rate(Transformed(splits.train, transform), settings.batch_size,
-                                               settings.num_workers, max(settings.steps, 1)), 1)
+    loader = train_loader(Transformed(splits.train, transform), batch_size=settings.batch_size, seed=0, rank=0, world=1,
+                          num_workers=settings.num_workers)
+    report["loader_img_s"] = round(loader_rate(loader, max(settings.steps, 1)), 1)
     rates = step_rates or {"1000 images/s": 1000.0}
     report["cores_per_gpu"] = {name: round(cores_needed(rate, report["images_per_s_per_core"]), 1)
                                for name, rate in rates.items()}

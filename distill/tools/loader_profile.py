@@ -88,27 +88,26 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-def loader_rate(dataset: Any, batch_size: int, num_workers: int, batches: int) -> float:
-    """Images per second of a real training loader (its workers, seeds and collation) over `batches` batches, once the
-    batches its workers prefetched while starting are taken (epochs repeat when the split is short)."""
-    from distill.data import train_loader
-
-    loader = train_loader(dataset, batch_size=batch_size, seed=0, rank=0, world=1, num_workers=num_workers)
-
-    def endless() -> Any:
-        epoch = 0
-        while True:
+def endless(loader: Any) -> Any:
+    """A loader's batches epoch after epoch (a sampler with epochs is told each one)."""
+    epoch = 0
+    while True:
+        if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-            yield from loader
-            epoch += 1
+        yield from loader
+        epoch += 1
 
-    stream = endless()
-    for _ in range(1 + 2 * num_workers):  # the start, and what DataLoader prefetches (2 batches a worker)
+
+def loader_rate(loader: Any, batches: int) -> float:
+    """Images per second of a loader (its workers, seeds and collation) over `batches` batches, once the batches its
+    workers prefetched while starting are taken (epochs repeat when the split is short)."""
+    stream = endless(loader)
+    for _ in range(1 + 2 * loader.num_workers):  # the start, and what DataLoader prefetches (2 batches a worker)
         next(stream)
-    started = time.perf_counter()
+    started, seen = time.perf_counter(), 0
     for _ in range(batches):
-        next(stream)
-    return batches * batch_size / (time.perf_counter() - started)
+        seen += len(next(stream)[1])  # the labels: with erasing on the images are a dict
+    return seen / (time.perf_counter() - started)
 
 
 def cores_needed(step_rate: float, per_core: float) -> float:
