@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY, TINY_VIT, invoke, make_image_folder
+from distill.teachers import norms_in_forward_order
 from distill.weights.checkpoint import read_checkpoint
 
 
@@ -147,8 +148,8 @@ def test_a_vit_without_a_token_in_timm_trains_plain_and_is_refused_with_the_toke
 
 def test_a_convnet_student_distils_exports_and_predicts(taught, tmp_path):
     """Any timm classifier as the student: a ResNet built as timm defines it, hard and soft distillation without a
-    token, its timm export reloading with identical logits, predict agreeing with the model; token, sizing flags and a
-    FixRes fine-tune refused with a sentence."""
+    token, its timm export reloading with identical logits, predict agreeing with the model; token and sizing flags
+    refused with a sentence."""
     root, data = taught
     runs = root / "runs"
     for kind in ("hard", "soft"):
@@ -177,8 +178,6 @@ def test_a_convnet_student_distils_exports_and_predicts(taught, tmp_path):
     for extra, said in ((["--token"], "has no distillation token"), (["--depth", "2"], "--depth sizes a ViT")):
         refused = invoke("student", "--workdir", runs, "--name", "resnet-refused", *TINY, "--model", "resnet10t", *extra)
         assert refused.exit_code == 2 and said in refused.output, refused.output
-    tuned = invoke("finetune", "--workdir", runs, "--checkpoint", runs / "resnet-hard", "--img-size", "24")
-    assert tuned.exit_code == 2 and "is a resnet10t: finetune resamples a ViT's position embeddings" in tuned.output
     evaluated = invoke("evaluate", runs / "resnet-hard", "--num-workers", "0")
     assert evaluated.exit_code == 0 and f"{ckpt.meta['metrics']['top1']:.2f}" in evaluated.output, evaluated.output
     moved = invoke("transfer", "--workdir", runs, "--checkpoint", runs / "resnet-hard", "--data-dir", data, *TINY,
@@ -187,6 +186,45 @@ def test_a_convnet_student_distils_exports_and_predicts(taught, tmp_path):
     transferred = read_checkpoint(runs / "resnet-transfer")
     assert (transferred.model_name, transferred.model_args) == ("resnet10t", {"num_classes": 2})
     assert transferred.meta["parent"]["sha256"] == ckpt.sha256
+
+
+def test_a_convnet_student_is_fine_tuned_by_fixres(taught):
+    """FixRes for a convnet student: by default only its classifier and its last BatchNorm train at the new resolution
+    (on test-time preprocessing), the teacher adapted as for a ViT, accuracy before and after recorded; --bn full trains
+    every layer; --bn on a ViT is refused."""
+    root, _ = taught
+    runs = root / "runs"
+    made = invoke("student", "--workdir", runs, "--name", "resnet-fixres", *TINY, "--model", "resnet10t")
+    assert made.exit_code == 0, made.output
+    parent = read_checkpoint(runs / "resnet-fixres")
+    before = load_file(parent.path)
+    tuned = invoke("finetune", "--workdir", runs, "--name", "resnet-24", "--checkpoint", parent.path, "--img-size", "24",
+                   "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "8", "--num-workers", "0")
+    assert tuned.exit_code == 0, tuned.output
+    ckpt = read_checkpoint(runs / "resnet-24")
+    assert (ckpt.model_name, ckpt.model_args, ckpt.img_size) == ("resnet10t", {"num_classes": 3}, 24)
+    metrics = ckpt.meta["metrics"]
+    assert metrics["parent_top1"] == parent.meta["metrics"]["top1"] and "before_top1" in metrics and "top1" in metrics
+    said = " ".join(tuned.output.split())
+    assert f"before fine-tuning {metrics['before_top1']:.2f} (fp32 at 24 px)" in said, tuned.output
+    assert "a convnet: FixRes trains its classifier and last BatchNorm at 24 px on test-time preprocessing" in said
+    assert ckpt.meta["fixres"]["bn"] == "last" and ckpt.meta["teacher"]["path"].endswith(
+        "model.safetensors") and "teach-fixres-24-" in ckpt.meta["teacher"]["path"]
+    after = load_file(ckpt.path)
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    last = norms_in_forward_order(timm.create_model("resnet10t", num_classes=3), 24)[-1]
+    assert {"fc.weight", f"{last}.weight", f"{last}.running_mean"} <= changed, sorted(changed)
+    assert changed <= {k for k in before if k.startswith((f"{last}.", "fc."))}, sorted(changed)  # nothing else moved
+    full = invoke("finetune", "--workdir", runs, "--name", "resnet-24-full", "--checkpoint", parent.path, "--img-size",
+                  "24", "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "8", "--num-workers", "0", "--bn", "full")
+    assert full.exit_code == 0, full.output
+    every = load_file(read_checkpoint(runs / "resnet-24-full").path)
+    assert not torch.equal(before["conv1.0.weight"], every["conv1.0.weight"])
+    vit = invoke("student", "--workdir", runs, "--name", "vit-for-bn", *TINY, *TINY_VIT)
+    assert vit.exit_code == 0, vit.output
+    refused = invoke("finetune", "--workdir", runs, "--name", "vit-bn", "--checkpoint", runs / "vit-for-bn",
+                     "--img-size", "24", "--bn", "last")
+    assert refused.exit_code == 2 and "--bn adapts a convnet's BatchNorm layers" in refused.output, refused.output
 
 
 def test_an_unknown_model_is_the_same_sentence_with_near_names_everywhere(taught):

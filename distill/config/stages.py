@@ -68,6 +68,11 @@ class FinetuneConfig(DistillFields, StageConfig):
     teacher_bn: str = option("last", "BatchNorm layers the FixRes adaptation re-estimates and trains beside the classifier: "
                              "last (the one before the global pooling, as FixRes does), all, or full (every layer "
                              "trains: FixRes's full fine-tuning).", "Distillation", choices=("last", "all", "full"))
+    bn: str | None = option(None, "A convnet student: FixRes's adaptation at the new resolution on test-time preprocessing, "
+                            "the classifier and these BatchNorm layers trained: last (the one before the global "
+                            "pooling), all, or full (every layer trains, with the training augmentation: FixRes's full "
+                            "fine-tuning) [default: last; a ViT student always trains every layer].", "Stage",
+                            choices=("last", "all", "full"))
     distillation: str | None = option(None, "Distillation: none, soft, hard, feature, soft+feature or hard+feature [default: the student's; "
                                       "feature distillation learns a new projection].", "Distillation", choices=DISTILLATION_KINDS)
     alpha: float | None = option(None, "Weight of each teacher term [default: the student's].", "Distillation")

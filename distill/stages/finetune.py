@@ -1,5 +1,6 @@
-"""`distill finetune`: fine-tune a student at a higher resolution (position embeddings resampled) while it keeps
-learning from its teacher, adapted to that resolution by FixRes first."""
+"""`distill finetune`: fine-tune a student at a higher resolution while it keeps learning from its teacher, adapted to
+that resolution by FixRes first. A ViT trains every layer, its position embeddings resampled; a convnet follows FixRes
+(its classifier and BatchNorm adapted on test-time preprocessing), or trains every layer with --bn full."""
 
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ from distill.stages.common import (Expected, Expecting, StagePlan, count_params,
 from distill.stages.teach import plan_teach
 from distill.students import (default_patch_size, off_grid, fused_outputs, has_dist_token, records_token, resize,
                               set_distilled_training)
+from distill.teachers import freeze_for_fixres
 from distill.teachers.frozen import check_classes, frozen_teacher, teacher_resolution
 from distill.training.engine import Job
 from distill.weights.checkpoint import Checkpoint, build_model, find_by_sha256
+
+
+def is_vit(ckpt: Checkpoint) -> bool:
+    """A ViT student (position embeddings to resample), not a convnet or a hybrid without a patch grid."""
+    return "patch_size" in ckpt.model_args
 
 
 def locate_teacher(parent: Checkpoint, workdir: Path) -> Checkpoint | None:
@@ -77,13 +84,16 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
     else:
         parent = default_parent(cfg.workdir, "student", "student", "--checkpoint", "train one with `distill student`",
                                 "student", expecting)
-    if "patch_size" not in parent.model_args:  # a convnet student, or imported convnet weights
-        raise DistillError(f"{parent.path} is a {parent.model_name}: finetune resamples a ViT's position embeddings; "
-                           "a convnet changes resolution without it (distill evaluate --img-size, or distill transfer).")
     cfg = inherit_data(dataclasses.replace(cfg, img_size=cfg.res), parent)
-    patch = int(parent.model_args.get("patch_size") or default_patch_size(parent.img_size))
-    if cfg.res % patch:
-        raise DistillError(off_grid(cfg.res, patch))
+    if is_vit(parent):
+        if cfg.bn is not None:
+            raise DistillError(f"--bn adapts a convnet's BatchNorm layers; the student {parent.path} is a "
+                               f"{parent.model_name}, a ViT, which has none and fine-tunes every layer.")
+        patch = int(parent.model_args.get("patch_size") or default_patch_size(parent.img_size))
+        if cfg.res % patch:
+            raise DistillError(off_grid(cfg.res, patch))
+    else:
+        cfg = dataclasses.replace(cfg, bn=cfg.bn or "last")
     inherited = parent.meta.get("distillation") or {}
     kind = "none" if cfg.no_teacher else (cfg.distillation or inherited.get("kind") or "none")
     cfg = inherit_distillation(cfg, parent, kind)
@@ -93,6 +103,11 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
         notes.append(f"--img-size {cfg.res} is {'the' if cfg.res == parent.img_size else 'below the'} parent's "
                      f"{parent.img_size} px: FixRes fine-tunes at a higher resolution than training's, so this run only "
                      "trains further" + (" (and at fewer pixels)" if cfg.res < parent.img_size else ""))
+    if not is_vit(parent):
+        notes.append(f"a convnet: FixRes trains every layer at {cfg.res} px with the training augmentation (--bn full)"
+                     if cfg.bn == "full" else
+                     f"a convnet: FixRes trains its classifier and {cfg.bn} BatchNorm at {cfg.res} px on test-time "
+                     "preprocessing (--bn full trains every layer)")
     teacher: Checkpoint | None = None
     before: list[StagePlan] = []
     if kind != "none":
@@ -107,7 +122,7 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
             before.append(adapt)
             teacher = finished(adapt) or adapt.expected()
         check_classes(teacher, parent.classes or None, f"the student {parent.path}")
-    model = {"name": parent.model_name, "args": {**parent.model_args, "img_size": cfg.res}}
+    model = {"name": parent.model_name, "args": {**parent.model_args, **({"img_size": cfg.res} if is_vit(parent) else {})}}
     distillation = distillation_record(kind, cfg.alpha, cfg.tau, records_token(parent.model_name, parent.model_args),
                                        cfg.feature_loss, cfg.fusion)
     distillation["teacher_res"] = teacher_resolution(teacher, cfg.res, cfg.teacher_res) if teacher else None
@@ -123,12 +138,15 @@ def execute_finetune(plan: StagePlan) -> Checkpoint:
     data, mean, std = load_with_norm(run, teacher, f"the dataset {cfg.dataset or cfg.data_dir}")
     if not parent.knows_classes(data.classes):
         raise DistillError(f"The student {parent.path} was trained on other classes than {cfg.dataset or cfg.data_dir}.")
-    model = build_model(parent, drop_path_rate=cfg.drop_path)
-    resize(model, cfg.res)
+    adapt = not is_vit(parent) and cfg.bn != "full"  # FixRes: the classifier and BatchNorm, on test-time preprocessing
+    model = build_model(parent, drop_path_rate=0.0 if adapt else cfg.drop_path)
+    if is_vit(parent):
+        resize(model, cfg.res)
+    trainable = freeze_for_fixres(model, cfg.bn, cfg.res) if adapt else None
     set_distilled_training(model, True)
     frozen = (frozen_teacher(teacher, (mean, std), cfg.res, cfg.teacher_res, compile=cfg.compile)
               if teacher is not None else None)
-    train_set, test_set = datasets_for(cfg, data, mean, std)
+    train_set, test_set = datasets_for(cfg, data, mean, std, augment=not adapt)
     kind, alpha, tau = cfg.distillation, cfg.alpha, cfg.tau
     distillation = {**plan.settings["distillation"], "token": has_dist_token(model)}
 
@@ -136,11 +154,14 @@ def execute_finetune(plan: StagePlan) -> Checkpoint:
         return {"kind": "student", "stage": "finetune", "model": plan.model, "params": count_params(model),
                 "data": data_record(cfg, data.classes, mean, std, data.info), "parent": parent.lineage("weights"),
                 "teacher": teacher.lineage(taught(kind)) if teacher else None, "distillation": distillation,
-                "from_img_size": parent.img_size}
+                "from_img_size": parent.img_size,
+                "fixres": {"bn": cfg.bn, "trainable": len(trainable)} if trainable is not None else
+                ({"bn": "full"} if cfg.bn == "full" else None)}
 
     job = Job(model=model, train_set=train_set, eval_set=test_set,
-              retransform=resolution_setter(cfg, mean, std, train_set, test_set, True),
-              criterion=criterion_for(cfg, kind, frozen, alpha, tau, student=model),
+              retransform=resolution_setter(cfg, mean, std, train_set, test_set, not adapt),
+              criterion=criterion_for(cfg, kind, frozen, alpha, tau, student=model, use_mixup=not adapt),
+              use_mixup=not adapt,
               num_classes=len(data.classes), describe=describe, predict=fused_outputs(cfg.fusion or "logits"), reference=frozen,
               class_names=data.classes, evaluate_first=True, notes=plan.notes,
               extra_metrics=parent_accuracy(parent))
