@@ -208,6 +208,9 @@ def test_a_convnet_student_is_fine_tuned_by_fixres(taught):
     said = " ".join(tuned.output.split())
     assert f"before fine-tuning {metrics['before_top1']:.2f} (fp32 at 24 px)" in said, tuned.output
     assert "a convnet: FixRes trains its classifier and last BatchNorm at 24 px on test-time preprocessing" in said
+    recorded = ckpt.meta["config"]  # what ran: test-time preprocessing, nothing random, no SyncBatchNorm
+    assert (recorded["aa"], recorded["mixup"], recorded["cutmix"], recorded["reprob"], recorded["drop_path"],
+            recorded["sync_bn"]) == ("none", 0.0, 0.0, 0.0, 0.0, False)
     assert ckpt.meta["fixres"]["bn"] == "last" and ckpt.meta["teacher"]["path"].endswith(
         "model.safetensors") and "teach-fixres-24-" in ckpt.meta["teacher"]["path"]
     after = load_file(ckpt.path)

@@ -8,6 +8,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from timm.models import get_pretrained_cfg
+
 from distill.config import FinetuneConfig, FixResConfig
 from distill.errors import DistillError
 from distill.stages.common import (Expected, Expecting, StagePlan, count_params, criterion_for, data_record,
@@ -26,6 +28,12 @@ from distill.weights.checkpoint import Checkpoint, build_model, find_by_sha256
 def is_vit(ckpt: Checkpoint) -> bool:
     """A ViT student (position embeddings to resample), not a convnet or a hybrid without a patch grid."""
     return "patch_size" in ckpt.model_args
+
+
+def fixed_input_size(name: str) -> bool:
+    """A timm model built for one input size (CaiT, Swin, LeViT, hybrid ViTs): no resolution change is possible."""
+    cfg = get_pretrained_cfg(name)
+    return bool(cfg is not None and cfg.fixed_input_size)
 
 
 def locate_teacher(parent: Checkpoint, workdir: Path) -> Checkpoint | None:
@@ -92,8 +100,15 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
         patch = int(parent.model_args.get("patch_size") or default_patch_size(parent.img_size))
         if cfg.res % patch:
             raise DistillError(off_grid(cfg.res, patch))
+    elif fixed_input_size(parent.model_name):
+        raise DistillError(f"{parent.path} is a {parent.model_name}, which timm builds for one input size: finetune "
+                           "changes a convnet's resolution or resamples a ViT's position embeddings, and this model is "
+                           "neither (distill evaluate --img-size, or distill transfer, keep its size).")
     else:
         cfg = dataclasses.replace(cfg, bn=cfg.bn or "last")
+        if cfg.bn != "full":  # FixRes: test-time preprocessing, nothing random; SyncBatchNorm would unfreeze the norms
+            cfg = dataclasses.replace(cfg, profile="short", aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, scale_min=1.0,
+                                      hflip=0.0, drop_path=0.0, repeated_aug=1, sync_bn=False)
     inherited = parent.meta.get("distillation") or {}
     kind = "none" if cfg.no_teacher else (cfg.distillation or inherited.get("kind") or "none")
     cfg = inherit_distillation(cfg, parent, kind)
@@ -107,7 +122,8 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
         notes.append(f"a convnet: FixRes trains every layer at {cfg.res} px with the training augmentation (--bn full)"
                      if cfg.bn == "full" else
                      f"a convnet: FixRes trains its classifier and {cfg.bn} BatchNorm at {cfg.res} px on test-time "
-                     "preprocessing (--bn full trains every layer)")
+                     "preprocessing, without augmentation, Mixup, drop path, repeated augmentation or SyncBatchNorm "
+                     "(--bn full trains every layer)")
     teacher: Checkpoint | None = None
     before: list[StagePlan] = []
     if kind != "none":
