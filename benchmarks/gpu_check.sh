@@ -29,6 +29,8 @@
 #      test_speed (asserts CPU defaults), test_multiprocess (two processes need two GPUs with NCCL),
 #      test_teach::test_bf16_autocast_runs_on_cpu (a CPU layer under a CUDA accelerator's autocast).
 #   A final table (also summary.txt in the results folder) lists each check with its result.
+# CLAIMS=1 runs, instead of steps 1-5, benchmarks/deit_claims.py --scale gpu (the paper's distillation claims on
+# CIFAR-10, one seed; GPU_CHECK_BUDGET=480 for its 8 minutes) and copies its tables into the results folder.
 set -u
 START=$SECONDS
 DEADLINE=${GPU_CHECK_BUDGET:-450}
@@ -96,6 +98,15 @@ for archive in "$REPO/shared/data/cifar10.tar.gz" "$REPO/../shared/data/cifar10.
 done
 echo "   loader workers: $NW; CIFAR-10 JPEGs: ${CIFAR:-absent (digits used instead)}"
 row environment ok "$(head -n 2 "$OUT_DIR/environment.txt" | tail -n 1)"
+
+# ---- CLAIMS=1: instead of the checks below, the paper's claims at GPU scale (benchmarks/deit_claims.py --scale gpu) --
+if [[ "${CLAIMS:-0}" == 1 ]]; then
+  archive=$(ls "$REPO/shared/data/cifar10.tar.gz" "$REPO/../shared/data/cifar10.tar.gz" 2> /dev/null | head -n 1)
+  step claims $(( DEADLINE - 30 )) $PY benchmarks/deit_claims.py --scale gpu --seeds 0 --cifar "$archive" \
+    --workdir "$WORK/claims"
+  cp benchmarks/results/deit_claims-gpu*.{json,md} "$OUT_DIR/" 2> /dev/null
+  column -t -s $'\t' "$RESULTS"; exit 0
+fi
 
 # ---- 1. probe: syncs, frozen teacher, TF32/cudnn.benchmark, launcher precision, DeiT-B@384 memory ------------------
 cat > "$WORK/probe.py" <<'EOF'
