@@ -54,11 +54,12 @@ SCALES: dict[str, dict[str, Any]] = {
         "matched_epochs": 1,
         "matched": {"train_subset": 10000, "epochs": 2},  # the convnet near the DeiT teacher's accuracy
         "student": {"model": "deit_tiny", "embed_dim": 128, "depth": 6, "num_heads": 2, "patch_size": 4, "img_size": 32,
-                    "train_subset": 10000, "epochs": 8, "batch_size": 64},
+                    "train_subset": 10000, "epochs": 8, "batch_size": 64},  # the DeiT teacher's budget
+        "student_epochs": 4,  # each student's; about 7 minutes each at 1 thread, two seeds side by side
         "finetune": {"img_size": 48, "train_subset": 5000, "epochs": 2, "teacher_epochs": 1, "lr": 8e-4,
                      "min_lr": 1e-6, "warmup_epochs": 1.0},  # short-run values (DeiT: 30 epochs at 5e-6)
         # a small convnet as the student (at 32 px its last map is 1 x 1), and its FixRes to 48 px (last BatchNorm)
-        "convnet": {"model": "regnety_002", "img_size": 32, "train_subset": 10000, "epochs": 8, "batch_size": 64},
+        "convnet": {"model": "regnety_002", "img_size": 32, "train_subset": 10000, "epochs": 4, "batch_size": 64},
     },
     "gpu": {  # one GPU: the whole training set for every model, DeiT-Ti at full depth, longer schedules
         "teacher": {"model": "resnet18", "img_size": 64, "epochs": 15, "batch_size": 256, "opt": "sgd", "lr": 0.4,
@@ -66,6 +67,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "matched_epochs": 1,
         "matched": {"train_subset": 10000, "epochs": 2},
         "student": {"model": "deit_tiny", "patch_size": 4, "img_size": 32, "epochs": 15, "batch_size": 256},
+        "student_epochs": 15,
         "finetune": {"img_size": 48, "epochs": 3, "teacher_epochs": 1, "lr": 8e-4, "min_lr": 1e-6,
                      "warmup_epochs": 1.0},
         "convnet": {"model": "regnety_002", "img_size": 32, "epochs": 15, "batch_size": 256},
@@ -115,7 +117,8 @@ def teachers(scale: dict[str, Any], data: Path, workdir: Path) -> tuple[dict[str
 
 def one_seed(seed: int, scale: dict[str, Any], data: Path, workdir: Path, taught: dict[str, Checkpoint]) -> dict[str, Any]:
     folder = workdir / f"seed{seed}"
-    common = dict(workdir=folder, data_dir=data, seed=seed, teacher_res="teacher", **scale["student"])
+    common = dict(workdir=folder, data_dir=data, seed=seed, teacher_res="teacher",
+                  **{**scale["student"], "epochs": scale["student_epochs"]})
     out: dict[str, Any] = {"seed": seed, "seconds": {}, "students": {}}
 
     started = time.perf_counter()
