@@ -19,3 +19,8 @@ class DistillError(Exception):
             prefix = f"{type(self).__module__}.{type(self).__name__}: "
             text = last.split(prefix, 1)[-1] if prefix in last else last
         return text
+
+
+class ProcessStalled(DistillError):
+    """Another process stopped showing progress while this one waited for it: said by the process that waited,
+    whichever it is (process 0 may be the one that stalled)."""

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from conftest import TINY, invoke, kill_once_saved, make_image_folder
+from distill.teachers import norms_in_forward_order
 from distill.weights.checkpoint import read_checkpoint
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -56,6 +58,16 @@ if os.environ.get("BN_RECORD"):  # each rank writes the BatchNorm statistics it 
             handle.write(json.dumps(stats) + "\\n")
         return measure(net, *args, **kwargs)
     engine.evaluate = recorded
+if os.environ.get("SLOW_WRITE") and rank == "0":  # process 0's checkpoint write takes SLOW_WRITE seconds more
+    import distill.training.engine as engine
+    write = engine.save_checkpoint
+    def slow_write(*args, **kwargs):
+        time.sleep(float(os.environ["SLOW_WRITE"]))
+        return write(*args, **kwargs)
+    engine.save_checkpoint = slow_write
+    if os.environ.get("STALL"):  # ... and process 0 shows no sign of life meanwhile (a disk that does not answer)
+        import distill.training.waiting as waiting
+        waiting.BEAT_SECONDS = 3600
 from distill.cli import main
 main()
 '''
@@ -93,6 +105,29 @@ def test_a_collective_that_outlasts_the_timeout_is_one_sentence(tmp_path, slow, 
                       env={"SLOW_CHECK": "0.25", "SLOW_RANKS": str(slow)}, timeout=300)
     assert result.returncode != 0
     assert f"Process {waiting} waited more than --dist-timeout 2 s" in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout
+
+
+@needs_torchrun
+def test_a_checkpoint_write_longer_than_the_timeout_is_waited_for(tmp_path):
+    """Process 0 takes 8 s to write the checkpoint under a 3-second process-group timeout: the other process waits for
+    it outside any collective, as long as it shows progress, and the run finishes."""
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)
+    result = torchrun(tmp_path, "teach", "--data-dir", data, "--workdir", tmp_path / "runs", *TINY, "--dist-timeout", "3",
+                      env={"SLOW_WRITE": "8"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert read_checkpoint(tmp_path / "runs" / "teach").meta["processes"] == 2
+
+
+@needs_torchrun
+def test_a_writer_that_stops_showing_progress_is_named_by_the_process_that_waits(tmp_path):
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)
+    result = torchrun(tmp_path, "teach", "--data-dir", data, "--workdir", tmp_path / "runs", *TINY, "--dist-timeout", "3",
+                      env={"SLOW_WRITE": "20", "STALL": "1"}, timeout=300)
+    assert result.returncode != 0
+    said = " ".join(result.stdout.split())
+    assert ("Process 1 waited more than --dist-timeout 3 s for process 0 while it was writing the checkpoint, and it "
+            "showed no progress") in said, result.stdout + result.stderr
     assert "Traceback" not in result.stdout
 
 
@@ -235,6 +270,51 @@ def test_batchnorm_statistics_agree_across_ranks_at_evaluation_and_in_the_saved_
     assert seen[0] == seen[1]
     saved = read_checkpoint(tmp_path / "runs" / "teach").state_dict()
     assert {k: v.double().sum().item() for k, v in saved.items() if "running_" in k} == pytest.approx(seen[0][-1])
+
+
+@needs_torchrun
+def test_a_convnet_student_is_fine_tuned_by_fixres_on_two_processes(tmp_path):
+    """FixRes of a convnet student (its teacher adapted first, then its classifier and last BatchNorm) on two processes
+    under a 5-second process-group timeout while each rank's share of the image check takes longer: both runs finish,
+    the ranks evaluate with the same BatchNorm statistics, and nothing but the classifier and the last BatchNorm moves."""
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)  # 48 images, 24 per rank
+    runs = tmp_path / "runs"
+    assert invoke("teach", "--data-dir", data, "--workdir", runs, *TINY).exit_code == 0
+    made = invoke("student", "--workdir", runs, "--name", "resnet", *TINY, "--model", "resnet10t")
+    assert made.exit_code == 0, made.output
+    record = tmp_path / "bn"
+    result = torchrun(tmp_path, "finetune", "--checkpoint", runs / "resnet", "--workdir", runs, "--name", "resnet-24",
+                      "--img-size", "24", "--epochs", "2", "--teacher-epochs", "1", "--batch-size", "4", "--num-workers",
+                      "0", "--dist-timeout", "5", env={"SLOW_CHECK": "0.3", "BN_RECORD": str(record)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    checked = [len((tmp_path / f"checked-{rank}").read_text()) for rank in (0, 1)]
+    assert checked[0] == checked[1] and checked[0] * 0.3 > 5  # each rank's check outlasted the timeout
+    seen = [[json.loads(line) for line in Path(f"{record}-{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)]
+    assert len(seen[0]) >= 3 and seen[0] == seen[1]  # teacher's and student's evaluations, the same on both ranks
+    ckpt = read_checkpoint(runs / "resnet-24")
+    assert ckpt.meta["processes"] == 2 and ckpt.meta["fixres"]["bn"] == "last"
+    before, after = read_checkpoint(runs / "resnet").state_dict(), ckpt.state_dict()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    last = norms_in_forward_order(timm.create_model("resnet10t", num_classes=3), 24)[-1]
+    assert {"fc.weight", f"{last}.weight", f"{last}.running_mean"} <= changed, sorted(changed)
+    assert changed <= {k for k in before if k.startswith((f"{last}.", "fc."))}, sorted(changed)
+    saved = {k: v.double().sum().item() for k, v in after.items() if "running_" in k}
+    assert saved == pytest.approx(seen[0][-1])
+
+
+@needs_torchrun
+def test_a_pipeline_runs_its_stages_one_after_another_on_two_processes(tmp_path):
+    """Every stage of one command runs in the same process group: the second stage's processes still find it."""
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)
+    recipe = tmp_path / "two.toml"
+    recipe.write_text(f'workdir = "runs"\ndata_dir = "{data}"\nepochs = 1\nbatch_size = 4\nnum_workers = 0\n'
+                      'img_size = 16\nwarmup_epochs = 0\n[teach]\nmodel = "regnety_002"\n[student]\npatch_size = 4\n'
+                      'embed_dim = 32\ndepth = 1\nnum_heads = 2\n')
+    result = torchrun(tmp_path, "pipeline", recipe)
+    assert result.returncode == 0, result.stdout + result.stderr
+    student = read_checkpoint(tmp_path / "runs" / "student")
+    assert student.meta["processes"] == 2 and student.meta["teacher"]["path"] == str(tmp_path / "runs" / "teach" /
+                                                                                      "model.safetensors")
 
 
 @needs_torchrun

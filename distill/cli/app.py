@@ -10,7 +10,7 @@ from typing import Any, Callable
 import typer
 from rich.markup import escape
 from distill import __version__
-from distill.errors import DistillError
+from distill.errors import DistillError, ProcessStalled
 
 app = typer.Typer(
     name="distill", rich_markup_mode="rich", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,11 +34,15 @@ def _console():
 def run_guarded(action: Callable[[], Any]) -> Any:
     """Every failure a user can cause becomes one sentence and a non-zero exit; --debug shows the traceback."""
     try:
-        return action()
+        result = action()
+        group = sys.modules.get("distill.training.processes")  # loaded once a run has made its processes
+        if group is not None:
+            group.close_processes()
+        return result
     except DistillError as error:
         if _debug["on"]:
             raise
-        if _is_main_process():
+        if _is_main_process() or isinstance(error, ProcessStalled):  # the waiting process says it, whichever it is
             _console().print(f"[bold red]error:[/] {escape(error.sentence)}", soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:

@@ -282,7 +282,8 @@ class Run:
                           "last_decay": ema.get_decay(ema_step(cfg, progress["step"]))}
         path = self._write_checkpoints(job, bare(acc, model), ema, final, ema_final, lr, ema_record)
         acc.wait_for_everyone()
-        acc.end_training()
+        for tracker in acc.trackers:  # not acc.end_training(): it also ends the process group, which the command's
+            tracker.finish()          # next run (a fine-tune's after its teacher's, a pipeline's next stage) needs
         acc.free_memory()
         return read_checkpoint(path)
 
@@ -388,7 +389,7 @@ class Run:
                                  "identity": {**self.folder.identity, "ema": True}})
             save_checkpoint(path, model.state_dict(), meta)
 
-        self.folder.on_main(write)
+        self.folder.on_main(write, doing="writing the checkpoint")
         return path
 
 

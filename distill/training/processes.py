@@ -60,6 +60,12 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1, compile: bool = 
     return accelerator
 
 
+def close_processes() -> None:
+    """End the process group once the command is done (runs keep it open for the command's next run)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def average_batchnorm(acc: Accelerator, *modules: nn.Module | None) -> None:
     """Every process's BatchNorm statistics replaced by their mean over the processes (timm's distribute_bn), so all
     evaluate, and save, the same model. A collective: every process calls it."""

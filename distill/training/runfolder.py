@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 import zipfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -40,6 +41,7 @@ from distill.config import StageConfig, config_differences, to_dict, write_toml
 from distill.console import console
 from distill.errors import DistillError
 from distill.teachers.cache import MANIFEST as CACHE_MANIFEST
+from distill.training.waiting import beating, settle
 
 STATE_DIR, STATE_TMP, STATE_OLD = "state", "state.tmp", "state.old"
 IDENTITY_FILE, CONFIG_FILE, METRICS_FILE, PROGRESS_FILE, EMA_STATE = (
@@ -431,31 +433,37 @@ class RunFolder:
         for name in (STATE_DIR, STATE_TMP, STATE_OLD):
             shutil.rmtree(self.dir / name, ignore_errors=True)
 
-    def on_main(self, action: Callable[[], Any], everywhere: bool = False) -> None:
-        """Run a file write on the main process (or on every process); if it fails anywhere, every
-        process stops with the same sentence, rather than the others waiting for one that has gone."""
+    def on_main(self, action: Callable[[], Any], everywhere: bool = False, doing: str = "writing into the run folder"
+                ) -> None:
+        """Run a file write on the main process (or on every process); if it fails anywhere, every process stops
+        with the same sentence, rather than the others waiting for one that has gone. The others wait outside any
+        collective (distill.training.waiting): a write may take longer than --dist-timeout while it goes on."""
         acc = self.accelerator
         problem = None
         if everywhere or acc.is_main_process:
-            try:
-                action()
-            except PermissionError:
-                problem = f"The work folder {self.config.workdir} is not writable."
-            except DistillError as error:
-                problem = error.sentence
-            except OSError as error:
-                problem = (self._write_failed(error) if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-                           else f"Cannot write to {self.dir}: {error.strerror or error}.")
-            except (RuntimeError, SafetensorError) as error:  # torch's and safetensors' writers say it their way
-                if not any(word in str(error) for word in ("write", "No space", "Os {", "serializ", "inline_container")):
-                    raise
-                problem = self._write_failed(error)
+            with beating() if acc.num_processes > 1 else nullcontext():
+                problem = self._attempt(action)
         if acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            problem = next((p for p in gather_object([problem]) if p), None)
+            problem = settle(problem, self.config.dist_timeout, doing)
         if problem:
             raise DistillError(problem)
+
+    def _attempt(self, action: Callable[[], Any]) -> str | None:
+        """Run a write; the sentence for its failure, or None."""
+        try:
+            action()
+        except PermissionError:
+            return f"The work folder {self.config.workdir} is not writable."
+        except DistillError as error:
+            return error.sentence
+        except OSError as error:
+            return (self._write_failed(error) if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+                    else f"Cannot write to {self.dir}: {error.strerror or error}.")
+        except (RuntimeError, SafetensorError) as error:  # torch's and safetensors' writers say it their way
+            if not any(word in str(error) for word in ("write", "No space", "Os {", "serializ", "inline_container")):
+                raise
+            return self._write_failed(error)
+        return None
 
     def _write_failed(self, error: BaseException) -> str:
         """A write that failed for lack of room: where, how much is free, and how much a state takes here."""
@@ -512,8 +520,9 @@ class RunFolder:
 
         self.on_main(clear)
         try:
-            self.on_main(lambda: acc.save_state(str(tmp), safe_serialization=True), everywhere=True)
-            self.on_main(finish)
+            self.on_main(lambda: acc.save_state(str(tmp), safe_serialization=True), everywhere=True,
+                         doing="saving the training state")
+            self.on_main(finish, doing="saving the training state")
         except DistillError:
             if acc.is_main_process:  # the previous state stays whole; the partial one goes
                 shutil.rmtree(tmp, ignore_errors=True)

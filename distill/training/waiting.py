@@ -1,0 +1,80 @@
+"""Processes that wait for a file write by another process without waiting in a collective operation.
+
+Process 0 writes the checkpoint and the model and optimizer state while the others wait. Inside a collective, that
+wait is cut at the process group's timeout (--dist-timeout), so a write that is slow but going on (a DeiT-B state
+to a busy shared disk) would stop the run. Here each process instead tells the others through the process group's
+key-value store (the one torchrun and accelerate set up) that its write is over, with its problem if it had one,
+and beats while it writes; a waiting process gives up only when a process has shown no progress for --dist-timeout.
+Written by hand: neither accelerate nor torch has a wait that outlasts the group's timeout while its peer is alive.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch.distributed as dist
+
+from distill.errors import ProcessStalled
+
+BEAT_SECONDS = 1.0  # how often a writing process says it is alive
+POLL_SECONDS = 0.05
+_calls = itertools.count()  # every process makes the same calls in the same order, so the numbers agree
+
+
+def _store() -> dist.Store:
+    return dist.distributed_c10d._get_default_store()
+
+
+@contextmanager
+def beating() -> Iterator[None]:
+    """While the body runs, this process's heartbeat counter goes up every BEAT_SECONDS."""
+    store, rank = _store(), dist.get_rank()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(BEAT_SECONDS):
+            try:
+                store.add(f"distill/beat/{rank}", 1)
+            except Exception:  # the store went away: the waiting processes will see no progress and say so
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def settle(problem: str | None, timeout: float, doing: str) -> str | None:
+    """Tell every process that this one's part is done (with its problem, or None), wait for all of theirs, and
+    return the first problem any process had. A process that neither finishes nor beats for `timeout` seconds stops
+    the wait with a sentence naming it and what it was `doing`."""
+    store, rank, world = _store(), dist.get_rank(), dist.get_world_size()
+    call = next(_calls)
+    store.set(f"distill/done/{call}/{rank}", problem or "")
+    if call >= 2:  # every process has read call - 2's answers before it gave its answer to call - 1
+        store.delete_key(f"distill/done/{call - 2}/{rank}")
+    answers: dict[int, str] = {rank: problem or ""}
+    heard = {other: (None, time.monotonic()) for other in range(world) if other != rank}
+    while len(answers) < world:
+        for other in [r for r in heard if r not in answers]:
+            key = f"distill/done/{call}/{other}"
+            if store.check([key]):
+                answers[other] = store.get(key).decode()
+                continue
+            beat, since = heard[other]
+            now_beat = store.add(f"distill/beat/{other}", 0)
+            if now_beat != beat:
+                heard[other] = (now_beat, time.monotonic())
+            elif time.monotonic() - since > timeout:
+                raise ProcessStalled(f"Process {rank} waited more than --dist-timeout {timeout:g} s for process {other} "
+                                     f"while it was {doing}, and it showed no progress: it stopped or its disk does not "
+                                     "answer; see its output.")
+        time.sleep(POLL_SECONDS)
+    return next((answers[r] for r in range(world) if answers[r]), None)
