@@ -249,7 +249,8 @@ def render(shared: dict[str, Any], results: list[dict[str, Any]], command: str) 
               + " |", "|---|" + "---|" * len(results)]
     for part in results[0]["seconds"]:
         lines.append(f"| {part} | " + " | ".join(f"{r['seconds'][part]:.0f}" for r in results) + " |")
-    lines.append(f"| (teachers, once) | {shared['seconds']:.0f} |" + " |" * (len(results) - 1))
+    trained = sum(v.get("train_seconds", 0) for v in shared.values() if isinstance(v, dict))  # reused: still their training
+    lines.append(f"| (teachers, once: training) | {trained:.0f} |" + " |" * (len(results) - 1))
     return "\n".join(lines) + "\n"
 
 

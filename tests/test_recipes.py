@@ -82,10 +82,10 @@ def test_every_recipe_runs_every_stage_shrunk(recipe, tmp_path):
     # the chain: each stage's parent is the one before it, at the resolutions the recipe implies
     if "teach" in made and "student" in made:
         assert made["student"].meta["parent"]["sha256"] == made["teach"].sha256
-        assert made["student"].img_size == made["teach"].img_size == 32
+        assert made["student"].img_size == made["teach"].img_size == SHRINK["img_size"]
     if "finetune" in made:
         tuned = made["finetune"]
-        higher = 48
+        higher = SHRINK_SCOPED["finetune.img_size"]
         assert tuned.img_size == higher and tuned.meta["parent"]["sha256"] == made["student"].sha256
         if tuned.meta["distillation"]["kind"] != "none":
             adapted = read_checkpoint(tuned.meta["teacher"]["path"])

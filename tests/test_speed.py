@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest

@@ -56,6 +56,13 @@ def locate_teacher(parent: Checkpoint, workdir: Path) -> Checkpoint | None:
     return find_by_sha256(workdir, record.get("sha256", ""))
 
 
+# FixRes's adaptation of a convnet (a teacher, or a student with --bn last|all): test-time preprocessing, nothing
+# random, no drop path, and no SyncBatchNorm, which would unlock the BatchNorm layers kept frozen (the processes'
+# statistics are averaged instead)
+FIXRES_ADAPTATION = dict(profile="short", aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, scale_min=1.0, hflip=0.0,
+                         drop_path=0.0, sync_bn=False)
+
+
 def fixres_config(teacher: Checkpoint, cfg: FinetuneConfig, global_batch: int | None = None) -> FixResConfig:
     """FixRes: the teacher at the target resolution, by training its classifier and BatchNorm on test-time
     preprocessing (SGD, momentum 0.9, weight decay 1e-4). Saved as its own reusable run, named by the
@@ -69,12 +76,10 @@ def fixres_config(teacher: Checkpoint, cfg: FinetuneConfig, global_batch: int | 
         eval_every=cfg.eval_every, overwrite=cfg.overwrite, skip_corrupt=cfg.skip_corrupt,
         dataset=cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset, classes=cfg.classes, img_size=cfg.res,
         crop_pct=teacher.data.get("crop_pct"), interpolation=cfg.interpolation, norm=teacher.data.get("norm"),
-        profile="short", aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, scale_min=1.0, smoothing=0.0, hflip=0.0,
-        epochs=cfg.teacher_epochs,
-        # no --sync-bn: a FixRes run averages its processes' statistics, and SyncBatchNorm would unlock its frozen layers
-        batch_size=cfg.batch_size, global_batch=global_batch, dist_timeout=cfg.dist_timeout, sync_bn=False,
+        **FIXRES_ADAPTATION, smoothing=0.0, epochs=cfg.teacher_epochs,
+        batch_size=cfg.batch_size, global_batch=global_batch, dist_timeout=cfg.dist_timeout,
         deterministic=cfg.deterministic, opt="sgd", lr=cfg.teacher_lr, lr_scale=cfg.lr_scale, min_lr=0.0, warmup_epochs=0.0,
-        weight_decay=1e-4, momentum=0.9, drop_path=0.0, model=teacher.model_name, init=teacher.path, bn=cfg.teacher_bn,
+        weight_decay=1e-4, momentum=0.9, model=teacher.model_name, init=teacher.path, bn=cfg.teacher_bn,
     )
 
 
@@ -106,9 +111,8 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
                            "neither (distill evaluate --img-size, or distill transfer, keep its size).")
     else:
         cfg = dataclasses.replace(cfg, bn=cfg.bn or "last")
-        if cfg.bn != "full":  # FixRes: test-time preprocessing, nothing random; SyncBatchNorm would unfreeze the norms
-            cfg = dataclasses.replace(cfg, profile="short", aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, scale_min=1.0,
-                                      hflip=0.0, drop_path=0.0, repeated_aug=1, sync_bn=False)
+        if cfg.bn != "full":
+            cfg = dataclasses.replace(cfg, **FIXRES_ADAPTATION, repeated_aug=1)
     inherited = parent.meta.get("distillation") or {}
     kind = "none" if cfg.no_teacher else (cfg.distillation or inherited.get("kind") or "none")
     cfg = inherit_distillation(cfg, parent, kind)
