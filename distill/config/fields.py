@@ -283,7 +283,8 @@ def to_dict(config: StageConfig, result_only: bool = False) -> dict[str, Any]:
         value = getattr(config, f.name)
         if value is None:
             continue
-        out[f.name] = str(value) if isinstance(value, Path) else value
+        out[f.name] = (str(value) if isinstance(value, Path) else
+                       [str(v) if isinstance(v, Path) else v for v in value] if isinstance(value, list) else value)
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ def _coerce(f: dataclasses.Field, kind: type, value: Any, where: str) -> Any:
     elif kind is Path:
         if isinstance(value, (str, Path)):
             return Path(value)
+    elif typing.get_origin(kind) is list:  # several paths (--teacher A --teacher B); one alone is a list of one
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if items and all(isinstance(item, (str, Path)) for item in items):
+            return [Path(item) for item in items]
     elif kind is str:
         if isinstance(value, int) and not isinstance(value, bool):  # `threads = 2`, `classes = 3`: what was meant
             value = str(value)
@@ -41,8 +46,9 @@ def _coerce(f: dataclasses.Field, kind: type, value: Any, where: str) -> Any:
             if choices and value not in choices:
                 raise DistillError(f"{where}: '{f.name}' must be one of {', '.join(choices)}, not '{value}'.")
             return value
-    names = {bool: "true or false", int: "an integer", float: "a number", Path: "a path (string)", str: "a string"}
-    raise DistillError(f"{where}: '{f.name}' should be {names.get(kind, kind.__name__)}, not {value!r}.")
+    names = {bool: "true or false", int: "an integer", float: "a number", Path: "a path (string)", str: "a string",
+             list[Path]: "a path or a list of paths"}
+    raise DistillError(f"{where}: '{f.name}' should be {names.get(kind, getattr(kind, '__name__', kind))}, not {value!r}.")
 
 
 def check_keys(cls: type[StageConfig], values: dict[str, Any], where: str) -> dict[str, Any]:

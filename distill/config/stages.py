@@ -31,8 +31,10 @@ class StudentConfig(ArchFields, DistillFields, StageConfig):
     model: str = option("deit_tiny", "Student: a size (deit_tiny, deit_small, deit_base; deit3_small, deit3_base: DeiT III, "
                         "LayerScale; vit_small, ...), any timm ViT name, or any other timm classifier (resnet50, "
                         "mobilenetv3_large_100, convnext_atto, ...: built as timm defines it, no token).", "Model")
-    teacher: Path | None = option(None, "Teacher checkpoint [default: runs/teach in --workdir].", "Distillation",
-                                  result=False)
+    teacher: list[Path] | None = option(None, "Teacher checkpoint [default: runs/teach in --workdir]; repeat it for "
+                                        "several teachers, each reading the batch at its own resolution and "
+                                        "normalisation: the student learns from the mean of their probabilities (soft) "
+                                        "or its top class (hard).", "Distillation", result=False)
     teacher_cache: Path | None = option(None, "Train from a teacher cache (`distill cache-teacher`) instead of running the "
                                         "teacher: no teacher forward at all; the augmentation is the cache's.", "Distillation",
                                         result=False)  # the cache's own identity, not its path, identifies the run
@@ -151,7 +153,12 @@ class FixResConfig(TeachConfig):
 class CacheConfig(StageConfig):
     """`distill cache-teacher`: a teacher's top-k predictions on K augmented views of every training image."""
 
-    teacher: Path | None = option(None, "Teacher checkpoint [default: runs/teach in --workdir].", "Stage", result=False)
+    teacher: list[Path] | None = option(None, "Teacher checkpoint [default: runs/teach in --workdir]; repeat it for "
+                                        "several teachers: the cache keeps the mean of their probabilities.", "Stage",
+                                        result=False)
+    teacher_res: str = option("student", "Resolution each teacher reads the views at: student (the views' own "
+                              "--img-size), teacher (resized on the device to each teacher's training resolution) or "
+                              "a number of pixels.", "Stage")
     views: int | None = option(None, "Augmented views of each training image [default: --epochs, a fresh view for every "
                                "epoch of a student of that length].", "Stage")
     top_k: int = option(10, "Probabilities kept per view (the rest of the mass is spread evenly over the other classes).",

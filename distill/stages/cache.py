@@ -21,7 +21,7 @@ from distill.stages.common import (Expecting, StagePlan, data_record, default_pa
                                    training_transform)
 from distill.teachers.cache import (fill_shards, read_manifest, shard_count, shard_path, targets_digest, view_seeds,
                                     write_manifest)
-from distill.teachers.frozen import check_classes, frozen_teacher
+from distill.teachers.frozen import check_classes, frozen_teachers, several_teachers
 from distill.training.processes import make_accelerator
 from distill.training.runfolder import FolderLock, as_recorded, normalise
 from distill.weights.naming import precision_name
@@ -29,18 +29,23 @@ from distill.weights.naming import precision_name
 
 def plan_cache(cfg: CacheConfig, expecting: Expecting = {}) -> StagePlan:
     """A teacher run once over K augmented views of every training image."""
-    if cfg.teacher is not None:
-        teacher = read_teacher(cfg.teacher, expecting=expecting)
+    if cfg.teacher:
+        teachers = [read_teacher(path, expecting=expecting) for path in cfg.teacher]
     else:
-        teacher = default_parent(cfg.workdir, "teach", "teacher", "--teacher", "train one with `distill teach`", "teacher",
-                                 expecting)
+        teachers = [default_parent(cfg.workdir, "teach", "teacher", "--teacher", "train one with `distill teach`",
+                                   "teacher", expecting)]
+    several_teachers(teachers, "soft")
+    teacher = teachers[0]
     cfg = inherit_data(cfg, teacher)
     cfg = dataclasses.replace(cfg, views=cfg.views or cfg.epochs)
     cfg, notes = resolve_for_run(cfg)
     classes = planned_classes(cfg)
-    check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
+    for one in teachers:
+        check_classes(one, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
+    if len(teachers) > 1:
+        notes.append(f"{len(teachers)} teachers: the cache keeps the mean of their probabilities")
     return planned(StagePlan("cache-teacher", cfg, parent=teacher, teacher=teacher, notes=notes,
-                              classes=classes or teacher.classes or None))
+                              classes=classes or teacher.classes or None, teachers=teachers if len(teachers) > 1 else []))
 
 
 def execute_cache(plan: StagePlan) -> None:
@@ -82,17 +87,21 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
             console.print(f"[bold]cache-teacher[/]: {root} is already complete with these settings; reusing it.")
         return None
     data = load_data(cfg, share_of(acc))
-    check_classes(teacher, data.classes, f"the dataset {cfg.data_dir or cfg.dataset}")
+    teachers = plan.teachers or [teacher]
+    for one in teachers:
+        check_classes(one, data.classes, f"the dataset {cfg.data_dir or cfg.dataset}")
     mean, std = resolve_norm(cfg, data)
     seeds = view_seeds(cfg.seed, cfg.views, len(data.train))
     manifest = {"identity": identity, "complete": False, "views": cfg.views, "images": len(data.train),
                 "num_classes": len(data.classes), "classes": data.classes, "top_k": cfg.top_k, "seed": cfg.seed,
                 "shard_size": cfg.shard_size, "erase_noise": acc.device.type,  # the generator random erasing's boxes drew from
                 "teacher": teacher.lineage("teacher"), "config": to_dict(cfg, result_only=True),
+                **({"teachers": [one.lineage("teacher") for one in teachers]} if len(teachers) > 1 else {}),
                 "data": data_record(cfg, data.classes, mean, std, data.info),
                 "targets_sha256": targets_digest(data.train.targets)}
     if acc.is_main_process:
-        console.print(source_line("teacher", teacher), soft_wrap=True)
+        for one in teachers:
+            console.print(source_line("teacher", one), soft_wrap=True)
         console.print(f"[bold]cache-teacher[/] -> {root}  ({cfg.views} views x {len(data.train):,} images, top-{cfg.top_k}, "
                       f"{acc.num_processes} process(es), precision {precision_name(cfg.mixed_precision)})"
                       + "".join(f"\n  {note}" for note in plan.notes), soft_wrap=True)
@@ -100,7 +109,7 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
         if existing is None:
             write_manifest(root, manifest)
     acc.wait_for_everyone()
-    frozen = frozen_teacher(teacher, (mean, std), cfg.img_size, compile=cfg.compile).to(acc.device)
+    frozen = frozen_teachers(teachers, (mean, std), cfg.img_size, cfg.teacher_res, compile=cfg.compile).to(acc.device)
     choose_kernels(acc, [frozen], cfg.attention, cfg.onednn_linear)
     if channels_last(cfg.channels_last, acc.device.type, cfg.mixed_precision):
         to_channels_last([frozen])

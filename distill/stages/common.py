@@ -268,6 +268,7 @@ class StagePlan:
     model: dict[str, Any] = field(default_factory=dict)  # {"name", "args"} as far as known before the data
     classes: list[str] | None = None
     init: Checkpoint | None = None  # the weights a student starts from
+    teachers: list[Checkpoint] = field(default_factory=list)  # every teacher, when there are several (teacher: the first)
 
     @property
     def run_dir(self) -> Path:
@@ -276,7 +277,7 @@ class StagePlan:
     @property
     def waiting(self) -> bool:
         """A parent or teacher is still to be written by an earlier stage."""
-        return any(isinstance(c, Expected) for c in (self.parent, self.teacher, self.init))
+        return any(isinstance(c, Expected) for c in (self.parent, self.teacher, self.init, *self.teachers))
 
     def identity(self) -> dict[str, Any]:
         """A run is its resolved config plus the hashes of its parent and teacher."""
@@ -288,6 +289,8 @@ class StagePlan:
                     "teacher": self.teacher.sha256 if self.teacher else None}
         if self.init is not None:
             identity["init"] = self.init.sha256
+        if len(self.teachers) > 1 and "cache" not in self.settings:  # one teacher's runs keep their identity
+            identity["teachers"] = [teacher.sha256 for teacher in self.teachers]
         if "cache" in self.settings:  # a student taught by a cache: the cache (and its teacher) identify it
             identity["cache"] = self.settings["cache"]["identity"]
         return identity
@@ -337,10 +340,13 @@ def open_run(plan: StagePlan) -> tuple[Run, Checkpoint | None]:
             console.print(source_line(role, plan.parent), soft_wrap=True)
         if plan.teacher is not None and plan.teacher is not plan.parent:
             console.print(source_line("teacher", plan.teacher), soft_wrap=True)
+        for teacher in plan.teachers[1:]:
+            console.print(source_line("teacher", teacher), soft_wrap=True)
         if "cache" in plan.settings:
             cache = plan.settings["cache"]
-            console.print(f"teacher cache: {cache['path']} (made by {cache['teacher'].get('path')}; the teacher does not run)",
-                          soft_wrap=True)
+            made_by = [one.get("path") for one in cache.get("teachers") or [cache["teacher"]]]
+            console.print(f"teacher cache: {cache['path']} (made by {' and '.join(map(str, made_by))}; "
+                          f"{'the teacher does' if len(made_by) == 1 else 'the teachers do'} not run)", soft_wrap=True)
     return run, None
 
 

@@ -133,6 +133,10 @@ def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
     if kind != "none":
         if cfg.teacher is not None:
             teacher = read_teacher(cfg.teacher, expecting=expecting, model=cfg.teacher_model)
+        elif len(parent.meta.get("teachers") or []) > 1:
+            raise DistillError(f"{parent.path} was distilled from {len(parent.meta['teachers'])} teachers; the fine-tune "
+                               "adapts one teacher to the new resolution: pass --teacher CKPT (a teacher at "
+                               f"{cfg.res} px) or --no-teacher.")
         else:
             original = locate_teacher(parent, cfg.workdir)
             if original is None:

@@ -226,8 +226,10 @@ def print_plan(rows: list[PlanRow]) -> None:
 
 def _check_parent_exists(step: Step) -> None:
     for key in ("teacher", "checkpoint"):
-        path = getattr(step.config, key, None)
-        if path is not None and not Path(path).exists():
+        given = getattr(step.config, key, None)
+        for path in given if isinstance(given, list) else [given] if given is not None else []:
+            if Path(path).exists():
+                continue
             raise DistillError(f"Stage {step.label} needs {path}, which does not exist yet; run the earlier stages first "
                                "(without --only/--from).")
 

@@ -19,7 +19,7 @@ from distill.stages.common import (Expecting, StagePlan, count_params, criterion
 from distill.students import (build_student, default_token, fit_deit_weights, fused_outputs, set_distilled_training, student_args,
                               student_model)
 from distill.teachers.cache import TeacherCache, targets_digest
-from distill.teachers.frozen import check_classes, frozen_teacher, teacher_resolution
+from distill.teachers.frozen import check_classes, frozen_teachers, several_teachers, teacher_resolution
 from distill.training.engine import Job
 from distill.weights.checkpoint import Checkpoint
 
@@ -28,13 +28,15 @@ def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
     """Distil a DeiT from a teacher: none, soft, hard, with or without the distillation token."""
     if cfg.teacher_cache is not None:
         return plan_cached_student(cfg, expecting)
-    if cfg.teacher is not None:  # with --distillation none, a given teacher is only measured against
-        teacher = read_teacher(cfg.teacher, expecting=expecting, model=cfg.teacher_model)
+    if cfg.teacher:  # with --distillation none, the given teachers are only measured against
+        teachers = [read_teacher(path, expecting=expecting, model=cfg.teacher_model) for path in cfg.teacher]
     elif cfg.distillation != "none":
-        teacher = default_parent(cfg.workdir, "teach", "teacher", "--teacher", "train one with `distill teach`", "teacher",
-                                 expecting)
+        teachers = [default_parent(cfg.workdir, "teach", "teacher", "--teacher", "train one with `distill teach`",
+                                   "teacher", expecting)]
     else:
-        teacher = None
+        teachers = []
+    several_teachers(teachers, cfg.distillation)
+    teacher = teachers[0] if teachers else None
     init = student_init(cfg, expecting) if cfg.init else None
     if init is not None:  # the student takes the size of its starting weights
         sizing = {k: init.model_args.get(k) for k in ("patch_size", "embed_dim", "depth", "num_heads")}
@@ -45,15 +47,21 @@ def plan_student(cfg: StudentConfig, expecting: Expecting = {}) -> StagePlan:
     cfg = dataclasses.replace(cfg, fusion=(cfg.fusion or "logits") if cfg.token else None)
     cfg, notes = resolve_for_run(cfg)
     classes = planned_classes(cfg)
+    for one in teachers:
+        check_classes(one, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
     if teacher is not None:
-        check_classes(teacher, classes, f"the dataset {cfg.data_dir or cfg.dataset}")
         classes = classes or teacher.classes or None
     args = {**student_args(cfg, len(classes) if classes else None, name), **token_args}
     distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss, cfg.fusion)
-    distillation["teacher_res"] = teacher_resolution(teacher, cfg.img_size, cfg.teacher_res) if teacher else None
+    resolutions = [teacher_resolution(one, cfg.img_size, cfg.teacher_res) for one in teachers]
+    distillation["teacher_res"] = (resolutions or [None])[0] if len(resolutions) < 2 else resolutions
+    if len(teachers) > 1:
+        notes.append(f"{len(teachers)} teachers: the student learns from the mean of their probabilities"
+                     + (f" at temperature {cfg.tau:g}" if "soft" in cfg.distillation else
+                        ", its top class" if "hard" in cfg.distillation else ""))
     return planned(StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes,
                               settings={"distillation": distillation}, model={"name": name, "args": args},
-                              classes=classes, init=init))
+                              classes=classes, init=init, teachers=teachers if len(teachers) > 1 else []))
 
 
 def student_init(cfg: StudentConfig, expecting: Expecting) -> Checkpoint:
@@ -103,15 +111,23 @@ def plan_cached_student(cfg: StudentConfig, expecting: Expecting) -> StagePlan:
                            "--repeated-aug.")
     cache = TeacherCache(cfg.teacher_cache)
     record = cache.manifest["teacher"]
-    teacher = None
-    if cfg.teacher is not None:
-        teacher = read_teacher(cfg.teacher, expecting=expecting)
-        if teacher.sha256 != record["sha256"]:
-            raise DistillError(f"The teacher cache {cache.root} was made by another teacher ({record['path']}), not "
-                               f"{teacher.path}.")
-    elif Path(record.get("path", "")).exists():  # kept for the evaluation's agreement with the teacher only
-        found = read_teacher(Path(record["path"]))
-        teacher = found if found.sha256 == record["sha256"] else None
+    made_by = cache.manifest.get("teachers") or [record]
+    teachers: list[Checkpoint] = []
+    if cfg.teacher:
+        teachers = [read_teacher(path, expecting=expecting) for path in cfg.teacher]
+        if sorted(t.sha256 for t in teachers) != sorted(r["sha256"] for r in made_by):
+            which = "another teacher" if len(made_by) == 1 else "other teachers"
+            raise DistillError(f"The teacher cache {cache.root} was made by {which} "
+                               f"({', '.join(r['path'] for r in made_by)}), not {', '.join(str(t.path) for t in teachers)}.")
+    else:  # kept for the evaluation's agreement with the teachers only
+        for made in made_by:
+            found = read_teacher(Path(made["path"])) if Path(made.get("path", "")).exists() else None
+            if found is None or found.sha256 != made["sha256"]:
+                teachers = []
+                break
+            teachers.append(found)
+    teachers = sorted(teachers, key=lambda t: [r["sha256"] for r in made_by].index(t.sha256))
+    teacher = teachers[0] if teachers else None
     cfg = inherit_data(inherit_from_cache(cfg, cache), teacher)
     if "feature" in cfg.distillation:
         raise DistillError(f"A teacher cache holds the teacher's probabilities, not its features: --distillation "
@@ -124,9 +140,10 @@ def plan_cached_student(cfg: StudentConfig, expecting: Expecting) -> StagePlan:
     args = {**student_args(cfg, len(classes), name), **token_args}
     distillation = distillation_record(cfg.distillation, cfg.alpha, cfg.tau, cfg.token, cfg.feature_loss, cfg.fusion)
     settings = {"distillation": distillation, "cache": {"path": str(cache.root.resolve()),
-                                                         "identity": cache.manifest["identity"], "teacher": record}}
+                                                         "identity": cache.manifest["identity"], "teacher": record,
+                                                         **({"teachers": made_by} if len(made_by) > 1 else {})}}
     plan = StagePlan("student", cfg, parent=teacher, teacher=teacher, notes=notes, settings=settings,
-                     model={"name": name, "args": args}, classes=classes)
+                     model={"name": name, "args": args}, classes=classes, teachers=teachers if len(teachers) > 1 else [])
     plan.settings["cache_object"] = cache
     return planned(plan)
 
@@ -145,8 +162,8 @@ def execute_student(plan: StagePlan) -> Checkpoint:
         model.load_state_dict(fit_deit_weights(plan.init.state_dict(), model,
                                                keep_heads=plan.init.knows_classes(data.classes)))
     set_distilled_training(model, True)
-    frozen = (frozen_teacher(teacher, (mean, std), cfg.img_size, cfg.teacher_res, compile=cfg.compile)
-              if teacher is not None else None)
+    frozen = frozen_teachers(plan.teachers or ([teacher] if teacher is not None else []), (mean, std), cfg.img_size,
+                             cfg.teacher_res, compile=cfg.compile, tau=cfg.tau if "soft" in cfg.distillation else 1.0)
     train_set, test_set = datasets_for(cfg, data, mean, std)
     cache: TeacherCache | None = plan.settings.get("cache_object")
     view_seeds_ = None
@@ -166,11 +183,12 @@ def execute_student(plan: StagePlan) -> Checkpoint:
     cached_teacher = (plan.settings.get("cache") or {}).get("teacher")
     record = (teacher.lineage(taught(cfg.distillation)) if teacher else
               {**cached_teacher, "inherited": taught(cfg.distillation)} if cached_teacher else None)
+    records = [one.lineage(taught(cfg.distillation)) for one in plan.teachers] or None  # when several
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "student", "model": {"name": name, "args": args},
                 "params": count_params(model), "data": data_record(cfg, data.classes, mean, std, data.info),
-                "parent": record, "teacher": record, "distillation": plan.settings["distillation"],
+                "parent": record, "teacher": record, "teachers": records, "distillation": plan.settings["distillation"],
                 "teacher_cache": {k: v for k, v in (plan.settings.get("cache") or {}).items() if k != "teacher"} or None,
                 "init": plan.init.lineage("weights") if plan.init else None}
 

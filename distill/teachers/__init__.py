@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -74,6 +75,26 @@ class FrozenTeacher(nn.Module):
         """Logits and pre-logits features (timm's forward_head(pre_logits=True)) from one pass of the body."""
         body = self._features(images)
         return _head_in_fp32(self.model, body), _head_in_fp32(self.model, body, pre_logits=True)
+
+
+class TeacherEnsemble(nn.Module):
+    """Several frozen teachers as one: each reads the batch at its own resolution and normalisation, and their output
+    is tau times the log of the mean of their probabilities at temperature tau. The loss's softmax(output / tau) is
+    then exactly that mean (soft distillation), and its argmax the mean's top class (hard; evaluation's agreement).
+    Written by hand: neither timm nor accelerate has an ensemble of teachers."""
+
+    def __init__(self, members: Sequence[FrozenTeacher], tau: float = 1.0):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.tau = tau
+
+    def train(self, mode: bool = True) -> "TeacherEnsemble":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([F.log_softmax(member(images).float() / self.tau, dim=1) for member in self.members])
+        return self.tau * (torch.logsumexp(log_probs, dim=0) - math.log(len(self.members)))
 
 
 def _head_in_fp32(model: nn.Module, features: torch.Tensor, **kwargs: Any) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 
 from distill.errors import DistillError
 from distill.students import resize
-from distill.teachers import FrozenTeacher
+from distill.teachers import FrozenTeacher, TeacherEnsemble
 from distill.weights.checkpoint import Checkpoint, build_model, class_difference
 
 
@@ -55,3 +55,29 @@ def frozen_teacher(ckpt: Checkpoint, input_norm: tuple[tuple[float, ...], tuple[
     if compile:  # the body: its head runs apart, in fp32
         teacher.body = torch.compile(teacher.model.forward_features)
     return teacher
+
+
+def frozen_teachers(ckpts: list[Checkpoint], input_norm: tuple[tuple[float, ...], tuple[float, ...]], img_size: int,
+                    teacher_res: str = "student", compile: bool = False, tau: float = 1.0
+                    ) -> FrozenTeacher | TeacherEnsemble | None:
+    """One teacher frozen as `frozen_teacher` makes it, several as the ensemble of the mean of their probabilities at
+    temperature `tau` (each at its own resolution under --teacher-res teacher, and its own normalisation); None for
+    none."""
+    members = [frozen_teacher(ckpt, input_norm, img_size, teacher_res, compile) for ckpt in ckpts]
+    if len(members) <= 1:
+        return members[0] if members else None
+    return TeacherEnsemble(members, tau)
+
+
+def several_teachers(ckpts: list[Checkpoint], distillation: str) -> None:
+    """Refuse what several teachers cannot do: give the same teacher twice, or regress features (whose widths and
+    meanings differ from teacher to teacher)."""
+    seen: dict[str, Checkpoint] = {}
+    for ckpt in ckpts:
+        if ckpt.written and ckpt.sha256 in seen:
+            raise DistillError(f"The teacher {ckpt.path} is given twice (the same weights as {seen[ckpt.sha256].path}); "
+                               "give each teacher once.")
+        seen[ckpt.sha256 if ckpt.written else str(ckpt.path)] = ckpt
+    if len(ckpts) > 1 and "feature" in distillation:
+        raise DistillError(f"--distillation {distillation} regresses one teacher's features; with several teachers "
+                           "distil from their mean probabilities with --distillation soft or hard.")

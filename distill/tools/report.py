@@ -148,6 +148,8 @@ def lineage_edges(runs: list[Run]) -> tuple[dict[str, str], list[tuple[str, str,
         add(meta.get("parent"), sha)
         if (meta.get("teacher") or {}).get("sha256") != (meta.get("parent") or {}).get("sha256"):
             add(meta.get("teacher"), sha)
+        for record in (meta.get("teachers") or [])[1:]:  # several teachers: the first is the parent
+            add(record, sha)
         add(meta.get("architecture_from"), sha, "recipe")
         for record in meta.get("ingredients") or []:
             add(record, sha, "ingredient")

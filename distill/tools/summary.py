@@ -180,7 +180,12 @@ def lineage_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
         kind = (meta.get("distillation") or {}).get("kind")
         role = (f"{kind} distillation" if kind not in (None, "none") and inherited(teacher, meta) != "recipe"
                 else "measured against only, not distilled from")
-        rows.append(("teacher", f"{_short(teacher)} ({role})"))
+        several = meta.get("teachers") or []
+        if len(several) > 1:
+            rows.append(("teachers", "; ".join(_short(one) for one in several)
+                         + f" ({role}{', their mean probabilities' if 'measured' not in role else ''})"))
+        else:
+            rows.append(("teacher", f"{_short(teacher)} ({role})"))
     else:
         rows.append(("teacher", "none"))
     return rows

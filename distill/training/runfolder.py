@@ -88,6 +88,7 @@ def saved_progress(run_dir: Path) -> tuple[Path, dict[str, int]] | None:
 # A callable gives the implied value from the old record's config: before --opt-eps each optimizer used its own timm
 # default, which was 1e-8 for AdamW and Adam (and SGD takes none); a record of another optimizer implies nothing.
 LATER_SETTINGS: dict[str, Any] = {"global_batch": None, "sync_bn": False, "fusion": "softmax", "bn": None,
+                                  "teacher_res": "student",  # a teacher cache's, before it read at a teacher's own
                                   "opt_eps": lambda old: 1e-8 if old.get("opt", "adamw") in ("adamw", "adam", "sgd",
                                                                                              "momentum") else "?"}
 
