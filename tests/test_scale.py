@@ -67,7 +67,14 @@ if os.environ.get("SLOW_WRITE") and rank == "0":  # process 0's checkpoint write
     engine.save_checkpoint = slow_write
     if os.environ.get("STALL"):  # ... and process 0 shows no sign of life meanwhile (a disk that does not answer)
         import distill.training.waiting as waiting
-        waiting.BEAT_SECONDS = 3600
+        waiting.beat_interval = lambda timeout: 3600
+if os.environ.get("SLOW_SHARD") and rank in os.environ.get("SLOW_RANKS", rank).split(","):
+    import distill.teachers.cache as cache  # each teacher-cache shard takes SLOW_SHARD seconds more to write
+    write_shard = cache.write_shard
+    def slow_shard(*args, **kwargs):
+        time.sleep(float(os.environ["SLOW_SHARD"]))
+        return write_shard(*args, **kwargs)
+    cache.write_shard = slow_shard
 from distill.cli import main
 main()
 '''
@@ -129,6 +136,32 @@ def test_a_writer_that_stops_showing_progress_is_named_by_the_process_that_waits
     assert ("Process 1 waited more than --dist-timeout 3 s for process 0 while it was writing the checkpoint, and it "
             "showed no progress") in said, result.stdout + result.stderr
     assert "Traceback" not in result.stdout
+
+
+@needs_torchrun
+def test_a_teacher_cache_resumed_by_one_process_alone_outlasts_a_short_timeout(tmp_path):
+    """A killed cache resumes where process 0's shards were all written and process 1's were not: process 1 takes 6 s
+    to write them under a 2-second process-group timeout while process 0, with nothing to do, waits for it outside
+    any collective; the cache completes with the same bytes."""
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)  # 36 training images
+    runs = tmp_path / "runs"
+    assert invoke("teach", "--data-dir", data, "--workdir", runs, *TINY).exit_code == 0
+    cache = ["cache-teacher", "--workdir", runs, "--views", "2", "--shard-size", "8", "--batch-size", "8",
+             "--num-workers", "0"]
+    first = torchrun(tmp_path, *cache)
+    assert first.returncode == 0, first.stdout + first.stderr
+    shards = sorted((runs / "teacher-cache").glob("shard-*.safetensors"))
+    assert len(shards) == 9  # 72 views in shards of 8
+    written = {path.name: path.read_bytes() for path in shards}
+    for path in shards[1::2]:  # process 1's shards: 1, 3, 5, 7
+        path.unlink()
+    manifest = runs / "teacher-cache" / "cache.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "complete": False}))  # as a killed run left it
+    second = torchrun(tmp_path, *cache, "--dist-timeout", "2", env={"SLOW_SHARD": "1.5", "SLOW_RANKS": "1"})
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "4 written now" in " ".join(second.stdout.split())
+    assert json.loads(manifest.read_text())["complete"] is True
+    assert {path.name: path.read_bytes() for path in (runs / "teacher-cache").glob("shard-*.safetensors")} == written
 
 
 @needs_torchrun

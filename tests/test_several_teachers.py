@@ -132,3 +132,32 @@ def test_a_cache_of_two_teachers_keeps_the_mean_of_their_probabilities(two):
     alone = invoke("student", "--workdir", runs, "--name", "cache-one", "--teacher-cache", runs / "cache-two",
                    "--teacher", runs / "teach", "--epochs", "1", "--num-workers", "0", *TINY_VIT)
     assert alone.exit_code == 2 and "was made by other teachers" in alone.output, alone.output
+
+
+def test_a_cache_of_two_teachers_refuses_a_temperature_and_names_its_teachers_when_they_have_moved(two, tmp_path):
+    """A cache of several teachers holds their mean at temperature 1, which a --tau cannot turn into the mean at
+    another temperature; a student made from it records both teachers even when their files are gone."""
+    import shutil
+
+    runs, _ = two
+    made = invoke("cache-teacher", "--workdir", runs, "--name", "cache-moved", "--teacher", runs / "teach", "--teacher",
+                  runs / "teach-resnet", "--views", "1", "--epochs", "1", "--num-workers", "0", "--batch-size", "16",
+                  "--img-size", "16")
+    assert made.exit_code == 0, made.output
+    moved = tmp_path / "cache"
+    shutil.copytree(runs / "cache-moved", moved)
+    manifest = json.loads((moved / "cache.json").read_text())
+    for record in [manifest["teacher"], *manifest["teachers"]]:
+        record["path"] = str(tmp_path / "gone" / "model.safetensors")
+    (moved / "cache.json").write_text(json.dumps(manifest))
+    student = ["student", "--workdir", runs, "--teacher-cache", moved, "--epochs", "1", "--batch-size", "8",
+               "--num-workers", "0", "--warmup-epochs", "0", "--distillation", "soft", *TINY_VIT]
+    hot = invoke(*student, "--name", "cache-tau", "--tau", "3")
+    assert hot.exit_code == 2 and "--tau 3 would sharpen that mean" in " ".join(hot.output.split()), hot.output
+    assert not (runs / "cache-tau").exists()
+    made = invoke(*student, "--name", "cache-moved-student")
+    assert made.exit_code == 0, made.output
+    shas = [read_checkpoint(runs / name).sha256 for name in ("teach", "teach-resnet")]
+    assert [r["sha256"] for r in read_checkpoint(runs / "cache-moved-student").meta["teachers"]] == shas
+    tuned = invoke("finetune", "--workdir", runs, "--checkpoint", runs / "cache-moved-student", "--img-size", "24")
+    assert tuned.exit_code == 2 and "distilled from 2 teachers" in tuned.output, tuned.output

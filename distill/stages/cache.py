@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 from accelerate import Accelerator
 
@@ -24,6 +24,7 @@ from distill.teachers.cache import (fill_shards, read_manifest, shard_count, sha
 from distill.teachers.frozen import check_classes, frozen_teachers, several_teachers
 from distill.training.processes import make_accelerator
 from distill.training.runfolder import FolderLock, as_recorded, normalise
+from distill.training.waiting import shared_outcome
 from distill.weights.naming import precision_name
 
 
@@ -78,9 +79,7 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
         if not cfg.overwrite:
             raise DistillError(f"{root} already holds a teacher cache made with other settings; pass --overwrite to "
                                "replace it, or --name to write elsewhere.")
-        if acc.is_main_process:
-            shutil.rmtree(root)
-        acc.wait_for_everyone()
+        on_first(acc, lambda: shutil.rmtree(root), cfg.dist_timeout, "removing the old cache")
         existing = None
     if existing is not None and existing.get("complete"):
         if acc.is_main_process:
@@ -105,29 +104,66 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
         console.print(f"[bold]cache-teacher[/] -> {root}  ({cfg.views} views x {len(data.train):,} images, top-{cfg.top_k}, "
                       f"{acc.num_processes} process(es), precision {precision_name(cfg.mixed_precision)})"
                       + "".join(f"\n  {note}" for note in plan.notes), soft_wrap=True)
+
+    def start() -> None:
         root.mkdir(parents=True, exist_ok=True)
         if existing is None:
             write_manifest(root, manifest)
-    acc.wait_for_everyone()
+
+    on_first(acc, start, cfg.dist_timeout, "writing the cache's manifest")
     frozen = frozen_teachers(teachers, (mean, std), cfg.img_size, cfg.teacher_res, compile=cfg.compile).to(acc.device)
     choose_kernels(acc, [frozen], cfg.attention, cfg.onednn_linear)
     if channels_last(cfg.channels_last, acc.device.type, cfg.mixed_precision):
         to_channels_last([frozen])
     dataset = Transformed(data.train, training_transform(cfg, mean, std))
     total = shard_count(cfg.views, len(data.train), cfg.shard_size)
-    with Progress(console=console, transient=True, disable=not (acc.is_main_process and console.is_terminal)) as bar:
-        task = bar.add_task("teacher views", total=-(-total // acc.num_processes))
-        written = fill_shards(root, dataset, seeds, frozen, acc, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                              top_k=cfg.top_k, shard_size=cfg.shard_size, progress=lambda shard: bar.advance(task))
-    acc.wait_for_everyone()
+    written = [0]
+
+    def fill() -> None:  # a process whose shards a killed run already wrote waits here for the others, beyond the timeout
+        with Progress(console=console, transient=True, disable=not (acc.is_main_process and console.is_terminal)) as bar:
+            task = bar.add_task("teacher views", total=-(-total // acc.num_processes))
+            written[0] = fill_shards(root, dataset, seeds, frozen, acc, batch_size=cfg.batch_size,
+                                     num_workers=cfg.num_workers, top_k=cfg.top_k, shard_size=cfg.shard_size,
+                                     progress=lambda shard: bar.advance(task))
+
+    on_every(fill, cfg.dist_timeout, "filling its shards of the cache")
     missing = [shard for shard in range(total) if not shard_path(root, shard).exists()]  # every process looks alike
     if missing:  # complete only when every process's shards are there
         raise DistillError(f"The teacher cache {root} lacks {len(missing)} of its {total} shards (e.g. "
                            f"{shard_path(root, missing[0]).name}) after every process finished; run the same command "
                            "again to write them.")
+    on_first(acc, lambda: write_manifest(root, {**manifest, "complete": True}), cfg.dist_timeout,
+             "marking the cache complete")
+    if acc.num_processes > 1:  # every process has settled: this collective waits for none
+        from accelerate.utils import gather_object
+
+        written = [sum(gather_object(written))]
     if acc.is_main_process:
-        write_manifest(root, {**manifest, "complete": True})
-        console.print(f"teacher cache: {root}, {total} shards ({written} written now), "
+        console.print(f"teacher cache: {root}, {total} shards ({written[0]} written now), "
                       f"{cfg.views * len(data.train):,} views", soft_wrap=True)
-    acc.wait_for_everyone()
     return None
+
+
+def on_first(acc: Accelerator, action: Callable[[], Any], timeout: float, doing: str) -> None:
+    """A write by process 0 that the others wait for outside any collective (it may outlast --dist-timeout)."""
+    _settled(shared_outcome(lambda: _attempt(action), acc.is_main_process, timeout, doing))
+
+
+def on_every(action: Callable[[], Any], timeout: float, doing: str) -> None:
+    """Work on every process, after which each waits for all the others outside any collective."""
+    _settled(shared_outcome(lambda: _attempt(action), True, timeout, doing))
+
+
+def _attempt(action: Callable[[], Any]) -> str | None:
+    try:
+        action()
+    except DistillError as error:
+        return error.sentence
+    except OSError as error:
+        return f"A write into the teacher cache failed: {error.strerror or error} ({error.filename or 'its folder'})."
+    return None
+
+
+def _settled(problem: str | None) -> None:
+    if problem:
+        raise DistillError(problem)

@@ -18,6 +18,7 @@ from distill.stages.common import (Expecting, StagePlan, count_params, criterion
                                    taught)
 from distill.students import (build_student, default_token, fit_deit_weights, fused_outputs, set_distilled_training, student_args,
                               student_model)
+from distill.teachers import TeacherEnsemble
 from distill.teachers.cache import TeacherCache, targets_digest
 from distill.teachers.frozen import check_classes, frozen_teachers, several_teachers, teacher_resolution
 from distill.training.engine import Job
@@ -112,6 +113,11 @@ def plan_cached_student(cfg: StudentConfig, expecting: Expecting) -> StagePlan:
     cache = TeacherCache(cfg.teacher_cache)
     record = cache.manifest["teacher"]
     made_by = cache.manifest.get("teachers") or [record]
+    if len(made_by) > 1 and cfg.distillation == "soft" and cfg.tau != 1.0:
+        raise DistillError(f"The teacher cache {cache.root} keeps the mean of {len(made_by)} teachers' probabilities at "
+                           f"temperature 1; --tau {cfg.tau:g} would sharpen that mean, not each teacher's probabilities "
+                           "as their live ensemble does. Distil from the teachers themselves (--teacher, without "
+                           "--teacher-cache), or with --tau 1.")
     teachers: list[Checkpoint] = []
     if cfg.teacher:
         teachers = [read_teacher(path, expecting=expecting) for path in cfg.teacher]
@@ -154,6 +160,8 @@ def execute_student(plan: StagePlan) -> Checkpoint:
     if done is not None:
         return done
     data, mean, std = load_with_norm(run, teacher, f"the dataset {cfg.data_dir or cfg.dataset}")
+    for other in plan.teachers[1:]:
+        check_classes(other, data.classes, f"the dataset {cfg.data_dir or cfg.dataset}")
     name, token_args = student_model(cfg.model, cfg.token)
     model, args = build_student(name, len(data.classes), cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                                 depth=cfg.depth, num_heads=cfg.num_heads, layer_scale=cfg.layer_scale,
@@ -183,7 +191,9 @@ def execute_student(plan: StagePlan) -> Checkpoint:
     cached_teacher = (plan.settings.get("cache") or {}).get("teacher")
     record = (teacher.lineage(taught(cfg.distillation)) if teacher else
               {**cached_teacher, "inherited": taught(cfg.distillation)} if cached_teacher else None)
-    records = [one.lineage(taught(cfg.distillation)) for one in plan.teachers] or None  # when several
+    records = ([one.lineage(taught(cfg.distillation)) for one in plan.teachers]  # when several
+               or [{**one, "inherited": taught(cfg.distillation)} for one in (plan.settings.get("cache") or {}).get("teachers", [])]
+               or None)
 
     def describe(metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "student", "stage": "student", "model": {"name": name, "args": args},
@@ -196,6 +206,8 @@ def execute_student(plan: StagePlan) -> Checkpoint:
               retransform=resolution_setter(cfg, mean, std, train_set, test_set, True),
               criterion=criterion_for(cfg, cfg.distillation, frozen if cache is None else None, cfg.alpha, cfg.tau,
                                       student=model, cached=cache is not None),
-              num_classes=len(data.classes), describe=describe, predict=fused_outputs(cfg.fusion or "logits"), reference=frozen,
+              num_classes=len(data.classes), describe=describe, predict=fused_outputs(cfg.fusion or "logits"),
+              reference=TeacherEnsemble(frozen.members, 1.0) if isinstance(frozen, TeacherEnsemble) and frozen.tau != 1
+              else frozen,
               class_names=data.classes, notes=plan.notes, view_seeds=view_seeds_)
     return run.fit(job)

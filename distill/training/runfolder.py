@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import time
 import zipfile
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -41,7 +40,7 @@ from distill.config import StageConfig, config_differences, to_dict, write_toml
 from distill.console import console
 from distill.errors import DistillError
 from distill.teachers.cache import MANIFEST as CACHE_MANIFEST
-from distill.training.waiting import beating, settle
+from distill.training.waiting import shared_outcome
 
 STATE_DIR, STATE_TMP, STATE_OLD = "state", "state.tmp", "state.old"
 IDENTITY_FILE, CONFIG_FILE, METRICS_FILE, PROGRESS_FILE, EMA_STATE = (
@@ -439,13 +438,8 @@ class RunFolder:
         """Run a file write on the main process (or on every process); if it fails anywhere, every process stops
         with the same sentence, rather than the others waiting for one that has gone. The others wait outside any
         collective (distill.training.waiting): a write may take longer than --dist-timeout while it goes on."""
-        acc = self.accelerator
-        problem = None
-        if everywhere or acc.is_main_process:
-            with beating() if acc.num_processes > 1 else nullcontext():
-                problem = self._attempt(action)
-        if acc.num_processes > 1:
-            problem = settle(problem, self.config.dist_timeout, doing)
+        problem = shared_outcome(lambda: self._attempt(action), everywhere or self.accelerator.is_main_process,
+                                 self.config.dist_timeout, doing)
         if problem:
             raise DistillError(problem)
 

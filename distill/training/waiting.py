@@ -13,14 +13,14 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator
 
 import torch.distributed as dist
 
 from distill.errors import ProcessStalled
 
-BEAT_SECONDS = 1.0  # how often a writing process says it is alive
+BEAT_SECONDS = 1.0  # how often a writing process says it is alive (more often under a --dist-timeout below 4 s)
 POLL_SECONDS = 0.05
 _calls = itertools.count()  # every process makes the same calls in the same order, so the numbers agree
 
@@ -29,14 +29,23 @@ def _store() -> dist.Store:
     return dist.distributed_c10d._get_default_store()
 
 
+def beat_interval(timeout: float) -> float:
+    """Seconds between heartbeats: at least four within the timeout the waiting processes allow."""
+    return min(BEAT_SECONDS, timeout / 4)
+
+
+def several_processes() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 @contextmanager
-def beating() -> Iterator[None]:
-    """While the body runs, this process's heartbeat counter goes up every BEAT_SECONDS."""
-    store, rank = _store(), dist.get_rank()
+def beating(timeout: float) -> Iterator[None]:
+    """While the body runs, this process's heartbeat counter goes up every `beat_interval(timeout)` seconds."""
+    store, rank, interval = _store(), dist.get_rank(), beat_interval(timeout)
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(BEAT_SECONDS):
+        while not stop.wait(interval):
             try:
                 store.add(f"distill/beat/{rank}", 1)
             except Exception:  # the store went away: the waiting processes will see no progress and say so
@@ -78,3 +87,25 @@ def settle(problem: str | None, timeout: float, doing: str) -> str | None:
                                      "answer; see its output.")
         time.sleep(POLL_SECONDS)
     return next((answers[r] for r in range(world) if answers[r]), None)
+
+
+def shared_outcome(attempt: Callable[[], str | None], runs_here: bool, timeout: float, doing: str) -> str | None:
+    """Run `attempt` on this process when `runs_here` (beating meanwhile), then settle with every process: the first
+    problem any process's attempt returned, or None. An exception the attempt does not turn into a problem is told to
+    the others as their problem (so they stop at once with a sentence, rather than after `timeout`), then raised
+    here."""
+    many = several_processes()
+    problem = None
+    if runs_here:
+        try:
+            with beating(timeout) if many else nullcontext():
+                problem = attempt()
+        except BaseException as error:
+            if many:
+                try:
+                    settle(f"Process {dist.get_rank()} failed while {doing} ({type(error).__name__}: {error}); see its "
+                           "output.", timeout, doing)
+                except Exception:  # the others are gone too: this process's own error says more
+                    pass
+            raise
+    return settle(problem, timeout, doing) if many else problem
