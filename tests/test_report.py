@@ -24,7 +24,8 @@ def workdir(tmp_path_factory):
     for command in (["teach", "--data-dir", data, *TINY, "--epochs", "2"],
                     ["student", *TINY, *TINY_VIT, "--epochs", "2"],
                     ["finetune", "--res", "24", *TINY[:-4], *TINY[-2:], "--teacher-epochs", "1"],
-                    ["transfer", "--data-dir", target, *TINY]):
+                    ["transfer", "--data-dir", target, *TINY],
+                    ["student", *TINY, "--model", "resnet10t", "--name", "student-resnet"]):  # a convnet student too
         result = invoke(*command, "--workdir", runs)
         assert result.exit_code == 0, result.output
     return runs
@@ -84,6 +85,9 @@ def test_the_page_holds_every_plot_and_table_and_only_numbers_from_the_run_files
     assert "<td>teach</td><td>student</td><td>teacher</td>" in lineage
     assert "<td>student</td><td>finetune</td><td>weights</td>" in lineage
     assert page.split("id='per-class'")[1].count("<td>transfer-target</td>") == 1
+    assert "<td>teach</td><td>student-resnet</td><td>teacher</td>" in lineage  # a convnet student beside the DeiTs
+    summary = page.split("id='summary'")[1].split("<h2")[0]
+    assert "<td>student-resnet</td><td>student</td><td>resnet10t @ 16px (4.92M params)</td>" in summary, summary
 
     visible = re.sub(r"<style>.*?</style>|<span class='ref'>.*?</span>|<[^>]+>", " ", page, flags=re.S)
     allowed = numbers_in_run_files(workdir)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import pytest
 import timm
 import torch
@@ -159,9 +162,18 @@ def test_a_convnet_student_distils_exports_and_predicts(taught, tmp_path):
         student = read_checkpoint(runs / f"resnet-{kind}")
         assert (student.model_name, student.model_args) == ("resnet10t", {"num_classes": 3})
         assert student.meta["distillation"]["kind"] == kind and student.meta["distillation"]["token"] is False
-    exported = invoke("export", runs / "resnet-hard", "--out", tmp_path / "exported")
+    exported = invoke("export", runs / "resnet-hard", "--out", tmp_path / "exported", "--onnx")
     assert exported.exit_code == 0 and "logits identical" in exported.output, exported.output
     model = timm.create_model("local-dir:" + str(tmp_path / "exported"), pretrained=True).eval()
+    if importlib.util.find_spec("onnxruntime"):  # the ONNX model gives the timm folder's probabilities
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(tmp_path / "exported" / "model.onnx"),
+                                               providers=["CPUExecutionProvider"])
+        images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = model(images).softmax(-1)
+        assert torch.allclose(torch.from_numpy(session.run(None, {"images": images.numpy()})[0]), expected, atol=1e-5)
     image = sorted((data / "test" / "star").iterdir())[0]
     predicted = invoke("predict", runs / "resnet-hard", image, "--format", "json")
     assert predicted.exit_code == 0, predicted.output
@@ -186,6 +198,16 @@ def test_a_convnet_student_distils_exports_and_predicts(taught, tmp_path):
     transferred = read_checkpoint(runs / "resnet-transfer")
     assert (transferred.model_name, transferred.model_args) == ("resnet10t", {"num_classes": 2})
     assert transferred.meta["parent"]["sha256"] == ckpt.sha256
+    souped = invoke("soup", runs / "resnet-hard", runs / "resnet-soft", "--out", tmp_path / "soup", "--num-workers", "0",
+                    "--batch-size", "8")
+    assert souped.exit_code == 0, souped.output
+    soup, soft = load_file(tmp_path / "soup" / "model.safetensors"), load_file(read_checkpoint(runs / "resnet-soft").path)
+    hard = load_file(ckpt.path)
+    assert torch.allclose(soup["fc.weight"], (hard["fc.weight"] + soft["fc.weight"]) / 2, atol=1e-6)
+    timed = invoke("benchmark", runs / "resnet-hard", "--no-training", "--batch-size", "2", "--steps", "1",
+                   "--warmup", "0", "--json", tmp_path / "bench.json")
+    assert timed.exit_code == 0, timed.output
+    assert json.loads((tmp_path / "bench.json").read_text())[0]["model"].startswith("resnet10t")
 
 
 def test_a_convnet_student_is_fine_tuned_by_fixres(taught):
