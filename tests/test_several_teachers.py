@@ -153,7 +153,7 @@ def test_a_cache_of_two_teachers_refuses_a_temperature_and_names_its_teachers_wh
     student = ["student", "--workdir", runs, "--teacher-cache", moved, "--epochs", "1", "--batch-size", "8",
                "--num-workers", "0", "--warmup-epochs", "0", "--distillation", "soft", *TINY_VIT]
     hot = invoke(*student, "--name", "cache-tau", "--tau", "3")
-    assert hot.exit_code == 2 and "--tau 3 would sharpen that mean" in " ".join(hot.output.split()), hot.output
+    assert hot.exit_code == 2 and "--tau 3 would apply its temperature to that mean" in " ".join(hot.output.split()), hot.output
     assert not (runs / "cache-tau").exists()
     made = invoke(*student, "--name", "cache-moved-student")
     assert made.exit_code == 0, made.output

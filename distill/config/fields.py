@@ -61,8 +61,9 @@ class StageConfig:
                                   "Run", choices=("auto", "no", "bf16", "fp16"))
     dist_timeout: int = option(1800, "Seconds a process waits for the others in a collective operation before the run "
                                "stops with a sentence (the process-group timeout; data is prepared by every process at "
-                               "once, so no process waits while another prepares it; a checkpoint being written is "
-                               "waited for as long as its writer shows progress).", "Run", result=False)
+                               "once, so no process waits while another prepares it; a checkpoint being written, and a teacher "
+                               "cache's shards, are waited for as long as their writer shows progress).", "Run",
+                               result=False)
     deterministic: bool = option(False, "Deterministic kernels on a GPU (torch.use_deterministic_algorithms, no "
                                  "cudnn.benchmark; slower): with it a resumed CUDA run ends bit for bit as an "
                                  "uninterrupted one, as a CPU run always does.", "Run", result=False)

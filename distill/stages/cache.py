@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from pathlib import Path
 from typing import Any, Callable
 
 from accelerate import Accelerator
 
 from rich.progress import Progress
+from safetensors import SafetensorError
 
 from distill.config import CacheConfig, to_dict
 from distill.console import console
@@ -24,7 +26,7 @@ from distill.teachers.cache import (fill_shards, read_manifest, shard_count, sha
 from distill.teachers.frozen import check_classes, frozen_teachers, several_teachers
 from distill.training.processes import make_accelerator
 from distill.training.runfolder import FolderLock, as_recorded, normalise
-from distill.training.waiting import shared_outcome
+from distill.training.waiting import beat, shared_outcome
 from distill.weights.naming import precision_name
 
 
@@ -79,7 +81,7 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
         if not cfg.overwrite:
             raise DistillError(f"{root} already holds a teacher cache made with other settings; pass --overwrite to "
                                "replace it, or --name to write elsewhere.")
-        on_first(acc, lambda: shutil.rmtree(root), cfg.dist_timeout, "removing the old cache")
+        on_first(acc, root, lambda: shutil.rmtree(root), cfg.dist_timeout, "removing the old cache")
         existing = None
     if existing is not None and existing.get("complete"):
         if acc.is_main_process:
@@ -110,7 +112,7 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
         if existing is None:
             write_manifest(root, manifest)
 
-    on_first(acc, start, cfg.dist_timeout, "writing the cache's manifest")
+    on_first(acc, root, start, cfg.dist_timeout, "writing the cache's manifest")
     frozen = frozen_teachers(teachers, (mean, std), cfg.img_size, cfg.teacher_res, compile=cfg.compile).to(acc.device)
     choose_kernels(acc, [frozen], cfg.attention, cfg.onednn_linear)
     if channels_last(cfg.channels_last, acc.device.type, cfg.mixed_precision):
@@ -119,21 +121,29 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
     total = shard_count(cfg.views, len(data.train), cfg.shard_size)
     written = [0]
 
-    def fill() -> None:  # a process whose shards a killed run already wrote waits here for the others, beyond the timeout
+    def shard_done(bar: Progress, task: Any) -> None:
+        bar.advance(task)
+        beat()  # each shard written is this process's progress, which the processes that finished first wait on
+
+    def fill() -> None:  # a process whose shards a killed run already wrote waits for the others, beyond the timeout
         with Progress(console=console, transient=True, disable=not (acc.is_main_process and console.is_terminal)) as bar:
             task = bar.add_task("teacher views", total=-(-total // acc.num_processes))
             written[0] = fill_shards(root, dataset, seeds, frozen, acc, batch_size=cfg.batch_size,
                                      num_workers=cfg.num_workers, top_k=cfg.top_k, shard_size=cfg.shard_size,
-                                     progress=lambda shard: bar.advance(task))
+                                     progress=lambda shard: shard_done(bar, task))
 
-    on_every(fill, cfg.dist_timeout, "filling its shards of the cache")
-    missing = [shard for shard in range(total) if not shard_path(root, shard).exists()]  # every process looks alike
-    if missing:  # complete only when every process's shards are there
-        raise DistillError(f"The teacher cache {root} lacks {len(missing)} of its {total} shards (e.g. "
-                           f"{shard_path(root, missing[0]).name}) after every process finished; run the same command "
-                           "again to write them.")
-    on_first(acc, lambda: write_manifest(root, {**manifest, "complete": True}), cfg.dist_timeout,
-             "marking the cache complete")
+    _settled(shared_outcome(lambda: _attempt(fill, root), True, cfg.dist_timeout, "filling its shards of the cache",
+                            shows_progress=True))
+
+    def complete() -> None:  # process 0 alone looks (on a shared filesystem another may still see an old listing)
+        missing = [shard for shard in range(total) if not shard_path(root, shard).exists()]
+        if missing:  # complete only when every process's shards are there
+            raise DistillError(f"The teacher cache {root} lacks {len(missing)} of its {total} shards (e.g. "
+                               f"{shard_path(root, missing[0]).name}) after every process finished; run the same "
+                               "command again to write them.")
+        write_manifest(root, {**manifest, "complete": True})
+
+    on_first(acc, root, complete, cfg.dist_timeout, "marking the cache complete")
     if acc.num_processes > 1:  # every process has settled: this collective waits for none
         from accelerate.utils import gather_object
 
@@ -144,23 +154,21 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
     return None
 
 
-def on_first(acc: Accelerator, action: Callable[[], Any], timeout: float, doing: str) -> None:
+def on_first(acc: Accelerator, root: Path, action: Callable[[], Any], timeout: float, doing: str) -> None:
     """A write by process 0 that the others wait for outside any collective (it may outlast --dist-timeout)."""
-    _settled(shared_outcome(lambda: _attempt(action), acc.is_main_process, timeout, doing))
+    _settled(shared_outcome(lambda: _attempt(action, root), acc.is_main_process, timeout, doing))
 
 
-def on_every(action: Callable[[], Any], timeout: float, doing: str) -> None:
-    """Work on every process, after which each waits for all the others outside any collective."""
-    _settled(shared_outcome(lambda: _attempt(action), True, timeout, doing))
-
-
-def _attempt(action: Callable[[], Any]) -> str | None:
+def _attempt(action: Callable[[], Any], root: Path) -> str | None:
+    """Run the action; the sentence for a failure of the cache's files, or None."""
     try:
         action()
     except DistillError as error:
         return error.sentence
-    except OSError as error:
-        return f"A write into the teacher cache failed: {error.strerror or error} ({error.filename or 'its folder'})."
+    except (OSError, SafetensorError) as error:
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+        return (f"The teacher cache's files could not be written or read: {reason} "
+                f"({getattr(error, 'filename', None) or root}); run the same command again once that is mended.")
     return None
 
 

@@ -115,8 +115,8 @@ def plan_cached_student(cfg: StudentConfig, expecting: Expecting) -> StagePlan:
     made_by = cache.manifest.get("teachers") or [record]
     if len(made_by) > 1 and cfg.distillation == "soft" and cfg.tau != 1.0:
         raise DistillError(f"The teacher cache {cache.root} keeps the mean of {len(made_by)} teachers' probabilities at "
-                           f"temperature 1; --tau {cfg.tau:g} would sharpen that mean, not each teacher's probabilities "
-                           "as their live ensemble does. Distil from the teachers themselves (--teacher, without "
+                           f"temperature 1; --tau {cfg.tau:g} would apply its temperature to that mean, not to each "
+                           "teacher's logits as their live ensemble does. Distil from the teachers themselves (--teacher, without "
                            "--teacher-cache), or with --tau 1.")
     teachers: list[Checkpoint] = []
     if cfg.teacher:
@@ -180,6 +180,11 @@ def execute_student(plan: StagePlan) -> Checkpoint:
             raise DistillError(f"The training data is not the one the teacher cache {cache.root} was made on (its images or "
                                "labels changed); make the cache again.")
         train_set.view_target = functools.partial(cache.target, kind=cfg.distillation)
+        if run.accelerator.num_processes > 1:  # each process looked for the cache's teachers on its own disk: measure the
+            from accelerate.utils import gather_object  # agreement with them only where every process found them
+
+            if not all(gather_object([frozen is not None])):
+                frozen = None
         view_seeds_ = cache.seeds()
         filled_on, here = cache.manifest.get("erase_noise"), run.accelerator.device.type
         if cfg.reprob and filled_on != here:

@@ -38,20 +38,27 @@ def several_processes() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def beat() -> None:
+    """One heartbeat of this process, from work that shows its own progress (a shard of the teacher cache written)."""
+    if several_processes():
+        _store().add(f"distill/beat/{dist.get_rank()}", 1)
+
+
 @contextmanager
 def beating(timeout: float) -> Iterator[None]:
-    """While the body runs, this process's heartbeat counter goes up every `beat_interval(timeout)` seconds."""
+    """While the body runs, this process's heartbeat counter goes up every `beat_interval(timeout)` seconds: for one
+    long call (a file write) that cannot report progress, it says the process is alive, not that the call advances."""
     store, rank, interval = _store(), dist.get_rank(), beat_interval(timeout)
     stop = threading.Event()
 
-    def beat() -> None:
+    def beating_thread() -> None:
         while not stop.wait(interval):
             try:
                 store.add(f"distill/beat/{rank}", 1)
-            except Exception:  # the store went away: the waiting processes will see no progress and say so
-                return
+            except Exception:  # a store that does not answer for a moment: try again at the next beat
+                continue
 
-    thread = threading.Thread(target=beat, daemon=True)
+    thread = threading.Thread(target=beating_thread, daemon=True)
     thread.start()
     try:
         yield
@@ -60,52 +67,63 @@ def beating(timeout: float) -> Iterator[None]:
         thread.join()
 
 
+def _answer(problem: str | None) -> int:
+    """Give this process's answer to the next wait (its problem, or ""); returns the wait's number."""
+    store, rank = _store(), dist.get_rank()
+    call = next(_calls)
+    store.set(f"distill/done/{call}/{rank}", problem or "")
+    if call >= 2:  # every process has read call - 2's answers before it gave its answer to call - 1
+        store.delete_key(f"distill/done/{call - 2}/{rank}")
+    return call
+
+
 def settle(problem: str | None, timeout: float, doing: str) -> str | None:
     """Tell every process that this one's part is done (with its problem, or None), wait for all of theirs, and
     return the first problem any process had. A process that neither finishes nor beats for `timeout` seconds stops
     the wait with a sentence naming it and what it was `doing`."""
     store, rank, world = _store(), dist.get_rank(), dist.get_world_size()
-    call = next(_calls)
-    store.set(f"distill/done/{call}/{rank}", problem or "")
-    if call >= 2:  # every process has read call - 2's answers before it gave its answer to call - 1
-        store.delete_key(f"distill/done/{call - 2}/{rank}")
+    call = _answer(problem)
     answers: dict[int, str] = {rank: problem or ""}
-    heard = {other: (None, time.monotonic()) for other in range(world) if other != rank}
+    started = time.monotonic()
+    heard = {other: (None, started) for other in range(world) if other != rank}
     while len(answers) < world:
         for other in [r for r in heard if r not in answers]:
             key = f"distill/done/{call}/{other}"
             if store.check([key]):
                 answers[other] = store.get(key).decode()
                 continue
-            beat, since = heard[other]
+            beat_count, since = heard[other]
             now_beat = store.add(f"distill/beat/{other}", 0)
-            if now_beat != beat:
+            if now_beat != beat_count:
                 heard[other] = (now_beat, time.monotonic())
             elif time.monotonic() - since > timeout:
                 raise ProcessStalled(f"Process {rank} waited more than --dist-timeout {timeout:g} s for process {other} "
-                                     f"while it was {doing}, and it showed no progress: it stopped or its disk does not "
-                                     "answer; see its output.")
-        time.sleep(POLL_SECONDS)
+                                     f"while it was {doing}, and it showed no progress: it stopped or hangs; see its "
+                                     "output.")
+        # polled often at first, then at most once a second: a long wait of many processes loads process 0's store less
+        time.sleep(min(1.0, timeout / 8, POLL_SECONDS + (time.monotonic() - started) / 100))
     return next((answers[r] for r in range(world) if answers[r]), None)
 
 
-def shared_outcome(attempt: Callable[[], str | None], runs_here: bool, timeout: float, doing: str) -> str | None:
-    """Run `attempt` on this process when `runs_here` (beating meanwhile), then settle with every process: the first
-    problem any process's attempt returned, or None. An exception the attempt does not turn into a problem is told to
-    the others as their problem (so they stop at once with a sentence, rather than after `timeout`), then raised
-    here."""
+def shared_outcome(attempt: Callable[[], str | None], runs_here: bool, timeout: float, doing: str,
+                   shows_progress: bool = False) -> str | None:
+    """Run `attempt` on this process when `runs_here`, then settle with every process: the first problem any
+    process's attempt returned, or None. Meanwhile this process beats: by itself when `shows_progress` (the attempt
+    calls `beat()` as it advances), else from a thread. An exception the attempt does not turn into a problem is given
+    to the others as this process's answer, without waiting for theirs (they stop with it as soon as they wait), then
+    raised here."""
     many = several_processes()
     problem = None
     if runs_here:
         try:
-            with beating(timeout) if many else nullcontext():
+            with beating(timeout) if many and not shows_progress else nullcontext():
                 problem = attempt()
         except BaseException as error:
             if many:
+                first = (str(error).strip().splitlines() or [""])[0]
                 try:
-                    settle(f"Process {dist.get_rank()} failed while {doing} ({type(error).__name__}: {error}); see its "
-                           "output.", timeout, doing)
-                except Exception:  # the others are gone too: this process's own error says more
+                    _answer(f"Process {dist.get_rank()} failed while {doing} ({type(error).__name__}: {first}).")
+                except Exception:  # the store is gone too: this process's own error says more
                     pass
             raise
     return settle(problem, timeout, doing) if many else problem
