@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TINY, invoke, kill_once_saved, make_image_folder
+from conftest import TINY, TINY_VIT, invoke, kill_once_saved, make_image_folder
 from distill.teachers import norms_in_forward_order
 from distill.weights.checkpoint import read_checkpoint
 
@@ -162,6 +162,14 @@ def test_a_teacher_cache_resumed_by_one_process_alone_outlasts_a_short_timeout(t
     assert "4 written now" in " ".join(second.stdout.split())
     assert json.loads(manifest.read_text())["complete"] is True
     assert {path.name: path.read_bytes() for path in (runs / "teacher-cache").glob("shard-*.safetensors")} == written
+    # A student taught by the cache on two processes, process 0's checkpoint write 5 s under the 3-second timeout:
+    # both processes found the cache's teacher, so the agreement with it is measured.
+    student = torchrun(tmp_path, "student", "--workdir", runs, "--teacher-cache", runs / "teacher-cache", *TINY,
+                       *TINY_VIT, "--epochs", "2", "--distillation", "soft", "--dist-timeout", "3",
+                       env={"SLOW_WRITE": "5"})
+    assert student.returncode == 0, student.stdout + student.stderr
+    taught = read_checkpoint(runs / "student")
+    assert taught.meta["processes"] == 2 and "disagreement" in taught.meta["metrics"], taught.meta["metrics"]
 
 
 @needs_torchrun

@@ -119,18 +119,19 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
         to_channels_last([frozen])
     dataset = Transformed(data.train, training_transform(cfg, mean, std))
     total = shard_count(cfg.views, len(data.train), cfg.shard_size)
-    written = [0]
+    written = 0
 
-    def shard_done(bar: Progress, task: Any) -> None:
+    def advanced(bar: Progress, task: Any) -> None:
         bar.advance(task)
         beat()  # each shard written is this process's progress, which the processes that finished first wait on
 
     def fill() -> None:  # a process whose shards a killed run already wrote waits for the others, beyond the timeout
+        nonlocal written
         with Progress(console=console, transient=True, disable=not (acc.is_main_process and console.is_terminal)) as bar:
             task = bar.add_task("teacher views", total=-(-total // acc.num_processes))
-            written[0] = fill_shards(root, dataset, seeds, frozen, acc, batch_size=cfg.batch_size,
-                                     num_workers=cfg.num_workers, top_k=cfg.top_k, shard_size=cfg.shard_size,
-                                     progress=lambda shard: shard_done(bar, task))
+            written = fill_shards(root, dataset, seeds, frozen, acc, batch_size=cfg.batch_size,
+                                  num_workers=cfg.num_workers, top_k=cfg.top_k, shard_size=cfg.shard_size,
+                                  progress=lambda shard: advanced(bar, task))
 
     _settled(shared_outcome(lambda: _attempt(fill, root), True, cfg.dist_timeout, "filling its shards of the cache",
                             shows_progress=True))
@@ -147,9 +148,9 @@ def _fill(plan: StagePlan, acc: Accelerator, existing: dict[str, Any] | None, id
     if acc.num_processes > 1:  # every process has settled: this collective waits for none
         from accelerate.utils import gather_object
 
-        written = [sum(gather_object(written))]
+        written = sum(gather_object([written]))
     if acc.is_main_process:
-        console.print(f"teacher cache: {root}, {total} shards ({written[0]} written now), "
+        console.print(f"teacher cache: {root}, {total} shards ({written} written now), "
                       f"{cfg.views * len(data.train):,} views", soft_wrap=True)
     return None
 
