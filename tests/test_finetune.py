@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
@@ -68,8 +70,8 @@ def test_finetune_with_the_automatic_fixres_teacher(trained):
     assert "teacher adapted to 24 px for the fine-tune (FixRes): " in result.output
     student = read_checkpoint(runs / "student")
     original = read_checkpoint(runs / "teach")
-    fixres_dir = next(runs.glob("teach-fixres-24-*"))  # named by resolution and the teacher's sha256
-    assert fixres_dir.name == f"teach-fixres-24-{original.sha256[:8]}"
+    fixres_dir = next(runs.glob("teach-fixres-24-*"))  # named by resolution, the teacher's sha256 and its settings
+    assert re.fullmatch(f"teach-fixres-24-{original.sha256[:8]}-[0-9a-f]{{6}}", fixres_dir.name), fixres_dir.name
     fixres = read_checkpoint(fixres_dir)
     tuned = read_checkpoint(runs / "finetune")
     # the adapted teacher: its own checkpoint, at 24 px, child of the original teacher
@@ -99,6 +101,15 @@ def test_finetune_with_the_automatic_fixres_teacher(trained):
                    "--batch-size", "8", "--num-workers", "0", "--warmup-epochs", "0", "--name", "finetune-c")
     assert third.exit_code == 0, third.output
     assert (fixres_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    # another seed adapts its own teacher beside the first, which stays as it was
+    seeded = invoke("finetune", "--workdir", runs, "--res", "24", "--epochs", "1", "--teacher-epochs", "1",
+                    "--batch-size", "8", "--num-workers", "0", "--warmup-epochs", "0", "--name", "finetune-seed1",
+                    "--seed", "1")
+    assert seeded.exit_code == 0, seeded.output
+    adapted = sorted(runs.glob("teach-fixres-24-*"))
+    assert len(adapted) == 2 and (fixres_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    other = read_checkpoint(next(path for path in adapted if path != fixres_dir))
+    assert read_checkpoint(runs / "finetune-seed1").meta["teacher"]["sha256"] == other.sha256 != fixres.sha256
     # --res, the older spelling of --img-size, names the same run: it is reused as it is
     reused = invoke("finetune", "--workdir", runs, "--res", "24", "--epochs", "1", "--teacher-epochs", "1",
                     "--batch-size", "8", "--num-workers", "0", "--warmup-epochs", "0")
@@ -130,7 +141,7 @@ def test_a_full_fixres_teacher_trains_every_layer(trained):
                     "--name", "finetune-full")
     assert result.exit_code == 0, result.output
     original = read_checkpoint(runs / "teach")
-    fixres = read_checkpoint(runs / f"teach-fixres-24-full-{original.sha256[:8]}")
+    fixres = read_checkpoint(next(runs.glob(f"teach-fixres-24-full-{original.sha256[:8]}-*")))
     assert fixres.meta["fixres"]["bn"] == "full"
     assert fixres.meta["fixres"]["trainable"] == len(list(timm.create_model("regnety_002").parameters()))
     old, new = original.state_dict(), fixres.state_dict()

@@ -161,3 +161,16 @@ def test_a_cache_of_two_teachers_refuses_a_temperature_and_names_its_teachers_wh
     assert [r["sha256"] for r in read_checkpoint(runs / "cache-moved-student").meta["teachers"]] == shas
     tuned = invoke("finetune", "--workdir", runs, "--checkpoint", runs / "cache-moved-student", "--img-size", "24")
     assert tuned.exit_code == 2 and "distilled from 2 teachers" in tuned.output, tuned.output
+
+
+def test_a_second_teacher_of_other_classes_is_refused_with_a_sentence(two, tmp_path):
+    """Every teacher is checked against the data, not only the first (whose data the student inherits)."""
+    runs, _ = two
+    other_data = make_image_folder(tmp_path / "other", ["circle", "square", "triangle"], train=6, test=2, size=16)
+    made = invoke("teach", "--data-dir", other_data, "--workdir", runs, "--name", "teach-other-classes", *TINY)
+    assert made.exit_code == 0, made.output
+    refused = invoke("student", "--workdir", runs, "--name", "other-classes", *CONVNET, "--teacher", runs / "teach",
+                     "--teacher", runs / "teach-other-classes")
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "teach-other-classes" in said and "trained on other classes" in said, refused.output
+    assert "Traceback" not in refused.output and not (runs / "other-classes").exists()

@@ -5,6 +5,8 @@ that resolution by FixRes first. A ViT trains every layer, its position embeddin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +67,13 @@ FIXRES_ADAPTATION = dict(profile="short", aa="none", reprob=0.0, mixup=0.0, cutm
 
 def fixres_config(teacher: Checkpoint, cfg: FinetuneConfig, global_batch: int | None = None) -> FixResConfig:
     """FixRes: the teacher at the target resolution, by training its classifier and BatchNorm on test-time
-    preprocessing (SGD, momentum 0.9, weight decay 1e-4). Saved as its own reusable run, named by the
-    resolution and the teacher's sha256. `global_batch` is the one the user gave the fine-tune (not the one resolved for
-    this number of processes), so a later fine-tune on another number of GPUs reuses the adapted teacher."""
+    preprocessing (SGD, momentum 0.9, weight decay 1e-4). Saved as its own reusable run, named by the resolution, the
+    teacher's sha256 and a digest of its settings. `global_batch` is the one the user gave the fine-tune (not the one
+    resolved for this number of processes), so a later fine-tune on another number of GPUs reuses the adapted teacher."""
     tag = {"last": "", "all": "allbn-", "full": "full-"}[cfg.teacher_bn]
     sha = teacher.sha256[:8] if not isinstance(teacher, Expected) else "pending"
-    return FixResConfig(
-        workdir=cfg.workdir, name=f"teach-fixres-{cfg.res}-{tag}{sha}", seed=cfg.seed,
+    adaptation = FixResConfig(
+        workdir=cfg.workdir, name="", seed=cfg.seed,
         mixed_precision=cfg.mixed_precision, save_every=cfg.save_every, num_workers=cfg.num_workers, threads=cfg.threads,
         eval_every=cfg.eval_every, overwrite=cfg.overwrite, skip_corrupt=cfg.skip_corrupt,
         dataset=cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset, classes=cfg.classes, img_size=cfg.res,
@@ -81,6 +83,21 @@ def fixres_config(teacher: Checkpoint, cfg: FinetuneConfig, global_batch: int | 
         deterministic=cfg.deterministic, opt="sgd", lr=cfg.teacher_lr, lr_scale=cfg.lr_scale, min_lr=0.0, warmup_epochs=0.0,
         weight_decay=1e-4, momentum=0.9, model=teacher.model_name, init=teacher.path, bn=cfg.teacher_bn,
     )
+    return dataclasses.replace(adaptation, name=f"teach-fixres-{cfg.res}-{tag}{sha}-{settings_digest(adaptation)}")
+
+
+# What an adapted teacher's weights depend on besides the teacher, the resolution and the BatchNorm choice (all three in
+# its folder's name): fine-tunes that differ in any of these (a second seed, more teacher epochs) adapt their own
+# teacher instead of meeting another one's folder; fine-tunes that agree on all share it.
+ADAPTATION_SETTINGS = ("seed", "epochs", "lr", "lr_scale", "batch_size", "global_batch", "train_subset", "classes",
+                       "dataset", "data_dir", "mixed_precision", "interpolation", "deterministic")
+
+
+def settings_digest(adaptation: FixResConfig) -> str:
+    values = {key: getattr(adaptation, key) for key in ADAPTATION_SETTINGS}
+    if values["data_dir"] is not None:
+        values["data_dir"] = str(Path(values["data_dir"]).resolve())
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
 def plan_finetune(cfg: FinetuneConfig, expecting: Expecting = {}) -> StagePlan:
