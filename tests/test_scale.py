@@ -316,8 +316,9 @@ def test_batchnorm_statistics_agree_across_ranks_at_evaluation_and_in_the_saved_
 @needs_torchrun
 def test_a_convnet_student_is_fine_tuned_by_fixres_on_two_processes(tmp_path):
     """FixRes of a convnet student (its teacher adapted first, then its classifier and last BatchNorm) on two processes
-    under a 5-second process-group timeout while each rank's share of the image check takes longer: both runs finish,
-    the ranks evaluate with the same BatchNorm statistics, and nothing but the classifier and the last BatchNorm moves."""
+    under a 5-second process-group timeout while each rank's share of the image check takes longer and process 0's
+    checkpoint writes take 6 s: both runs finish in the one folder both processes name for the adapted teacher, the
+    ranks evaluate with the same BatchNorm statistics, and nothing but the classifier and the last BatchNorm moves."""
     data = make_image_folder(tmp_path / "data", ["a", "b", "c"], train=12, test=4)  # 48 images, 24 per rank
     runs = tmp_path / "runs"
     assert invoke("teach", "--data-dir", data, "--workdir", runs, *TINY).exit_code == 0
@@ -326,8 +327,11 @@ def test_a_convnet_student_is_fine_tuned_by_fixres_on_two_processes(tmp_path):
     record = tmp_path / "bn"
     result = torchrun(tmp_path, "finetune", "--checkpoint", runs / "resnet", "--workdir", runs, "--name", "resnet-24",
                       "--img-size", "24", "--epochs", "2", "--teacher-epochs", "1", "--batch-size", "4", "--num-workers",
-                      "0", "--dist-timeout", "5", env={"SLOW_CHECK": "0.3", "BN_RECORD": str(record)})
+                      "0", "--dist-timeout", "5", env={"SLOW_CHECK": "0.3", "BN_RECORD": str(record), "SLOW_WRITE": "6"})
     assert result.returncode == 0, result.stdout + result.stderr
+    adapted = list(runs.glob("teach-fixres-24-*"))
+    assert len(adapted) == 1 and read_checkpoint(runs / "resnet-24").meta["teacher"]["sha256"] == read_checkpoint(
+        adapted[0]).sha256
     checked = [len((tmp_path / f"checked-{rank}").read_text()) for rank in (0, 1)]
     assert checked[0] == checked[1] and checked[0] * 0.3 > 5  # each rank's check outlasted the timeout
     seen = [[json.loads(line) for line in Path(f"{record}-{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)]

@@ -94,9 +94,8 @@ ADAPTATION_SETTINGS = ("seed", "epochs", "lr", "lr_scale", "batch_size", "global
 
 
 def settings_digest(adaptation: FixResConfig) -> str:
+    """The settings as given (paths not resolved: every process, on whichever node, names the same folder)."""
     values = {key: getattr(adaptation, key) for key in ADAPTATION_SETTINGS}
-    if values["data_dir"] is not None:
-        values["data_dir"] = str(Path(values["data_dir"]).resolve())
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
